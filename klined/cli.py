@@ -1,0 +1,88 @@
+"""The ``klined`` command line.
+
+Each command lives beside the code it drives (``klined.daemon``, ``klined.sim.server``, ...)
+and is imported only when invoked, so ``klined status`` does not pay for Textual and the
+simulator does not import asyncpg. Errors a user can fix exit with code 2 and one clear line;
+nothing else is caught here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+import click
+
+from klined import __version__
+from klined.errors import ConfigError, UsageError
+
+#: command name -> ("module", "attribute", one-line help shown by ``klined --help``)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("klined.daemon", "run_command", "Run the daemon: streams, lake, status, hourly chain."),
+    "status": ("klined.status_cli", "status_command", "Print the running daemon's status."),
+    "chain": ("klined.jobs.chain", "chain_command", "Run the hourly chain by hand."),
+    "backfill": ("klined.jobs.backfill", "backfill_command", "Repair or seed a time range."),
+    "tui": ("klined.tui.app", "tui_command", "Open the dashboard (streams, completeness, jobs)."),
+    "sim": ("klined.sim.server", "sim_command", "Run the Binance US / Kraken exchange simulator."),
+    "demo": ("klined.demo", "demo_command", "Run everything against the simulator, no internet."),
+    "check": ("klined.check", "check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
+    "config": ("klined.config_cli", "config_command", "Validate a config file and print it."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._available(name)]
+
+    def _available(self, name: str) -> bool:
+        module = COMMANDS[name][0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None or not self._available(cmd_name):
+            return None
+        module, attr, _ = entry
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="klined")
+def cli() -> None:
+    """klined: 1-minute OHLCV candles from Binance US and Kraken you can trust."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: user errors print one line and exit 2."""
+    try:
+        rv = cli.main(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        return rv
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except (ConfigError, UsageError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

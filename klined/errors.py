@@ -1,0 +1,76 @@
+"""One root error for klined and one subclass per area, so callers catch exactly what they mean."""
+
+from __future__ import annotations
+
+
+class KlinedError(Exception):
+    """Root of every error klined raises on purpose."""
+
+
+class ConfigError(KlinedError):
+    """A configuration file is missing, unreadable or invalid. The CLI exits 2 on it.
+
+    ``path`` and ``key`` name where the problem is; ``hint`` is a suggestion such as
+    "did you mean 'ws_url'?".
+    """
+
+    def __init__(self, message: str, *, path: str = "", key: str = "", hint: str = "") -> None:
+        self.path = path
+        self.key = key
+        self.hint = hint
+        self.message = message
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = self.path or "<config>"
+        if self.key:
+            where = f"{where}: {self.key}"
+        text = f"{where}: {self.message}"
+        if self.hint:
+            text = f"{text} ({self.hint})"
+        return text
+
+
+class UsageError(KlinedError):
+    """A command was called with arguments that cannot work (empty range, unknown pair). Exit 2."""
+
+
+class ExchangeError(KlinedError):
+    """Something an exchange (or the simulator) said or did."""
+
+
+class ParseError(ExchangeError):
+    """A frame or response could not be understood; ``snippet`` is a short excerpt of it."""
+
+    def __init__(self, message: str, snippet: str = "") -> None:
+        self.snippet = snippet
+        super().__init__(f"{message}: {snippet!r}" if snippet else message)
+
+
+class RateLimited(ExchangeError):
+    """The exchange asked us to slow down (HTTP 429/418, Kraken EGeneral:Too many requests)."""
+
+    def __init__(self, message: str, retry_after: float | None = None, banned: bool = False):
+        self.retry_after = retry_after
+        self.banned = banned
+        super().__init__(message)
+
+
+class UnlistedPair(ExchangeError):
+    """The exchange does not list a configured pair; never retried in a loop."""
+
+
+class LakeError(KlinedError):
+    """Local spool or S3 mirror trouble."""
+
+
+class DatabaseError(KlinedError):
+    """PostgreSQL could not be reached or refused a statement."""
+
+
+class ChainError(KlinedError):
+    """A step of the hourly chain failed."""
+
+
+class StatusError(KlinedError):
+    """The daemon's status socket could not be reached or answered nonsense."""

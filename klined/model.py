@@ -1,0 +1,258 @@
+"""The candle event, canonical pairs, sources and their precedence, and UTC minute/hour maths.
+
+Times are integers of milliseconds since the Unix epoch, always UTC: cheap on the hot path and
+impossible to confuse with a local time. Prices and volumes are decimal *strings* exactly as
+the exchange sent them (normalized to plain notation), so nothing is ever rounded through a
+float on its way to PostgreSQL's ``numeric``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+import msgspec
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+EXCHANGES = ("binance", "kraken")
+
+_PAIR_RE = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")
+
+
+class Source(enum.StrEnum):
+    """Where a candle came from; also the silver ``source`` column."""
+
+    WS_FINAL = "ws_final"
+    REST = "rest"
+    TRADES = "trades"
+    NO_TRADES = "no_trades"
+    WS_PARTIAL = "ws_partial"
+
+
+#: Lower is better. A row is only ever replaced by a row of a better (lower) rank, or of the
+#: same rank with a later exchange event time / ingestion time (DESIGN.md, precedence).
+SOURCE_RANK: dict[Source, int] = {
+    Source.WS_FINAL: 1,
+    Source.REST: 2,
+    Source.TRADES: 3,
+    Source.NO_TRADES: 4,
+    Source.WS_PARTIAL: 5,
+}
+
+#: Completeness counts are reported in this order everywhere (views, TUI, docs).
+COMPLETENESS_ORDER = (
+    Source.WS_FINAL,
+    Source.REST,
+    Source.TRADES,
+    Source.NO_TRADES,
+    Source.WS_PARTIAL,
+)
+
+
+class Origin(enum.StrEnum):
+    """How an event was obtained: captured live, or fetched afterwards."""
+
+    WS = "ws"
+    REST = "rest"
+    TRADES = "trades"
+    NO_TRADES = "no_trades"
+
+
+def silver_source(origin: str, is_final: bool) -> Source:
+    """The silver source (and so the precedence rank) of a bronze event."""
+    if origin == Origin.WS:
+        return Source.WS_FINAL if is_final else Source.WS_PARTIAL
+    return Source(origin)
+
+
+class Pair(msgspec.Struct, frozen=True, order=True):
+    """A canonical ``BASE/QUOTE`` pair. A quote is never relabelled: USDT is not USD."""
+
+    base: str
+    quote: str
+
+    @classmethod
+    def parse(cls, text: str) -> Pair:
+        """Parse ``"BTC/USD"``; raise ``ValueError`` with a helpful message otherwise."""
+        norm = text.strip().upper()
+        if not _PAIR_RE.match(norm):
+            raise ValueError(
+                f"{text!r} is not a canonical pair; write it as BASE/QUOTE, e.g. 'BTC/USD'"
+            )
+        base, quote = norm.split("/")
+        return cls(base, quote)
+
+    def __str__(self) -> str:
+        return f"{self.base}/{self.quote}"
+
+    @property
+    def lake_name(self) -> str:
+        """The lake's folder spelling, ``BTC-USD``."""
+        return f"{self.base}-{self.quote}"
+
+
+class Candle(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One normalized 1-minute candle event, as captured, fetched or rebuilt.
+
+    ``origin`` says how it was obtained; ``is_final`` carries the finality evidence
+    (Binance ``k.x``; Kraken a newer ``interval_begin`` or a later message on the same
+    connection; REST rows only ever for closed minutes). ``event_ts`` is the exchange's time
+    for the event (for REST, the time it was fetched), ``ingestion_ts`` when klined received it.
+    ``raw`` is the exchange's own JSON for this candle, kept verbatim in the lake.
+    """
+
+    exchange: str
+    symbol: str
+    native_symbol: str
+    interval_start: int
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    quote_volume: str | None = None
+    vwap: str | None = None
+    trade_count: int | None = None
+    is_final: bool = False
+    origin: str = Origin.WS
+    session_id: str | None = None
+    event_ts: int = 0
+    ingestion_ts: int = 0
+    interval_seconds: int = 60
+    raw: msgspec.Raw = msgspec.Raw(b"null")
+
+    @property
+    def interval_end(self) -> int:
+        return self.interval_start + self.interval_seconds * 1000
+
+    @property
+    def source(self) -> Source:
+        return silver_source(self.origin, self.is_final)
+
+
+class CandleRecord(msgspec.Struct, kw_only=True):
+    """A lake line as readers decode it: the candle without its raw payload (cheaper)."""
+
+    exchange: str
+    symbol: str
+    native_symbol: str
+    interval_start: int
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    quote_volume: str | None = None
+    vwap: str | None = None
+    trade_count: int | None = None
+    is_final: bool = False
+    origin: str = Origin.WS
+    session_id: str | None = None
+    event_ts: int = 0
+    ingestion_ts: int = 0
+    interval_seconds: int = 60
+
+
+# ---------------------------------------------------------------------------------------------
+# decimal helpers
+
+
+def plain_decimal(value: object) -> str:
+    """Render a number as plain decimal text (no exponent), refusing NaN and infinities."""
+    try:
+        dec = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (InvalidOperation, ValueError) as exc:
+        raise ValueError(f"not a number: {value!r}") from exc
+    if not dec.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    text = format(dec, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".") or "0"
+    return "0" if text in ("-0", "") else text
+
+
+def check_ohlcv(open_: str, high: str, low: str, close: str, volume: str) -> str | None:
+    """Why a candle's numbers are impossible, or ``None`` when they are sane."""
+    try:
+        o, h, lo, c, v = (Decimal(x) for x in (open_, high, low, close, volume))
+    except (InvalidOperation, ValueError, TypeError):
+        return "non-numeric price or volume"
+    for name, val in (("open", o), ("high", h), ("low", lo), ("close", c), ("volume", v)):
+        if not val.is_finite():
+            return f"{name} is not finite"
+    if min(o, h, lo, c) <= 0:
+        return "non-positive price"
+    if v < 0:
+        return "negative volume"
+    if h < lo:
+        return "high below low"
+    if not (lo <= o <= h and lo <= c <= h):
+        return "open/close outside high-low range"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# UTC time maths (ms since epoch)
+
+
+def floor_minute(ts_ms: int) -> int:
+    return ts_ms - ts_ms % MINUTE_MS
+
+
+def floor_hour(ts_ms: int) -> int:
+    return ts_ms - ts_ms % HOUR_MS
+
+
+def floor_interval(ts_ms: int, interval_ms: int) -> int:
+    """Start of the UTC-aligned bucket of ``interval_ms`` that contains ``ts_ms``."""
+    return ts_ms - ts_ms % interval_ms
+
+
+def minutes_of_hour(hour_ms: int) -> range:
+    """The 60 minute starts of the hour that starts at ``hour_ms``."""
+    start = floor_hour(hour_ms)
+    return range(start, start + HOUR_MS, MINUTE_MS)
+
+
+def hours_between(start_ms: int, end_ms: int) -> range:
+    """Hour starts covering ``[start_ms, end_ms)``."""
+    first = floor_hour(start_ms)
+    return range(first, end_ms, HOUR_MS) if end_ms > start_ms else range(0)
+
+
+def to_datetime(ts_ms: int) -> datetime:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+
+
+def from_datetime(dt: datetime) -> int:
+    """Milliseconds since the epoch; a naive datetime is taken as UTC, never local time."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return round(dt.timestamp() * 1000)
+
+
+def iso(ts_ms: int) -> str:
+    """``2026-11-26T13:05:00Z``, the one way klined prints a time."""
+    dt = to_datetime(ts_ms)
+    if ts_ms % 1000:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> int:
+    """Parse a date (``2026-10-01``) or an ISO timestamp (UTC unless an offset is given)."""
+    value = text.strip()
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"{text!r} is not a date or timestamp; use e.g. 2026-10-01 or 2026-10-01T13:00:00Z"
+        ) from exc
+    return from_datetime(dt)

@@ -1,0 +1,91 @@
+"""The daemon's status feed: what it reports and how it travels.
+
+The daemon keeps a :class:`StatusBoard` that streams, lake and scheduler update in place
+(plain attribute writes, no locks: one event loop). The status server serves a snapshot as one
+JSON document per connection on a Unix socket (owner-only permissions); ``klined status`` and
+``klined tui`` read it with :func:`fetch_status`. The wire format is the msgspec encoding of
+:class:`StatusSnapshot`; readers ignore fields they do not know, so the feed can grow.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class StreamState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    STALE = "stale"
+    UNLISTED = "unlisted"
+    DOWN = "down"  # given up for good (fatal error) or the exchange is disabled/stopped
+
+
+class PairStatus(msgspec.Struct, kw_only=True):
+    exchange: str
+    symbol: str
+    state: StreamState = StreamState.CONNECTING
+    last_message_ms: int | None = None  # wall clock when the last event for the pair arrived
+    messages: int = 0
+    messages_per_s: float = 0.0
+    reconnects: int = 0
+    last_final_minute_ms: int | None = None
+    last_error: str = ""
+
+
+class ConnectionStatus(msgspec.Struct, kw_only=True):
+    exchange: str
+    conn_id: str  # e.g. "binance-0"
+    state: StreamState = StreamState.CONNECTING
+    pairs: int = 0
+    session_id: str = ""
+    connected_since_ms: int | None = None
+    last_message_ms: int | None = None
+    messages: int = 0
+    messages_per_s: float = 0.0
+    malformed: int = 0
+    reconnects: int = 0
+    next_retry_ms: int | None = None
+    last_error: str = ""
+
+
+class LakeStatus(msgspec.Struct, kw_only=True):
+    open_parts: int = 0
+    pending_upload_parts: int = 0
+    pending_upload_bytes: int = 0
+    uploaded_parts: int = 0
+    events_written: int = 0
+    s3_enabled: bool = False
+    last_upload_error: str = ""
+
+
+class ChainStatus(msgspec.Struct, kw_only=True):
+    running: bool = False
+    current_hour_ms: int | None = None
+    current_step: str = ""
+    last_run_ms: int | None = None
+    last_result: str = ""
+    next_run_ms: int | None = None
+
+
+class StatusSnapshot(msgspec.Struct, kw_only=True):
+    version: int = 1
+    pid: int = 0
+    started_ms: int = 0
+    now_ms: int = 0
+    uptime_s: float = 0.0
+    rss_bytes: int = 0
+    connections: list[ConnectionStatus] = msgspec.field(default_factory=list)
+    pairs: list[PairStatus] = msgspec.field(default_factory=list)
+    lake: LakeStatus = msgspec.field(default_factory=LakeStatus)
+    chain: ChainStatus = msgspec.field(default_factory=ChainStatus)
+
+
+def encode_snapshot(snapshot: StatusSnapshot) -> bytes:
+    return msgspec.json.encode(snapshot)
+
+
+def decode_snapshot(data: bytes) -> StatusSnapshot:
+    return msgspec.json.decode(data, type=StatusSnapshot)
