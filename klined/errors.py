@@ -60,6 +60,10 @@ class UnlistedPair(ExchangeError):
     """The exchange does not list a configured pair; never retried in a loop."""
 
 
+class RequestRejected(ExchangeError):
+    """The exchange refused a request as invalid (HTTP 4xx); sending it again cannot help."""
+
+
 class LakeError(KlinedError):
     """Local spool or S3 mirror trouble."""
 

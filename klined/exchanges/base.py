@@ -59,6 +59,10 @@ class RestRequest:
     cost: float
     kind: str  # "klines" | "ohlc" | "trades" | "listing"
     pair: Pair | None = None
+    # The half-open minute range ``[start_ms, end_ms)`` a candle request is meant to cover, so
+    # the parser can bound what the response proves (Kraken's ``since`` carries no end).
+    start_ms: int | None = None
+    end_ms: int | None = None
 
 
 @dataclass(slots=True)
