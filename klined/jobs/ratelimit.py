@@ -307,7 +307,9 @@ class RateLimiter:
 _SHARED: dict[tuple[str, str], RateLimiter] = {}
 
 
-def shared_limiter(exchange: str, rest_url: str, budget: RestBudget, fraction: float) -> RateLimiter:
+def shared_limiter(
+    exchange: str, rest_url: str, budget: RestBudget, fraction: float
+) -> RateLimiter:
     """The process-wide limiter for one exchange endpoint (created on first use).
 
     The daemon's gap-filler and every backfill worker in this process share it, so together
