@@ -1,0 +1,221 @@
+"""Small pure helpers shared by the exchange adapters (no I/O, no clocks)."""
+
+from __future__ import annotations
+
+import re
+from calendar import timegm
+from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
+
+import msgspec
+
+from klined.config import SymbolOverride
+from klined.model import MINUTE_MS, Pair, check_ohlcv, plain_decimal
+
+SNIPPET_CHARS = 200
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def as_bytes(data: str | bytes | bytearray | memoryview) -> bytes:
+    """Frames arrive as text or bytes; decoders want bytes."""
+    if isinstance(data, str):
+        return data.encode("utf-8", errors="surrogatepass")
+    return bytes(data)
+
+
+def snippet(data: str | bytes | bytearray | memoryview, limit: int = SNIPPET_CHARS) -> str:
+    """A short, printable excerpt of a payload for logs and errors (at most ``limit`` chars)."""
+    text = data if isinstance(data, str) else bytes(data).decode("utf-8", errors="replace")
+    text = " ".join(text.split())  # one line, indentation collapsed
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def compact_raw(buf: bytes) -> msgspec.Raw:
+    """Keep the exchange's JSON verbatim, but on one line.
+
+    The lake is JSON Lines, so a pretty-printed frame must not carry its line breaks in. Inside
+    JSON strings a raw CR/LF is illegal, so every CR/LF in valid JSON is insignificant
+    whitespace and replacing it with a space keeps the document byte-for-byte equivalent.
+    """
+    buf = buf.strip()
+    if b"\n" in buf or b"\r" in buf:
+        buf = buf.replace(b"\r", b" ").replace(b"\n", b" ")
+    return msgspec.Raw(buf)
+
+
+def parse_rfc3339_ms(text: str) -> int:
+    """``2023-10-04T15:25:00.000000000Z`` -> ms since the epoch (fraction truncated, UTC).
+
+    Kraken sends up to nine fractional digits, more than ``datetime`` keeps; this parser takes
+    the calendar fields directly and never goes through a float.
+    """
+    m = _RFC3339.match(text)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
+        raise ValueError(f"not a valid time: {text!r}")
+    frac = m.group(7) or ""
+    millis = int((frac + "000")[:3])
+    seconds = timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    tz = m.group(8)
+    if tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        seconds -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return seconds * 1000 + millis
+
+
+def retry_after_s(headers: dict[str, str], now_ms: int | None = None) -> float | None:
+    """The ``Retry-After`` header in seconds: delay-seconds or an HTTP date (needs ``now_ms``)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        return seconds if seconds >= 0 and seconds == seconds and seconds != float("inf") else None
+    if now_ms is None:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now_ms / 1000)
+
+
+def header_float(headers: dict[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def to_decimal(value: object, what: str) -> Decimal:
+    """A finite Decimal from exchange text/number, or ``ValueError`` naming the field."""
+    try:
+        dec = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (InvalidOperation, ValueError, TypeError):
+        raise ValueError(f"{what} is not a number: {value!r}") from None
+    if not dec.is_finite():
+        raise ValueError(f"{what} is not finite: {value!r}")
+    return dec
+
+
+def check_numbers(o: object, h: object, lo: object, c: object, v: object) -> str | None:
+    """``check_ohlcv`` for raw exchange values (strings or Decimals)."""
+    return check_ohlcv(str(o), str(h), str(lo), str(c), str(v))
+
+
+class Scaled(msgspec.Struct, frozen=True):
+    """A candle's numbers in canonical units, as plain decimal strings."""
+
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    quote_volume: str | None
+    vwap: str | None
+
+
+def scale(
+    o: Decimal,
+    h: Decimal,
+    lo: Decimal,
+    c: Decimal,
+    v: Decimal,
+    *,
+    multiplier: int,
+    quote_volume: Decimal | None = None,
+    vwap: Decimal | None = None,
+) -> Scaled:
+    """Convert native numbers to canonical units.
+
+    One native unit is ``multiplier`` base units (e.g. ``1000REKT``): a canonical price is the
+    native price / multiplier and a canonical volume the native volume x multiplier; the quote
+    volume is the same money either way. Without an exchange vwap, vwap = quote volume /
+    volume when there was volume.
+    """
+    if multiplier != 1:
+        m = Decimal(multiplier)
+        o, h, lo, c = o / m, h / m, lo / m, c / m
+        v = v * m
+        if vwap is not None:
+            vwap = vwap / m
+    if vwap is None and quote_volume is not None and v > 0:
+        vwap = quote_volume / v
+    return Scaled(
+        open=plain_decimal(o),
+        high=plain_decimal(h),
+        low=plain_decimal(lo),
+        close=plain_decimal(c),
+        volume=plain_decimal(v),
+        quote_volume=None if quote_volume is None else plain_decimal(quote_volume),
+        vwap=None if vwap is None else plain_decimal(vwap),
+    )
+
+
+def ceil_minute(ts_ms: int) -> int:
+    return -((-ts_ms) // MINUTE_MS) * MINUTE_MS
+
+
+class SymbolMap:
+    """Per-pair overrides from the config plus names learned from the listing.
+
+    ``native`` is the exchange's streaming name, ``rest`` its REST name (Kraken differs);
+    ``multiplier`` scales prices and volumes. Explicit overrides always win over names
+    learned from a listing.
+    """
+
+    def __init__(self, overrides: dict[Pair, SymbolOverride] | None) -> None:
+        self.overrides: dict[Pair, SymbolOverride] = dict(overrides or {})
+        self._native: dict[Pair, str] = {}
+        self._rest: dict[Pair, str] = {}
+        self._by_native: dict[str, Pair] = {}
+        self._by_rest: dict[str, Pair] = {}
+        for pair, ov in self.overrides.items():
+            if ov.native:
+                self._native[pair] = ov.native
+                self._by_native[ov.native.upper()] = pair
+            if ov.rest_native:
+                self._rest[pair] = ov.rest_native
+                self._by_rest[ov.rest_native.upper()] = pair
+
+    def native(self, pair: Pair) -> str | None:
+        return self._native.get(pair)
+
+    def rest(self, pair: Pair) -> str | None:
+        return self._rest.get(pair)
+
+    def by_native(self, name: str) -> Pair | None:
+        return self._by_native.get(name.upper())
+
+    def by_rest(self, name: str) -> Pair | None:
+        return self._by_rest.get(name.upper())
+
+    def multiplier(self, pair: Pair) -> int:
+        ov = self.overrides.get(pair)
+        return ov.multiplier if ov is not None and ov.multiplier > 0 else 1
+
+    def learn(self, pair: Pair, native: str, rest: str) -> None:
+        """Record a listed pair's names unless the config overrides them."""
+        ov = self.overrides.get(pair)
+        if not (ov and ov.native) and native:
+            self._native[pair] = native
+            self._by_native.setdefault(native.upper(), pair)
+        if not (ov and ov.rest_native) and rest:
+            self._rest[pair] = rest
+            self._by_rest.setdefault(rest.upper(), pair)

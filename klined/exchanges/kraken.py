@@ -1,0 +1,315 @@
+"""Kraken: WebSocket v2 ``ohlc`` channel, plus the public REST API (in ``kraken_rest``).
+
+Protocol as documented at docs.kraken.com:
+
+* WS v2 (``wss://ws.kraken.com/v2``) names pairs ``BTC/USD``. A ``subscribe`` request lists
+  symbols and is acknowledged once per symbol (``success`` true/false, ``error`` such as
+  ``Currency pair not supported XBT/EUR``). ``ohlc`` messages (``snapshot`` then ``update``)
+  carry numbers as JSON numbers and times as RFC 3339 with up to nine fractional digits.
+  Candles have no final flag. A ``status`` message arrives on connect, ``heartbeat`` about
+  every second without other traffic, and the client may ``ping`` (answered by ``pong``).
+* Public REST calls are metered by a per-IP counter: each call adds its cost (1), the counter
+  decays by about one every three seconds and must stay at or below 15.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+
+from klined.exchanges.base import (
+    ErrorReply,
+    ExchangeStatus,
+    Frame,
+    Heartbeat,
+    Limits,
+    Malformed,
+    Pong,
+    RestBudget,
+    Subscribed,
+    SubscribeFailed,
+)
+from klined.exchanges.common import (
+    as_bytes,
+    check_numbers,
+    compact_raw,
+    parse_rfc3339_ms,
+    scale,
+    snippet,
+    to_decimal,
+)
+from klined.exchanges.kraken_rest import (
+    ASSET_ALIASES,
+    COSTS,
+    NAME,
+    OHLC_WINDOW,
+    TRADES_PER_PAGE,
+    KrakenRest,
+    ws_name_to_pair,
+)
+from klined.model import MINUTE_MS, Candle, Origin, Pair
+
+__all__ = [
+    "ASSET_ALIASES",
+    "COSTS",
+    "LIMITS",
+    "NAME",
+    "OHLC_WINDOW",
+    "SYMBOLS_PER_SUBSCRIBE",
+    "TRADES_PER_PAGE",
+    "Kraken",
+    "ws_name_to_pair",
+]
+
+LIMITS = Limits(
+    streams_per_connection=1000,
+    connection_lifetime_s=None,
+    max_candles_per_request=720,
+    ohlc_window_candles=720,
+    # Public endpoints: a call counter that must stay <= 15 and decays ~1 per 3 s.
+    rest_budget=RestBudget("decay", capacity=15, decay_per_s=0.33),
+    ws_messages_per_s=None,
+    ping_interval_s=30,
+)
+
+#: Symbols per ``subscribe`` request. Kraken documents no cap, but answers each symbol with
+#: its own ack: 100 keeps a request and its burst of acks small, and one refused request
+#: (e.g. a rate limit) costs at most 100 subscriptions, which are then retried.
+SYMBOLS_PER_SUBSCRIBE = 100
+
+#: Error messages on which retrying a subscription later may help.
+_TRANSIENT = ("rate", "limit", "busy", "unavailable", "timeout", "try again", "exceeded")
+
+
+# --------------------------------------------------------------------------------------------
+# wire types
+
+
+class _Candle(msgspec.Struct):
+    symbol: str
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    interval_begin: str
+    interval: int
+    trades: int | None = None
+    vwap: Decimal | None = None
+    timestamp: str | None = None
+
+
+class _Result(msgspec.Struct):
+    channel: str | None = None
+    symbol: str | None = None
+
+
+class _Msg(msgspec.Struct):
+    channel: str | None = None
+    type: str | None = None
+    timestamp: str | None = None
+    data: list[msgspec.Raw] | None = None
+    method: str | None = None
+    success: bool | None = None
+    result: _Result | None = None
+    error: str | None = None
+    symbol: str | None = None
+    req_id: int | str | None = None
+    time_out: str | None = None
+
+
+class _Status(msgspec.Struct):
+    system: str
+    api_version: str | None = None
+    version: str | None = None
+
+
+_MSG = msgspec.json.Decoder(_Msg)
+_CANDLE = msgspec.json.Decoder(_Candle)
+_STATUS = msgspec.json.Decoder(_Status)
+_ENC = msgspec.json.Encoder()
+
+
+class Kraken(KrakenRest):
+    """The Kraken adapter (sans-I/O). See the module docstring for the protocol."""
+
+    name = NAME
+    limits = LIMITS
+
+    # ---------------------------------------------------------------------------- WebSocket
+
+    def ws_endpoint(self, base_url: str, pairs: list[Pair]) -> str:
+        """Kraken subscribes by message; the URL is the base (``wss://ws.kraken.com/v2``)."""
+        return base_url
+
+    def subscribe_messages(self, pairs: list[Pair], req_id: int) -> list[str]:
+        """``subscribe`` requests for the 1m ``ohlc`` channel with a snapshot.
+
+        Message ``i`` carries ``req_id + i``; the caller advances its counter accordingly.
+        """
+        messages = []
+        for i, start in enumerate(range(0, len(pairs), SYMBOLS_PER_SUBSCRIBE)):
+            chunk = pairs[start : start + SYMBOLS_PER_SUBSCRIBE]
+            params = {
+                "channel": "ohlc",
+                "symbol": [self.native(p) for p in chunk],
+                "interval": 1,
+                "snapshot": True,
+            }
+            body = {"method": "subscribe", "params": params, "req_id": req_id + i}
+            messages.append(_ENC.encode(body).decode())
+        return messages
+
+    def ping_message(self, req_id: int) -> str | None:
+        return _ENC.encode({"method": "ping", "req_id": req_id}).decode()
+
+    def parse_frame(self, data: str | bytes, *, session_id: str, received_ms: int) -> Frame:
+        """One inbound frame -> candles and control events; never raises."""
+        try:
+            buf = as_bytes(data)
+        except Exception:  # pragma: no cover - only unencodable str subclasses
+            return Frame(controls=[Malformed("frame is not text", snippet(repr(data)))])
+        try:
+            return self._parse(buf, session_id, received_ms)
+        except Exception as exc:  # a parser bug must never take the stream down
+            return Frame(controls=[Malformed(f"unexpected parser error: {exc!r}", snippet(buf))])
+
+    def _parse(self, buf: bytes, session_id: str, received_ms: int) -> Frame:
+        if not buf.strip():
+            return Frame(controls=[Malformed("empty frame", "")])
+        try:
+            msg = _MSG.decode(buf)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return Frame(controls=[Malformed(f"undecodable frame: {exc}", snippet(buf))])
+        if msg.channel == "ohlc":
+            return self._ohlc(msg, buf, session_id, received_ms)
+        if msg.channel == "heartbeat":
+            return Frame(controls=[Heartbeat()])
+        if msg.channel == "status":
+            return self._status(msg, buf)
+        if msg.method is not None:
+            return self._method_reply(msg, buf)
+        if msg.channel is not None:
+            return Frame()  # a channel klined does not subscribe to: nothing to do
+        if msg.error is not None:
+            req_id = msg.req_id if isinstance(msg.req_id, int) else None
+            return Frame(controls=[ErrorReply(f"kraken error: {msg.error}", req_id)])
+        return Frame(controls=[Malformed("unrecognised message", snippet(buf))])
+
+    def _status(self, msg: _Msg, buf: bytes) -> Frame:
+        frame = Frame()
+        for item in msg.data or []:
+            try:
+                st = _STATUS.decode(item)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                frame.controls.append(Malformed(f"status entry: {exc}", snippet(bytes(item))))
+                continue
+            detail = f"api_version={st.api_version} version={st.version}"
+            frame.controls.append(ExchangeStatus(st.system, detail))
+        if not frame.controls:
+            frame.controls.append(Malformed("status message without data", snippet(buf)))
+        return frame
+
+    def _method_reply(self, msg: _Msg, buf: bytes) -> Frame:
+        req_id = msg.req_id if isinstance(msg.req_id, int) else None
+        if msg.method == "pong":
+            stamp = _try_time(msg.time_out)
+            return Frame(controls=[Pong(req_id)], stamp_ms=stamp)
+        if msg.method == "subscribe":
+            if msg.success:
+                symbol = msg.result.symbol if msg.result is not None else msg.symbol
+                pair = self.canonical(symbol) if symbol else None
+                return Frame(controls=[Subscribed((pair,) if pair else (), req_id)])
+            error = msg.error or "subscription refused"
+            symbol = msg.symbol or _symbol_in(error)
+            pair = self.canonical(symbol) if symbol else None
+            pairs = (pair,) if pair else ()
+            if "already subscribed" in error.lower():
+                return Frame(controls=[Subscribed(pairs, req_id)])
+            fatal = not any(word in error.lower() for word in _TRANSIENT)
+            return Frame(controls=[SubscribeFailed(pairs, f"kraken: {error}", fatal=fatal)])
+        if msg.success is False or msg.error:
+            text = f"kraken {msg.method} failed: {msg.error or 'no reason given'}"
+            return Frame(controls=[ErrorReply(text, req_id)])
+        return Frame()  # unsubscribe acks and the like
+
+    def _ohlc(self, msg: _Msg, buf: bytes, session_id: str, received_ms: int) -> Frame:
+        stamp = _try_time(msg.timestamp)
+        frame = Frame(stamp_ms=stamp)
+        if msg.data is None:
+            frame.controls.append(Malformed("ohlc message without data", snippet(buf)))
+            return frame
+        for raw in msg.data:
+            item = bytes(raw)
+            try:
+                candle = self._ws_candle(item, stamp, session_id, received_ms)
+            except ValueError as exc:
+                frame.controls.append(Malformed(str(exc), snippet(item)))
+                continue
+            frame.candles.append(candle)
+        return frame
+
+    def _ws_candle(
+        self, item: bytes, stamp: int | None, session_id: str, received_ms: int
+    ) -> Candle:
+        try:
+            c = _CANDLE.decode(item)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"ohlc candle: {exc}") from None
+        if c.interval != 1:
+            raise ValueError(f"ohlc candle interval {c.interval} is not 1 minute")
+        start = parse_rfc3339_ms(c.interval_begin)
+        if start % MINUTE_MS:
+            raise ValueError(f"interval_begin {c.interval_begin} is not a minute boundary")
+        pair = self.canonical(c.symbol)
+        if pair is None:
+            raise ValueError(f"unknown symbol {c.symbol!r}")
+        problem = check_numbers(c.open, c.high, c.low, c.close, c.volume)
+        if problem is not None:
+            raise ValueError(f"ohlc candle for {c.symbol}: {problem}")
+        if c.trades is not None and c.trades < 0:
+            raise ValueError(f"ohlc candle for {c.symbol}: negative trade count")
+        vwap = None
+        if c.vwap is not None and c.volume > 0:
+            vwap = to_decimal(c.vwap, "vwap")
+            if vwap <= 0:
+                raise ValueError(f"ohlc candle for {c.symbol}: non-positive vwap")
+        nums = scale(
+            c.open, c.high, c.low, c.close, c.volume, multiplier=self.multiplier(pair), vwap=vwap
+        )
+        event_ts = stamp if stamp is not None else _try_time(c.timestamp)
+        return Candle(
+            exchange=NAME,
+            symbol=str(pair),
+            native_symbol=c.symbol,
+            interval_start=start,
+            open=nums.open,
+            high=nums.high,
+            low=nums.low,
+            close=nums.close,
+            volume=nums.volume,
+            vwap=nums.vwap,
+            trade_count=c.trades,
+            is_final=False,  # Kraken has no final flag; the stream runtime decides
+            origin=Origin.WS,
+            session_id=session_id,
+            event_ts=event_ts if event_ts is not None else received_ms,
+            ingestion_ts=received_ms,
+            raw=compact_raw(item),
+        )
+
+
+def _try_time(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        return parse_rfc3339_ms(text)
+    except ValueError:
+        return None
+
+
+def _symbol_in(error: str) -> str | None:
+    """The pair an error names at its end (``Currency pair not supported BTC/XYZ``)."""
+    last = error.rsplit(" ", 1)[-1].strip()
+    return last if "/" in last else None
