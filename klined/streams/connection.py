@@ -1,0 +1,638 @@
+"""One supervised WebSocket connection: a chunk of pairs on one exchange, kept alive forever.
+
+A :class:`StreamConnection` is a *slot*: it runs one :class:`Session` (one socket, one
+``session_id``) at a time, except while it rotates before the exchange's connection lifetime,
+when the successor is opened and subscribed first and the old session is closed only once the
+new one delivers data (duplicates are fine, silver deduplicates; a gap is not). Every failure
+is caught here and retried with capped, jittered backoff that resets only after a healthy
+session; only cancellation propagates. Fatal errors (4xx on connect, unlisted pairs) are
+reported once: a rejected connection retries at the maximum backoff, an unlisted pair is
+dropped from the subscription.
+
+Timeouts: the handshake has ``open_timeout``; everything after it is bounded by a per-session
+watchdog (no subscribe ack in time, no message for ``stale_after_s``) that cancels the session,
+so the hot receive loop needs no per-message cancel scope.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from loguru import logger
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus, InvalidURI
+
+from klined.exchanges.base import (
+    ErrorReply,
+    ExchangeAdapter,
+    ExchangeStatus,
+    Heartbeat,
+    Limits,
+    Malformed,
+    Subscribed,
+    SubscribeFailed,
+)
+from klined.model import Candle, Pair
+from klined.status import ConnectionStatus, PairStatus, StreamState
+from klined.streams.backoff import Backoff
+from klined.streams.finality import FinalityTracker
+
+#: exchanges whose WS candles carry no final flag: finality comes from evidence (DESIGN.md)
+EVIDENCE_FINALITY = frozenset({"kraken"})
+
+Sink = Callable[[Candle], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """How one exchange's connections behave; built from ``[exchanges.<name>]``."""
+
+    stale_after_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    subscribe_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    max_connection_age_s: float | None = None  # rotate after this long; None: never
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    healthy_after_s: float = 10.0  # subscribed and flowing this long: backoff resets
+    pair_stale_after_s: float = 90.0  # a pair this quiet is flagged (status only)
+    close_timeout_s: float = 2.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    subscribe_messages_per_s: float | None = None
+
+    @classmethod
+    def from_config(cls, ex: Any, limits: Limits) -> StreamSettings:
+        """``ex`` is a :class:`klined.config.ExchangeConfig`."""
+        age: float | None = ex.max_connection_age_s or None
+        if age is None and limits.connection_lifetime_s:
+            life = limits.connection_lifetime_s
+            age = life - min(600.0, life * 0.05)
+        ping = ex.ping_interval_s
+        if limits.ping_interval_s:
+            ping = min(ping, limits.ping_interval_s)
+        return cls(
+            stale_after_s=ex.stale_after_s,
+            connect_timeout_s=ex.connect_timeout_s,
+            subscribe_timeout_s=ex.connect_timeout_s,
+            ping_interval_s=ping,
+            max_connection_age_s=age,
+            backoff_initial_s=ex.backoff_initial_s,
+            backoff_max_s=ex.backoff_max_s,
+            healthy_after_s=min(10.0, ex.stale_after_s),
+            pair_stale_after_s=3 * ex.stale_after_s,
+            subscribe_messages_per_s=limits.ws_messages_per_s,
+        )
+
+
+class ReqIds:
+    """Request ids, unique per adapter: an adapter matches replies to requests by id across
+    every connection it serves, so the connections of one exchange share one counter."""
+
+    def __init__(self) -> None:
+        self._next = 1
+
+    def peek(self) -> int:
+        return self._next
+
+    def take(self, n: int) -> int:
+        """Reserve ``n`` consecutive ids; return the first."""
+        first = self._next
+        self._next += max(1, n)
+        return first
+
+
+class StaleConnection(Exception):
+    """Nothing arrived for ``stale_after_s``: the connection is presumed dead."""
+
+
+class SubscribeTimeout(Exception):
+    """The exchange never acknowledged the subscription."""
+
+
+class SubscribeRefused(Exception):
+    """A retryable subscription refusal (e.g. the exchange is busy)."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _LogLimiter:
+    """At most ``burst`` log lines per ``window_s``; then one summary of what was dropped."""
+
+    def __init__(self, burst: int = 5, window_s: float = 60.0) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._start = 0.0
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        t = time.monotonic()
+        if t - self._start >= self.window_s:
+            self._start, self._count = t, 0
+        self._count += 1
+        if self._count <= self.burst:
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+class Session:
+    """One socket: connect, subscribe, receive until it ends, is retired, or goes stale."""
+
+    def __init__(self, slot: StreamConnection) -> None:
+        self.slot = slot
+        self.session_id = f"{slot.conn_id}-{uuid.uuid4().hex[:8]}"
+        self.pairs = list(slot.pairs)
+        self.tracker = FinalityTracker() if slot.adapter.name in EVIDENCE_FINALITY else None
+        self.subscribed = False
+        self.live = False  # subscribed and data flowed: a predecessor may close
+        self.healthy = False
+        self.rotate_due = anyio.Event()  # set once at max age: the slot opens a successor
+        self.ended = anyio.Event()
+        self.retired = False
+        self.error: BaseException | None = None
+        self.connected_at = 0.0
+        self.last_rx = 0.0
+        self._scope: anyio.CancelScope | None = None
+        self._acked: set[Pair] = set()
+        self._acks_without_pairs = 0
+        self._sent_subscribes = 0
+
+    # -- control from the slot ---------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Close this session on purpose (its successor is live, or its pairs changed)."""
+        self.retired = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- the session -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the socket ends; raise what ended it (``None`` when closed cleanly)."""
+        slot = self.slot
+        s = slot.settings
+        # subscribe by message on every exchange (acks name the pairs; no URL length limit)
+        url = slot.adapter.ws_endpoint(slot.base_url, [])
+        ws = await connect(
+            url,
+            open_timeout=s.connect_timeout_s,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=max(s.ping_interval_s, s.stale_after_s),
+            close_timeout=s.close_timeout_s,
+            max_size=s.max_message_bytes,
+            max_queue=64,
+            user_agent_header="klined",
+        )
+        try:
+            self.connected_at = self.last_rx = time.monotonic()
+            slot.on_session_open(self)
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self.retired:
+                    scope.cancel()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._guard, self._watchdog())
+                    if slot.wants_app_ping:
+                        tg.start_soon(self._guard, self._pinger(ws))
+                    await self._guard(self._subscribe(ws))
+                    await self._guard(self._receive(ws))
+                    tg.cancel_scope.cancel()
+        finally:
+            self._scope = None
+            with anyio.move_on_after(s.close_timeout_s, shield=True) as cs:
+                await ws.close()
+            if cs.cancelled_caught:
+                ws.transport.abort()
+        if self.error is not None and not self.retired:
+            raise self.error
+
+    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+        """Turn a failure inside the session into its error (no exception groups escape)."""
+        try:
+            await work
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _subscribe(self, ws: ClientConnection) -> None:
+        adapter = self.slot.adapter
+        first = self.slot.req_ids.peek()
+        messages = adapter.subscribe_messages(self.pairs, first)
+        self.slot.req_ids.take(len(messages))
+        self._sent_subscribes = len(messages)
+        rate = self.slot.settings.subscribe_messages_per_s
+        for i, message in enumerate(messages):
+            if i and rate:
+                await anyio.sleep(1.0 / rate)
+            await ws.send(message)
+        if not messages:
+            self._mark_subscribed()
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        slot = self.slot
+        parse = slot.adapter.parse_frame
+        sink = slot.sink
+        pair_status = slot.pair_status
+        cstatus = slot.status
+        tracker = self.tracker
+        sid = self.session_id
+        clock = time.monotonic
+        wall = time.time_ns
+        recv = ws.recv
+        while True:
+            try:
+                data = await recv(False)
+            except ConnectionClosedOK:
+                return
+            self.last_rx = clock()
+            received = wall() // 1_000_000
+            frame = parse(data, session_id=sid, received_ms=received)
+            cstatus.messages += 1
+            cstatus.last_message_ms = received
+            stamp = frame.stamp_ms
+            if frame.controls:
+                stamp = self._controls(frame.controls, stamp)
+            candles = frame.candles
+            for candle in candles:
+                sink(candle)
+                ps = pair_status.get(candle.symbol)
+                if ps is not None:
+                    ps.messages += 1
+                    ps.last_message_ms = received
+                    if candle.is_final and (
+                        ps.last_final_minute_ms is None
+                        or candle.interval_start > ps.last_final_minute_ms
+                    ):
+                        ps.last_final_minute_ms = candle.interval_start
+            if tracker is not None and (candles or stamp is not None):
+                for final in tracker.observe(candles, stamp, received):
+                    sink(final)
+                    ps = pair_status.get(final.symbol)
+                    if ps is not None and (
+                        ps.last_final_minute_ms is None
+                        or final.interval_start > ps.last_final_minute_ms
+                    ):
+                        ps.last_final_minute_ms = final.interval_start
+            if candles and not self.live and self.subscribed:
+                self._go_live()
+
+    def _controls(self, controls: list[object], stamp: int | None) -> int | None:
+        slot = self.slot
+        for ctl in controls:
+            if isinstance(ctl, Heartbeat):
+                if ctl.ts_ms is not None and (stamp is None or ctl.ts_ms > stamp):
+                    stamp = ctl.ts_ms
+            elif isinstance(ctl, Malformed):
+                slot.on_malformed(ctl)
+            elif isinstance(ctl, Subscribed):
+                if ctl.pairs:
+                    self._acked.update(ctl.pairs)
+                else:
+                    self._acks_without_pairs += 1
+                pending = [p for p in self.pairs if p not in self._acked and p in slot.pairs]
+                if not pending or self._acks_without_pairs >= self._sent_subscribes:
+                    self._mark_subscribed()
+            elif isinstance(ctl, SubscribeFailed):
+                if ctl.fatal:
+                    slot.on_unlisted(list(ctl.pairs), ctl.message)
+                    if not slot.pairs:
+                        self._fail(SubscribeRefused(f"every pair refused: {ctl.message}"))
+                    elif not self.subscribed and all(
+                        p in self._acked or p not in slot.pairs for p in self.pairs
+                    ):
+                        self._mark_subscribed()
+                else:
+                    self._fail(SubscribeRefused(ctl.message))
+            elif isinstance(ctl, ErrorReply):
+                slot.on_error_reply(ctl.message)
+            elif isinstance(ctl, ExchangeStatus):
+                slot.on_exchange_status(self, ctl)
+        return stamp
+
+    def _mark_subscribed(self) -> None:
+        if not self.subscribed:
+            self.subscribed = True
+            self.slot.on_subscribed(self)
+
+    def _go_live(self) -> None:
+        self.live = True
+        self.slot.on_live(self)
+
+    async def _pinger(self, ws: ClientConnection) -> None:
+        """Application-level pings for exchanges that want them (Kraken ``{"method":"ping"}``)."""
+        interval = self.slot.settings.ping_interval_s
+        while True:
+            await anyio.sleep(interval)
+            message = self.slot.adapter.ping_message(self.slot.req_ids.take(1))
+            if message is not None:
+                await ws.send(message)
+
+    async def _watchdog(self) -> None:
+        """Every wait after the handshake is bounded here: ack, staleness, age, health."""
+        s = self.slot.settings
+        tick = max(0.05, min(1.0, s.stale_after_s / 4, s.subscribe_timeout_s / 4))
+        while True:
+            await anyio.sleep(tick)
+            t = time.monotonic()
+            age = t - self.connected_at
+            if t - self.last_rx > s.stale_after_s:
+                self.slot.on_stale(self)
+                self._fail(StaleConnection(f"no message for {s.stale_after_s:g} s"))
+                return
+            if not self.subscribed and age > s.subscribe_timeout_s:
+                if self._acked:
+                    missing = [str(p) for p in self.pairs if p not in self._acked]
+                    self.slot.note_error(f"no subscribe ack for {', '.join(missing)}")
+                    self._mark_subscribed()
+                else:
+                    self._fail(SubscribeTimeout(f"no subscribe ack in {s.subscribe_timeout_s:g} s"))
+                    return
+            if self.subscribed and not self.live and age > s.healthy_after_s:
+                self._go_live()  # subscribed, messages flow, but its pairs are quiet
+            if self.live and not self.healthy and age > s.healthy_after_s:
+                self.healthy = True
+                self.slot.backoff.reset()
+            if (
+                s.max_connection_age_s is not None
+                and age > s.max_connection_age_s
+                and not self.rotate_due.is_set()
+            ):
+                self.rotate_due.set()
+                self.slot.wake.set()
+
+
+class StreamConnection:
+    """A chunk of pairs on one exchange, connected, subscribed and reconnected forever."""
+
+    def __init__(
+        self,
+        adapter: ExchangeAdapter,
+        conn_id: str,
+        base_url: str,
+        pairs: list[Pair],
+        settings: StreamSettings,
+        sink: Sink,
+        pair_status: dict[str, PairStatus] | None = None,
+        req_ids: ReqIds | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.conn_id = conn_id
+        self.base_url = base_url
+        self.pairs = list(pairs)
+        self.settings = settings
+        self.sink = sink
+        self.pair_status = pair_status if pair_status is not None else {}
+        for pair in self.pairs:
+            key = str(pair)
+            self.pair_status.setdefault(key, PairStatus(exchange=adapter.name, symbol=key))
+        self.status = ConnectionStatus(exchange=adapter.name, conn_id=conn_id, pairs=len(pairs))
+        self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self.wake = anyio.Event()
+        self.current: Session | None = None
+        self.sessions_started = 0
+        self._retiring: list[Session] = []
+        self.req_ids = req_ids if req_ids is not None else ReqIds()
+        self.wants_app_ping = adapter.ping_message(0) is not None
+        self._malformed_log = _LogLimiter()
+        self._error_log = _LogLimiter()
+        self._last_fatal = ""
+        self._counts: dict[str, int] = {}
+        self._log = logger.bind(exchange=adapter.name, conn=conn_id)
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run sessions until cancelled, or until no pair is left to stream."""
+        async with anyio.create_task_group() as tg:
+            while self.pairs:
+                session = Session(self)
+                self.current = session
+                self.sessions_started += 1
+                self.wake = anyio.Event()
+                tg.start_soon(self._run_session, session)
+                await self.wake.wait()
+                if not session.ended.is_set():
+                    # rotation (age or a changed pair set): the successor starts now, this
+                    # session keeps streaming until the successor is live
+                    self._retiring.append(session)
+                    continue
+                delay = self._after_session(session)
+                if delay is None:
+                    break
+                self._set_state(StreamState.BACKOFF if self.pairs else StreamState.DOWN)
+                self.status.next_retry_ms = now_ms() + int(delay * 1000)
+                await anyio.sleep(delay)
+                self.status.next_retry_ms = None
+            for old in self._retiring:
+                old.retire()
+            if not self.pairs:
+                self._set_state(StreamState.DOWN)
+                self.status.last_error = self.status.last_error or "no pair left to stream"
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            await session.run()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            session.error = exc
+        finally:
+            if session in self._retiring:
+                self._retiring.remove(session)
+            session.ended.set()
+            if session is self.current:
+                self.wake.set()
+
+    def _after_session(self, session: Session) -> float | None:
+        """Classify how the current session ended: the delay before the next, or None to stop."""
+        exc = session.error
+        if session.healthy:
+            self.backoff.reset()
+        if isinstance(exc, InvalidURI):
+            self._fatal(f"bad WebSocket URL: {exc}")
+            return None
+        if isinstance(exc, InvalidStatus):
+            code = exc.response.status_code
+            if code == 429:
+                self._note_failure(f"rate limited on connect (HTTP {code})")
+                return max(self.backoff.next(), self.settings.backoff_max_s / 2)
+            if 400 <= code < 500:
+                self._fatal(f"connection refused with HTTP {code}")
+                self._set_state(StreamState.DOWN)
+                return self.backoff.at_max()
+        if exc is None:
+            self._note_failure("closed by the exchange", level="INFO")
+        else:
+            self._note_failure(_describe(exc))
+        self._last_fatal = ""
+        return self.backoff.next()
+
+    # -- callbacks from sessions -------------------------------------------------------------
+
+    def on_session_open(self, session: Session) -> None:
+        if self.sessions_started > 1 and session is self.current:
+            self.status.reconnects += 1
+            for p in session.pairs:
+                ps = self.pair_status.get(str(p))
+                if ps is not None:
+                    ps.reconnects += 1
+        self._log.debug("connected, session {}", session.session_id)
+
+    def on_subscribed(self, session: Session) -> None:
+        if session is not self.current:
+            return
+        self.status.session_id = session.session_id
+        self.status.connected_since_ms = now_ms()
+        self._set_state(StreamState.CONNECTED)
+        self._log.info("subscribed {} pairs, session {}", len(session.pairs), session.session_id)
+
+    def on_live(self, session: Session) -> None:
+        if session is self.current:
+            for old in list(self._retiring):
+                self._log.info("rotated: closing session {}", old.session_id)
+                old.retire()
+
+    def on_stale(self, session: Session) -> None:
+        if session is self.current:
+            self._set_state(StreamState.STALE)
+
+    def on_unlisted(self, pairs: list[Pair], message: str) -> None:
+        for pair in pairs:
+            if pair in self.pairs:
+                self.pairs.remove(pair)
+                self._log.error("{} refused by {}: {} (skipped)", pair, self.adapter.name, message)
+            ps = self.pair_status.get(str(pair))
+            if ps is not None:
+                ps.state = StreamState.UNLISTED
+                ps.last_error = message
+        self.status.pairs = len(self.pairs)
+
+    def drop_pairs(self, pairs: list[Pair]) -> None:
+        """Stop streaming ``pairs`` (found unlisted later; their status says why).
+
+        The connection resubscribes without them: a successor opens first, as on rotation.
+        """
+        gone = [p for p in pairs if p in self.pairs]
+        if not gone:
+            return
+        for pair in gone:
+            self.pairs.remove(pair)
+        self.status.pairs = len(self.pairs)
+        current = self.current
+        if current is not None and not current.ended.is_set():
+            if self.pairs:
+                current.rotate_due.set()
+            else:
+                current.retire()
+            self.wake.set()
+
+    def on_malformed(self, bad: Malformed) -> None:
+        self.status.malformed += 1
+        if self._malformed_log.allow():
+            dropped = self._malformed_log.take_suppressed()
+            more = f" ({dropped} more not logged)" if dropped else ""
+            self._log.warning(
+                "{}: malformed frame skipped: {}: {!r}{}",
+                self.adapter.name,
+                bad.reason,
+                bad.snippet[:200],
+                more,
+            )
+
+    def on_error_reply(self, message: str) -> None:
+        self.status.last_error = message
+        if self._error_log.allow():
+            self._log.warning("{} error reply: {}", self.adapter.name, message)
+
+    def on_exchange_status(self, session: Session, st: ExchangeStatus) -> None:
+        if st.state == "online":
+            return
+        self.note_error(f"exchange status {st.state} {st.detail}".strip())
+        if st.state == "shutdown" and not session.rotate_due.is_set():
+            # the server is about to close this socket: open the successor now
+            session.rotate_due.set()
+            if session is self.current:
+                self.wake.set()
+
+    def note_error(self, message: str) -> None:
+        self.status.last_error = message
+        self._log.warning("{}", message)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _set_state(self, state: StreamState) -> None:
+        self.status.state = state
+        for pair in self.pairs:
+            ps = self.pair_status.get(str(pair))
+            if ps is not None and ps.state != StreamState.UNLISTED:
+                ps.state = state
+
+    def _fatal(self, message: str) -> None:
+        self.status.last_error = message
+        if message != self._last_fatal:
+            self._log.error("{} {}: {} (retrying slowly)", self.adapter.name, self.conn_id, message)
+            self._last_fatal = message
+        else:
+            self._log.debug("{}", message)
+
+    def _note_failure(self, message: str, level: str = "WARNING") -> None:
+        self.status.last_error = message
+        for pair in self.pairs:
+            ps = self.pair_status.get(str(pair))
+            if ps is not None:
+                ps.last_error = message
+        self._log.log(level, "{} {}: {}; reconnecting", self.adapter.name, self.conn_id, message)
+
+    def refresh(self, wall_ms: int, elapsed_s: float) -> None:
+        """Periodic status upkeep: message rates, and per-pair staleness while data flows.
+
+        A pair quiet for ``pair_stale_after_s`` while its connection is up is flagged ``stale``
+        for the operator, never reconnected: illiquid pairs are quiet on Kraken.
+        """
+        st = self.status
+        st.messages_per_s = self._rate(st.conn_id, st.messages, st.messages_per_s, elapsed_s)
+        connected = st.state in (StreamState.CONNECTED, StreamState.STALE)
+        since = st.connected_since_ms or wall_ms
+        limit_ms = self.settings.pair_stale_after_s * 1000
+        for pair in self.pairs:
+            ps = self.pair_status.get(str(pair))
+            if ps is None:
+                continue
+            ps.messages_per_s = self._rate(ps.symbol, ps.messages, ps.messages_per_s, elapsed_s)
+            if connected and st.state == StreamState.CONNECTED:
+                last = max(ps.last_message_ms or since, since)
+                ps.state = StreamState.STALE if wall_ms - last > limit_ms else StreamState.CONNECTED
+
+    def _rate(self, key: str, count: int, previous: float, elapsed_s: float) -> float:
+        """An EWMA of messages per second over refresh intervals (cheap: no per-event math)."""
+        before = self._counts.get(key, count)
+        self._counts[key] = count
+        if elapsed_s <= 0:
+            return previous
+        instant = (count - before) / elapsed_s
+        alpha = min(1.0, elapsed_s / 10.0)
+        return round(previous + alpha * (instant - previous), 3)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
