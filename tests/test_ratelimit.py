@@ -175,7 +175,7 @@ async def test_limiter_pauses_the_whole_exchange_on_429() -> None:
     lim.throttle(7.0, why="test")
     before = clock.now
     async with lim.slot(1):
-        pass  # waits the Retry-After, then the rest of the window (the server said it is full)
+        pass  # waits the Retry-After
     assert clock.now >= before + 7.0
     assert lim.stats.throttled == 1 and lim.stats.banned == 0
     lim.throttle(None, banned=True)

@@ -269,9 +269,12 @@ class RateLimiter:
 
     def throttle(self, retry_after: float | None, *, banned: bool = False, why: str = "") -> float:
         """The exchange said stop: pause every request to it for Retry-After seconds."""
-        delay = retry_after if retry_after and retry_after > 0 else DEFAULT_RETRY_AFTER_S
         now = self.clock()
-        self.budget.exhaust(now)
+        if retry_after is not None and retry_after > 0:
+            delay = retry_after  # the server knows when it will take calls again: believe it
+        else:
+            delay = DEFAULT_RETRY_AFTER_S
+            self.budget.exhaust(now)  # no hint: assume our whole budget is spent
         self.budget.pause(now + delay)
         if banned:
             self.stats.banned += 1
