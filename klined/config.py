@@ -45,6 +45,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class DaemonConfig(_Section):
     data_dir: str = "~/.local/share/klined"
     status_socket: str = ""  # default: <data_dir>/klined.sock ($RUNTIME_DIRECTORY under systemd)
+    status_socket_group: str = ""  # members may read the status socket (0660); "" = owner only
     log_level: str = "INFO"
     log_json: bool = False
     metrics_port: int = 0  # 0 disables the Prometheus endpoint (always bound to loopback)
