@@ -1,0 +1,434 @@
+"""Mirroring sealed parts to S3: idempotent, verified, patient through outages.
+
+Each sealed part is uploaded once to ``s3://<bucket>/<prefix>/<key>`` and verified (size, and
+the ETag as MD5 and/or the stored SHA-256 checksum); then a sidecar ``<key>.uploaded`` records
+the verified upload so a restart does not upload it again. A key that already holds identical
+content counts as uploaded ("already present"); different content is never overwritten. While
+S3 is unreachable parts simply stay on disk and the uploader retries with capped, jittered
+backoff; it never dies because S3 is down. Local parts are deleted ``retention_hours`` after
+their verified upload, never before, and never in local-only mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from klined.config import LakeConfig, S3Config
+from klined.errors import LakeError
+from klined.lake.layout import UPLOADED_SUFFIX, parse_key
+from klined.lake.reader import iter_local_parts
+from klined.lake.s3 import LakeStore, backoff_delay, describe, is_not_found, plain_md5
+from klined.lake.writer import wall_ms
+from klined.model import HOUR_MS, iso
+from klined.status import LakeStatus
+
+
+class UploadReport(msgspec.Struct, kw_only=True):
+    """What an upload call did. ``failed`` lists keys still not uploaded."""
+
+    enabled: bool = True
+    parts: int = 0
+    uploaded: int = 0
+    already_present: int = 0
+    bytes_uploaded: int = 0
+    failed: list[str] = msgspec.field(default_factory=list)
+    error: str = ""
+
+
+class UploadMarker(msgspec.Struct, kw_only=True):
+    """Content of a ``<key>.uploaded`` sidecar."""
+
+    bucket: str
+    object_key: str
+    size: int
+    md5: str
+    sha256: str
+    etag: str = ""
+    uploaded_ms: int
+
+
+class _Pending(msgspec.Struct):
+    size: int
+    hour_ms: int
+
+
+def _hash(path: Path) -> tuple[bytes, str, str, str]:
+    data = path.read_bytes()
+    md5 = hashlib.md5(data, usedforsecurity=False)
+    sha = hashlib.sha256(data).digest()
+    return (
+        data,
+        md5.hexdigest(),
+        base64.b64encode(md5.digest()).decode(),
+        base64.b64encode(sha).decode(),
+    )
+
+
+def _same_object(head: dict[str, Any], size: int, md5_hex: str, sha_b64: str) -> bool:
+    """Whether HEAD describes our bytes: same size and every checksum it offers agrees."""
+    if int(head.get("ContentLength", -1)) != size:
+        return False
+    checks: list[bool] = []
+    if head.get("ChecksumSHA256"):
+        checks.append(head["ChecksumSHA256"] == sha_b64)
+    etag_md5 = plain_md5(head.get("ETag"))
+    if etag_md5 is not None:
+        checks.append(etag_md5 == md5_hex)
+    return bool(checks) and all(checks)
+
+
+class LakeUploader(LakeStore):
+    """Uploads sealed parts to S3 and applies local retention. A no-op without a bucket.
+
+    Run :meth:`run` in the daemon's task group and pass :meth:`part_closed` to the writer as
+    ``on_part_closed``. The chain's flush step calls :meth:`upload_pending` for its hour.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        lake: LakeConfig,
+        s3: S3Config | None = None,
+        *,
+        status: LakeStatus | None = None,
+        clock: Callable[[], int] = wall_ms,
+        concurrency: int = 4,
+        rescan_interval_s: float = 3600.0,
+        **store_options: Any,
+    ) -> None:
+        super().__init__(root, s3, **store_options)
+        self.lake = lake
+        self._status = status
+        self._clock = clock
+        self._concurrency = concurrency
+        self._rescan_interval_s = rescan_interval_s
+        self._pending: dict[str, _Pending] = {}
+        self._uploaded: dict[str, int] = {}  # key -> uploaded_ms (parts still on disk)
+        self._lock = anyio.Lock()
+        self._nudge = anyio.Event()
+        self.uploaded_count = 0
+        self.last_error = ""
+        self._update_status()
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> list[str]:
+        """Keys of sealed parts known to be waiting for upload."""
+        return sorted(self._pending)
+
+    def _update_status(self) -> None:
+        if self._status is None:
+            return
+        self._status.s3_enabled = self.enabled
+        self._status.pending_upload_parts = len(self._pending)
+        self._status.pending_upload_bytes = sum(p.size for p in self._pending.values())
+        self._status.uploaded_parts = self.uploaded_count
+        self._status.last_upload_error = self.last_error
+
+    def _record_error(self, error: str) -> None:
+        if error != self.last_error:
+            logger.warning("lake: S3 upload failing: {}", error)
+        self.last_error = error
+        self._update_status()
+
+    def part_closed(self, key: str, size: int) -> None:
+        """The writer sealed a part: queue it and wake the upload loop. Never raises."""
+        if not self.enabled:
+            return
+        try:
+            hour_ms = parse_key(key).hour_ms
+        except ValueError:
+            logger.error("lake: not uploading foreign key {}", key)
+            return
+        if key not in self._uploaded:
+            self._pending[key] = _Pending(size, hour_ms)
+            self._nudge.set()
+            self._update_status()
+
+    def _scan(self, hour_ms: int | None) -> tuple[dict[str, _Pending], dict[str, int]]:
+        """Local sealed parts (of one hour, or all) split into pending and uploaded."""
+        pending: dict[str, _Pending] = {}
+        uploaded: dict[str, int] = {}
+        decoder = msgspec.json.Decoder(UploadMarker)
+        for part in iter_local_parts(self.root, hour_ms=hour_ms):
+            try:
+                pk = parse_key(part.key)
+            except ValueError:
+                continue
+            marker_path = part.path.with_name(part.path.name + UPLOADED_SUFFIX)
+            try:
+                marker = decoder.decode(marker_path.read_bytes())
+            except FileNotFoundError:
+                marker = None
+            except (OSError, msgspec.DecodeError):
+                marker = None  # unreadable marker: HEAD will tell whether it is there
+            if (
+                marker is not None
+                and marker.bucket == self.s3.bucket
+                and marker.object_key == self.object_key(part.key)
+                and marker.size == part.size
+            ):
+                uploaded[part.key] = marker.uploaded_ms
+            else:
+                pending[part.key] = _Pending(part.size, pk.hour_ms)
+        return pending, uploaded
+
+    async def rescan(self, hour_ms: int | None = None) -> None:
+        """Pick up sealed parts from disk (all, or one hour's) that are not queued yet."""
+        pending, uploaded = await anyio.to_thread.run_sync(self._scan, hour_ms)
+        self._uploaded.update(uploaded)
+        for key, item in pending.items():
+            if key not in self._uploaded:
+                self._pending[key] = item
+        self._update_status()
+
+    # -- uploading ------------------------------------------------------------------------------
+
+    async def _head(self, s3: Any, object_key: str) -> dict[str, Any] | None:
+        try:
+            with anyio.fail_after(self.op_timeout_s):
+                head: dict[str, Any] = await s3.head_object(
+                    Bucket=self.s3.bucket, Key=object_key, ChecksumMode="ENABLED"
+                )
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return head
+
+    async def _upload_one(self, s3: Any, key: str) -> tuple[str, int]:
+        """Upload and verify one part; ``("uploaded"|"already"|"gone", bytes)``."""
+        path = self.root / key
+        try:
+            data, md5_hex, md5_b64, sha_b64 = await anyio.to_thread.run_sync(_hash, path)
+        except FileNotFoundError:
+            return "gone", 0
+        object_key = self.object_key(key)
+        head = await self._head(s3, object_key)
+        if head is not None:
+            if not _same_object(head, len(data), md5_hex, sha_b64):
+                raise LakeError(
+                    f"s3://{self.s3.bucket}/{object_key} exists with different content; "
+                    "not overwritten"
+                )
+            outcome = "already"
+        else:
+            with anyio.fail_after(self.op_timeout_s):
+                await s3.put_object(
+                    Bucket=self.s3.bucket,
+                    Key=object_key,
+                    Body=data,
+                    ContentMD5=md5_b64,
+                    ChecksumSHA256=sha_b64,
+                    ContentType="application/x-ndjson",
+                )
+            head = await self._head(s3, object_key)
+            if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
+                raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
+            outcome = "uploaded"
+        marker = UploadMarker(
+            bucket=self.s3.bucket,
+            object_key=object_key,
+            size=len(data),
+            md5=md5_hex,
+            sha256=sha_b64,
+            etag=str(head.get("ETag", "")).strip('"'),
+            uploaded_ms=self._clock(),
+        )
+        await anyio.to_thread.run_sync(self._write_marker, path, marker)
+        return outcome, len(data)
+
+    @staticmethod
+    def _write_marker(path: Path, marker: UploadMarker) -> None:
+        final = path.with_name(path.name + UPLOADED_SUFFIX)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.write_bytes(msgspec.json.encode(marker))
+        os.replace(tmp, final)
+
+    async def _upload_keys(self, keys: list[str], *, stop_on_error: bool) -> UploadReport:
+        """Upload ``keys`` with bounded concurrency; failures are reported, not raised."""
+        report = UploadReport(parts=len(keys))
+        if not keys:
+            return report
+        limiter = anyio.CapacityLimiter(self._concurrency)
+        abort = False
+
+        async def one(s3: Any, key: str) -> None:
+            nonlocal abort
+            async with limiter:
+                if abort:
+                    report.failed.append(key)
+                    return
+                try:
+                    outcome, size = await self._upload_one(s3, key)
+                except Exception as exc:
+                    report.failed.append(key)
+                    report.error = f"{key}: {describe(exc)}"
+                    abort = abort or stop_on_error
+                    return
+            self._pending.pop(key, None)
+            if outcome == "gone":
+                return
+            self._uploaded[key] = self._clock()
+            self.uploaded_count += 1
+            if outcome == "uploaded":
+                report.uploaded += 1
+                report.bytes_uploaded += size
+            else:
+                report.already_present += 1
+                logger.info("lake: {} was already in S3 with identical content", key)
+            self._update_status()
+
+        try:
+            async with self.client() as s3, anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(one, s3, key)
+        except Exception as exc:  # the client itself could not be made
+            report.failed = [k for k in keys if k in self._pending]
+            report.error = describe(exc)
+        return report
+
+    async def _pass(self) -> bool:
+        """One round over everything pending; False if anything failed."""
+        async with self._lock:
+            keys = sorted(self._pending)
+            if not keys:
+                return True
+            report = await self._upload_keys(keys, stop_on_error=True)
+        if report.failed:
+            self._record_error(report.error or "upload failed")
+            return False
+        if report.uploaded:
+            logger.info(
+                "lake: uploaded {} part(s), {} bytes", report.uploaded, report.bytes_uploaded
+            )
+        self.last_error = ""
+        self._update_status()
+        return True
+
+    async def upload_pending(self, hour_ms: int | None = None) -> UploadReport:
+        """Make sure every sealed local part (of the hour, or all) is in S3, verified.
+
+        Retries with backoff; raises :class:`LakeError` if a part still cannot be uploaded.
+        Without a bucket it does nothing (``enabled=False``).
+        """
+        if not self.enabled:
+            return UploadReport(enabled=False)
+        await self.rescan(hour_ms)
+        keys = [k for k, p in self._pending.items() if hour_ms is None or p.hour_ms == hour_ms]
+        total = UploadReport(parts=len(keys))
+        for attempt in range(self.attempts):
+            keys = [k for k in keys if k in self._pending]
+            if not keys:
+                break
+            async with self._lock:
+                report = await self._upload_keys(sorted(keys), stop_on_error=False)
+            total.uploaded += report.uploaded
+            total.already_present += report.already_present
+            total.bytes_uploaded += report.bytes_uploaded
+            total.error = report.error
+            keys = report.failed
+            if keys and attempt + 1 < self.attempts:
+                await anyio.sleep(
+                    backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s)
+                )
+        total.failed = sorted(k for k in keys if k in self._pending)
+        if total.failed:
+            what = "all hours" if hour_ms is None else f"hour {iso(hour_ms)}"
+            self._record_error(total.error)
+            raise LakeError(
+                f"{len(total.failed)} of {total.parts} part(s) of {what} could not be uploaded "
+                f"to s3://{self.s3.bucket}: {total.error}"
+            )
+        return total
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def _delete_local(self, keys: list[str]) -> list[str]:
+        deleted: list[str] = []
+        for key in keys:
+            path = self.root / key
+            try:
+                # the marker goes first: a crash in between leaves a part that HEAD re-verifies
+                path.with_name(path.name + UPLOADED_SUFFIX).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("lake: cannot delete {}: {}", key, exc)
+                continue
+            deleted.append(key)
+            folder = path.parent
+            while folder != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
+        return deleted
+
+    async def apply_retention(self) -> int:
+        """Delete local parts uploaded ``retention_hours`` ago or more; return how many."""
+        if not self.enabled:
+            return 0
+        limit = self._clock() - int(self.lake.retention_hours * HOUR_MS)
+        due = [k for k, at in self._uploaded.items() if at <= limit]
+        if not due:
+            return 0
+        deleted = await anyio.to_thread.run_sync(self._delete_local, due)
+        for key in deleted:
+            self._uploaded.pop(key, None)
+        if deleted:
+            logger.info("lake: retention removed {} local part(s)", len(deleted))
+        return len(deleted)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Scan the spool, then upload and apply retention every ``upload_interval_s``.
+
+        Woken early when a part is sealed; after a failure it backs off (capped, jittered).
+        """
+        self._update_status()
+        if not self.enabled:
+            task_status.started()
+            await anyio.sleep_forever()
+        await self._guarded(self.rescan())
+        task_status.started()
+        failures = 0
+        last_rescan = time.monotonic()
+        while True:
+            if time.monotonic() - last_rescan >= self._rescan_interval_s:
+                await self._guarded(self.rescan())
+                last_rescan = time.monotonic()
+            ok = await self._guarded(self._pass())
+            await self._guarded(self.apply_retention())
+            if ok:
+                failures = 0
+                with anyio.move_on_after(self.lake.upload_interval_s):
+                    await self._nudge.wait()
+            else:
+                failures += 1
+                await anyio.sleep(
+                    backoff_delay(failures - 1, self.backoff_initial_s, self.backoff_max_s)
+                )
+            self._nudge = anyio.Event()
+
+    async def _guarded(self, step: Any) -> Any:
+        """Run a loop step; an unexpected error is logged and recorded, never fatal."""
+        try:
+            return await step
+        except Exception as exc:
+            logger.exception("lake: uploader step failed")
+            self._record_error(describe(exc))
+            return False

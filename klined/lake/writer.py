@@ -1,0 +1,349 @@
+"""The lake writer: every captured event, appended to the local spool, durably and cheaply.
+
+``append`` runs on the hot path for every event, so it only encodes into an in-memory buffer of
+the event's open part (one per exchange / pair / hour): no syscall, no await. ``run`` flushes
+the buffers at least every ``flush_interval_s`` (write + fdatasync in a worker thread), so a
+crash loses at most the last interval, and seals parts (fsync, atomic rename of
+``<key>.open`` to ``<key>``) when they reach their size or age bound or when their hour is over
+plus the grace period. Sealed parts are immutable; a late event for a sealed hour opens a new
+part in the same folder. ``aclose`` seals everything that is open, so nothing buffered is lost on
+shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from klined.config import LakeConfig
+from klined.lake.layout import OPEN_SUFFIX, PART_SUFFIX, check_names, part_key
+from klined.model import HOUR_MS, Candle
+from klined.status import LakeStatus
+
+#: flush early when this many events wait in memory (bounds memory at high rates)
+FLUSH_AFTER_EVENTS = 20_000
+#: a flush with many parts spreads them over up to IO_THREADS threads
+IO_THREADS = 8
+JOBS_PER_THREAD = 32
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+_O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new or renamed directory entry durable (best effort: not every OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def seal_open_parts(
+    root: str | os.PathLike[str], *, keep_writer_id: str | None = None
+) -> list[tuple[str, int]]:
+    """Seal ``.open`` parts left by a crashed writer; return their ``(key, size)``.
+
+    Their content is kept as is (a torn last line is the readers' to skip); empty ones are
+    removed. Parts whose key carries ``keep_writer_id`` belong to a live writer and are left.
+    """
+    root_path = Path(root)
+    sealed: list[tuple[str, int]] = []
+    suffix = PART_SUFFIX + OPEN_SUFFIX
+    for dirpath, _dirs, files in os.walk(root_path):
+        for name in files:
+            if not (name.startswith("part-") and name.endswith(suffix)):
+                continue
+            if keep_writer_id and f"-{keep_writer_id}-" in name:
+                continue
+            path = Path(dirpath) / name
+            final = path.with_name(name[: -len(OPEN_SUFFIX)])
+            try:
+                size = path.stat().st_size
+                if size == 0:
+                    path.unlink()
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(path, final)
+                _fsync_dir(final.parent)
+            except FileNotFoundError:
+                continue
+            key = final.relative_to(root_path).as_posix()
+            logger.warning("lake: sealed {} left open by an earlier run ({} bytes)", key, size)
+            sealed.append((key, size))
+    return sealed
+
+
+class _Part:
+    """An open part: bytes waiting in memory, and what was already handed to the disk."""
+
+    __slots__ = (
+        "buf",
+        "created",
+        "hour_end_ms",
+        "key",
+        "opened_ms",
+        "path",
+        "pending_events",
+        "written",
+    )
+
+    def __init__(self, key: str, path: Path, hour_ms: int, opened_ms: int) -> None:
+        self.key = key
+        self.path = path  # the .open path
+        self.hour_end_ms = hour_ms + HOUR_MS
+        self.opened_ms = opened_ms
+        self.buf = bytearray()
+        self.pending_events = 0
+        self.written = 0
+        self.created = False
+
+
+class _Job:
+    """One part's share of a flush, done in the worker thread."""
+
+    __slots__ = ("close", "data", "done", "error", "events", "part")
+
+    def __init__(self, part: _Part, data: bytearray, events: int, close: bool) -> None:
+        self.part = part
+        self.data = data
+        self.events = events
+        self.close = close
+        self.done = 0
+        self.error: OSError | None = None
+
+
+def _write_jobs(jobs: list[_Job]) -> None:
+    """Append, fdatasync and (for closing parts) seal; errors are recorded per job."""
+    for job in jobs:
+        part = job.part
+        try:
+            if job.data or not part.created:
+                if not part.created:
+                    part.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(part.path, _O_FLAGS, 0o644)
+                try:
+                    view = memoryview(job.data)
+                    while job.done < len(view):
+                        job.done += os.write(fd, view[job.done :])
+                    _fdatasync(fd)
+                finally:
+                    os.close(fd)
+                if not part.created:
+                    part.created = True
+                    _fsync_dir(part.path.parent)
+            if job.close:
+                os.replace(part.path, part.path.with_name(part.path.name[: -len(OPEN_SUFFIX)]))
+                _fsync_dir(part.path.parent)
+        except OSError as exc:
+            job.error = exc
+
+
+class LakeWriter:
+    """Appends candle events to the local lake. One writer per lake root.
+
+    The owner runs :meth:`run` in its task group (``await tg.start(writer.run)`` seals parts a
+    crashed run left open before returning) and calls :meth:`aclose` after the producers have
+    stopped. ``on_part_closed(key, size)`` is called for every sealed part (the uploader's
+    :meth:`~klined.lake.LakeUploader.part_closed`).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        config: LakeConfig,
+        *,
+        status: LakeStatus | None = None,
+        on_part_closed: Callable[[str, int], None] | None = None,
+        clock: Callable[[], int] = wall_ms,
+        flush_after_events: int = FLUSH_AFTER_EVENTS,
+        close_timeout_s: float = 60.0,
+    ) -> None:
+        self.root = Path(root)
+        self.writer_id = secrets.token_hex(4)
+        self._cfg = config
+        self._status = status
+        self._on_part_closed = on_part_closed
+        self._clock = clock
+        self._flush_after_events = flush_after_events
+        self._close_timeout_s = close_timeout_s
+        self._max_bytes = config.part_max_bytes
+        self._max_age_ms = int(config.part_max_age_s * 1000)
+        self._grace_ms = int(config.hour_grace_s * 1000)
+        self._encode_into = msgspec.json.Encoder().encode_into
+        self._open: dict[tuple[str, str, int], _Part] = {}
+        self._closing: list[_Part] = []
+        self._counter = 0
+        self._unflushed = 0
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()
+        self.events_written = 0
+        self.parts_closed = 0
+
+    # -- hot path -------------------------------------------------------------------------------
+
+    def append(self, candle: Candle) -> None:
+        """Buffer one event in its hour's open part. Synchronous, no I/O."""
+        start = candle.interval_start
+        slot = (candle.exchange, candle.symbol, start - start % HOUR_MS)
+        part = self._open.get(slot)
+        if part is None:
+            part = self._new_part(slot, candle)
+        buf = part.buf
+        self._encode_into(candle, buf, -1)
+        buf.append(10)  # b"\n"
+        part.pending_events += 1
+        self._unflushed += 1
+        if part.written + len(buf) >= self._max_bytes:
+            del self._open[slot]
+            self._closing.append(part)
+            self._wake.set()
+        elif self._unflushed >= self._flush_after_events:
+            self._wake.set()
+
+    def _new_part(self, slot: tuple[str, str, int], candle: Candle) -> _Part:
+        exchange, symbol, hour_ms = slot
+        check_names(exchange, symbol)
+        now = self._clock()
+        self._counter += 1
+        seq = f"{self.writer_id}-{self._counter:06d}"
+        key = part_key(exchange, symbol, hour_ms, candle.ingestion_ts or now, seq)
+        part = _Part(key, self.root / (key + OPEN_SUFFIX), hour_ms, now)
+        self._open[slot] = part
+        if self._status is not None:
+            self._status.open_parts = len(self._open)
+        return part
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    @property
+    def open_parts(self) -> list[str]:
+        """Keys of the parts currently open (for status and tests)."""
+        return sorted(p.key for p in self._open.values())
+
+    def _due(self, part: _Part, now: int) -> bool:
+        return now - part.opened_ms >= self._max_age_ms or now >= part.hour_end_ms + self._grace_ms
+
+    async def flush(self, *, close_all: bool = False) -> None:
+        """Write every buffered event and seal the parts that are due (or all of them)."""
+        async with self._lock:
+            now = self._clock()
+            for slot, part in list(self._open.items()):
+                if close_all or self._due(part, now):
+                    del self._open[slot]
+                    self._closing.append(part)
+            jobs: list[_Job] = []
+            for part in self._open.values():
+                if part.buf:
+                    jobs.append(self._take(part, close=False))
+            jobs.extend(self._take(part, close=True) for part in self._closing)
+            self._closing = []
+            self._unflushed = 0
+            if jobs:
+                await self._write(jobs)
+                self._settle(jobs)
+            if self._status is not None:
+                self._status.open_parts = len(self._open) + len(self._closing)
+                self._status.events_written = self.events_written
+
+    async def _write(self, jobs: list[_Job]) -> None:
+        """Run the jobs in worker threads; many parts are spread over a few threads, since
+        their fdatasyncs are independent and a disk serves them faster side by side."""
+        chunks = min(IO_THREADS, -(-len(jobs) // JOBS_PER_THREAD))
+        if chunks <= 1:
+            await anyio.to_thread.run_sync(_write_jobs, jobs)
+            return
+        async with anyio.create_task_group() as tg:
+            for i in range(chunks):
+                tg.start_soon(anyio.to_thread.run_sync, _write_jobs, jobs[i::chunks])
+
+    @staticmethod
+    def _take(part: _Part, *, close: bool) -> _Job:
+        job = _Job(part, part.buf, part.pending_events, close)
+        part.written += len(part.buf)
+        part.buf = bytearray()
+        part.pending_events = 0
+        return job
+
+    def _settle(self, jobs: list[_Job]) -> None:
+        """Account for a flush; put back whatever the disk refused, to retry next time."""
+        for job in jobs:
+            part = job.part
+            if job.error is None:
+                self.events_written += job.events
+                if job.close:
+                    self.parts_closed += 1
+                    if self._on_part_closed is not None:
+                        self._on_part_closed(part.key, part.written)
+                continue
+            rest = job.data[job.done :]
+            part.written -= len(rest)
+            self.events_written += job.events - rest.count(b"\n")
+            part.pending_events += rest.count(b"\n")
+            part.buf[0:0] = rest
+            if job.close and part not in self._closing:
+                self._closing.append(part)
+            logger.error(
+                "lake: cannot write {} ({} bytes kept in memory, will retry): {}",
+                part.key,
+                len(part.buf),
+                job.error,
+            )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Seal leftovers of a crashed run, then flush and rotate until cancelled.
+
+        On the way out (cancellation) every open part is sealed, as :meth:`aclose` does.
+        """
+        sealed = await anyio.to_thread.run_sync(
+            lambda: seal_open_parts(self.root, keep_writer_id=self.writer_id)
+        )
+        if self._on_part_closed is not None:
+            for key, size in sealed:
+                self._on_part_closed(key, size)
+        task_status.started()
+        try:
+            while True:
+                with anyio.move_on_after(self._cfg.flush_interval_s):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                with anyio.CancelScope(shield=True):
+                    await self.flush()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Seal every open part, writing everything buffered (shielded, bounded).
+
+        Safe to call more than once; events appended afterwards open new parts that the next
+        ``aclose`` (or flush) writes.
+        """
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._close_timeout_s) as scope:
+                await self.flush(close_all=True)
+            left = sum(len(p.buf) for p in self._closing) + sum(
+                len(p.buf) for p in self._open.values()
+            )
+        if scope.cancelled_caught or left:
+            logger.error("lake: closing did not finish; {} bytes not written", left)
