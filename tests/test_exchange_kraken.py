@@ -22,6 +22,7 @@ from klined.exchanges.base import (
     ListedPair,
     Malformed,
     Pong,
+    RestRequest,
     Subscribed,
     SubscribeFailed,
     Trade,
@@ -739,3 +740,24 @@ def test_adapter_aggregates_documented_trades() -> None:
         + Decimal("30243.3") * Decimal("0.01235716")
     )
     assert Decimal(c.quote_volume or "") == expected_q
+
+
+def test_listing_respects_overrides() -> None:
+    odd = Pair("BITCOIN", "USD")
+    a = Kraken({odd: SymbolOverride(native="BTC/USD")})
+    listing = a.parse_listing(200, {}, (PAYLOADS / "asset_pairs_docs.json").read_bytes())
+    assert listing[odd].rest_key == "XXBTZUSD"
+    assert BTC not in listing
+    b = Kraken({Pair("ETHER", "BTC"): SymbolOverride(rest_native="XETHXXBT")})
+    listing = b.parse_listing(200, {}, (PAYLOADS / "asset_pairs_docs.json").read_bytes())
+    assert listing[Pair("ETHER", "BTC")].rest_native == "ETHXBT"
+
+
+def test_ohlc_request_without_window_fields() -> None:
+    a = Kraken()
+    params = {"pair": "XBTUSD", "interval": "1", "since": str(M0 // 1000 - 1)}
+    req = RestRequest("GET", "/0/public/OHLC", params, 1, "ohlc", BTC)
+    page = a.parse_candles(
+        req, 200, {}, _ohlc_body([M0, M0 + MINUTE_MS]), now_ms=M0 + 5 * MINUTE_MS
+    )
+    assert page.covered == (M0, M0 + MINUTE_MS) and len(page.candles) == 1

@@ -72,6 +72,9 @@ STREAMS_PER_SUBSCRIBE = 200
 
 KLINES_LIMIT = 1000
 
+#: Unanswered SUBSCRIBE ids remembered (oldest forgotten first).
+_MAX_PENDING = 1024
+
 #: Quote assets, longest first, for splitting a native symbol nobody told us about.
 KNOWN_QUOTES = (
     "FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "USD", "DAI", "BTC", "ETH", "BNB",
@@ -215,6 +218,8 @@ class Binance:
         for i, start in enumerate(range(0, len(pairs), STREAMS_PER_SUBSCRIBE)):
             chunk = tuple(pairs[start : start + STREAMS_PER_SUBSCRIBE])
             mid = req_id + i
+            if len(self._pending) >= _MAX_PENDING:  # replies lost with their connection
+                self._pending.pop(next(iter(self._pending)))
             self._pending[mid] = chunk
             body: dict[str, object] = {
                 "method": "SUBSCRIBE",

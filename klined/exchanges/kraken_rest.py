@@ -139,14 +139,16 @@ class KrakenRest:
                 raise ParseError(f"kraken AssetPairs entry {key}: {exc}", bad) from None
             if not info.wsname:
                 continue  # dark-pool and other pairs without a WebSocket feed
+            ws_pair = ws_name_to_pair(info.wsname)
             pair = (
-                self.symbols.by_native(info.wsname)
+                (self.symbols.by_native(str(ws_pair)) if ws_pair is not None else None)
+                or self.symbols.by_native(info.wsname)
                 or self.symbols.by_rest(info.altname or key)
-                or ws_name_to_pair(info.wsname)
+                or self.symbols.by_rest(key)
+                or ws_pair
             )
             if pair is None:
                 continue
-            ws_pair = ws_name_to_pair(info.wsname)
             listing[pair] = ListedPair(
                 pair=pair,
                 ws_native=str(ws_pair) if ws_pair is not None else info.wsname,
@@ -190,7 +192,9 @@ class KrakenRest:
         pair = request.pair
         if pair is None:
             raise ValueError("an OHLC request always names its pair")
-        start = request.start_ms if request.start_ms is not None else 0
+        start = request.start_ms
+        if start is None:  # a request built elsewhere: since = first minute - 1 s
+            start = ceil_minute((int(request.params.get("since", "-1")) + 1) * 1000)
         end = request.end_ms if request.end_ms is not None else now_ms
         rows = self._rows(self._result(status, headers, body, pair, now_ms, "OHLC"), pair, "OHLC")
         native = request.params.get("pair", self.rest_native(pair))
