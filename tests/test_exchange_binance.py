@@ -89,6 +89,7 @@ def parse(frame: bytes | str, a: Binance | None = None) -> Frame:
 
 def only_malformed(frame: Frame) -> Malformed:
     assert frame.candles == []
+    assert frame.stamp_ms is None
     assert len(frame.controls) == 1, frame.controls
     bad = frame.controls[0]
     assert isinstance(bad, Malformed), bad
@@ -388,6 +389,8 @@ json_values = st.recursive(
 
 def _assert_sane(frame: Frame) -> None:
     assert isinstance(frame, Frame)
+    if frame.controls and all(isinstance(c, Malformed) for c in frame.controls):
+        assert frame.stamp_ms is None
     for c in frame.candles:
         assert check_ohlcv(c.open, c.high, c.low, c.close, c.volume) is None
         assert c.interval_start % MINUTE_MS == 0

@@ -42,6 +42,7 @@ from klined.exchanges.common import (
     ceil_minute,
     check_numbers,
     compact_raw,
+    distrust,
     header_float,
     retry_after_s,
     scale,
@@ -240,7 +241,7 @@ class Binance:
         except Exception:  # pragma: no cover - only unencodable str subclasses
             return Frame(controls=[Malformed("frame is not text", snippet(repr(data)))])
         try:
-            return self._parse(buf, session_id, received_ms)
+            return distrust(self._parse(buf, session_id, received_ms))
         except Exception as exc:  # a parser bug must never take the stream down
             return Frame(controls=[Malformed(f"unexpected parser error: {exc!r}", snippet(buf))])
 

@@ -10,6 +10,7 @@ from email.utils import parsedate_to_datetime
 import msgspec
 
 from klined.config import SymbolOverride
+from klined.exchanges.base import Frame, Malformed
 from klined.model import MINUTE_MS, Pair, check_ohlcv, plain_decimal
 
 SNIPPET_CHARS = 200
@@ -33,6 +34,18 @@ def snippet(data: str | bytes | bytearray | memoryview, limit: int = SNIPPET_CHA
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
+
+
+def distrust(frame: Frame) -> Frame:
+    """Drop the exchange time of a frame that carried nothing but garbage.
+
+    The runtime takes ``stamp_ms`` as evidence that earlier minutes are over (Kraken
+    finality); a frame that could not be understood must not vouch for anything.
+    """
+    garbage = bool(frame.controls) and all(isinstance(c, Malformed) for c in frame.controls)
+    if garbage and not frame.candles:
+        frame.stamp_ms = None
+    return frame
 
 
 def compact_raw(buf: bytes) -> msgspec.Raw:

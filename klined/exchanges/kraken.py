@@ -34,6 +34,7 @@ from klined.exchanges.common import (
     as_bytes,
     check_numbers,
     compact_raw,
+    distrust,
     parse_rfc3339_ms,
     scale,
     snippet,
@@ -171,7 +172,7 @@ class Kraken(KrakenRest):
         except Exception:  # pragma: no cover - only unencodable str subclasses
             return Frame(controls=[Malformed("frame is not text", snippet(repr(data)))])
         try:
-            return self._parse(buf, session_id, received_ms)
+            return distrust(self._parse(buf, session_id, received_ms))
         except Exception as exc:  # a parser bug must never take the stream down
             return Frame(controls=[Malformed(f"unexpected parser error: {exc!r}", snippet(buf))])
 
