@@ -33,7 +33,7 @@ from klined.errors import (
     UnlistedPair,
     UsageError,
 )
-from klined.exchanges.base import CandlePage, ListedPair, RestRequest
+from klined.exchanges.base import CandlePage, ListedPair, RestRequest, TradePage
 from klined.jobs.ratelimit import RateLimiter, backoff_delay, shared_limiter
 from klined.model import Pair
 
@@ -90,7 +90,7 @@ class RestClient:
             lambda st, hd, body, now: self.adapter.parse_candles(req, st, hd, body, now_ms=now),
         )
 
-    async def fetch_trades(self, pair: Pair, since_ns: int) -> Any:
+    async def fetch_trades(self, pair: Pair, since_ns: str) -> TradePage:
         """One page of public trades after ``since_ns`` (Kraken ``Trades``) -> ``TradePage``."""
         req = self.adapter.trades_request(pair, since_ns)
         return await self._call(

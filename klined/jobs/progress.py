@@ -1,0 +1,153 @@
+"""Backfill progress: a redrawn status block on a terminal, plain log lines otherwise, and the
+summary table at the end. Plain ANSI, no rich/Textual (the headless core stays light)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import anyio
+from loguru import logger
+
+from klined.jobs.fetcher import PairReport
+from klined.jobs.ratelimit import LimiterStats
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return "--:--"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Live view of a backfill: what each exchange has done, how fast, and how long is left."""
+
+    def __init__(
+        self,
+        reports: list[PairReport],
+        limiters: dict[str, LimiterStats],
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.reports = reports
+        self.limiters = limiters
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.clock = clock
+        self.started = clock()
+        self.log_every_s = log_every_s
+        self._lines = 0
+        self.stage = "fetching"
+
+    # ------------------------------------------------------------------------------- numbers
+
+    def totals(self, exchange: str | None = None) -> dict[str, float]:
+        rs = [r for r in self.reports if exchange is None or r.exchange == exchange]
+        wanted = sum(r.wanted for r in rs)
+        done = sum(r.done for r in rs)
+        rows = sum(r.fetched + r.no_trades for r in rs)
+        elapsed = max(1e-9, self.clock() - self.started)
+        rate = rows / elapsed
+        done_rate = done / elapsed
+        eta = (wanted - done) / done_rate if done_rate > 0 else float("inf")
+        finished = sum(1 for r in rs if r.wanted and r.done >= r.wanted)
+        return {
+            "pairs": len(rs),
+            "finished": finished,
+            "wanted": wanted,
+            "done": done,
+            "rows": rows,
+            "rate": rate,
+            "eta": eta if wanted > done else 0.0,
+            "missing": sum(r.still_missing for r in rs),
+            "requests": sum(r.requests for r in rs),
+        }
+
+    def lines(self) -> list[str]:
+        out = []
+        for ex in sorted({r.exchange for r in self.reports}):
+            t = self.totals(ex)
+            st = self.limiters.get(ex)
+            pct = 100.0 * t["done"] / t["wanted"] if t["wanted"] else 100.0
+            throttle = ""
+            if st is not None:
+                throttle = f"  429s {st.throttled}  waits {st.waits}"
+                if st.banned:
+                    throttle += f"  418s {st.banned}!"
+                if st.retries:
+                    throttle += f"  retries {st.retries}"
+            out.append(
+                f"{ex:<8} pairs {int(t['finished'])}/{int(t['pairs'])}  "
+                f"minutes {int(t['done']):,}/{int(t['wanted']):,} ({pct:5.1f}%)  "
+                f"{t['rate']:,.0f} candles/s  ETA {fmt_duration(t['eta'])}  "
+                f"req {int(t['requests']):,}{throttle}"
+            )
+        elapsed = fmt_duration(self.clock() - self.started)
+        out.append(f"{self.stage} ... {elapsed} elapsed")
+        return out
+
+    # ------------------------------------------------------------------------------- output
+
+    def draw(self) -> None:
+        lines = self.lines()
+        if self.tty:
+            up = f"\x1b[{self._lines}A" if self._lines else ""
+            text = up + "".join(f"\r\x1b[K{line}\n" for line in lines)
+            self.stream.write(text)
+            self.stream.flush()
+            self._lines = len(lines)
+        else:
+            for line in lines[:-1]:
+                logger.info("backfill {}", line)
+
+    async def run(self) -> None:
+        """Redraw until cancelled (run it in the backfill's task group)."""
+        period = 0.5 if self.tty else self.log_every_s
+        try:
+            while True:
+                await anyio.sleep(period)
+                self.draw()
+        finally:
+            if self.tty:
+                self.draw()
+
+
+def summary_table(reports: list[PairReport]) -> str:
+    """Per pair: fetched, no-trade minutes, still missing and why."""
+    head = ("exchange", "pair", "wanted", "fetched", "no-trade", "missing", "why missing", "req")
+    rows = []
+    for r in sorted(reports, key=lambda r: (r.exchange, r.symbol)):
+        why = ", ".join(f"{reason} ({n})" for reason, n in r.missing.most_common()) or "-"
+        rows.append(
+            (
+                r.exchange,
+                r.symbol,
+                f"{r.wanted:,}",
+                f"{r.fetched:,}",
+                f"{r.no_trades:,}",
+                f"{r.still_missing:,}",
+                why,
+                f"{r.requests:,}",
+            )
+        )
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
+    numeric = {2, 3, 4, 5, 7}
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [
+            c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(row)
+        ]
+        return "  ".join(cells).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(head), sep, *(fmt(r) for r in rows)])
