@@ -124,7 +124,7 @@ class LakeStore:
         config = AioConfig(
             connect_timeout=self._connect_timeout_s,
             read_timeout=self._read_timeout_s,
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"total_max_attempts": 1, "mode": "standard"},  # we retry ourselves
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -191,11 +191,17 @@ class LakeStore:
             limiter = anyio.CapacityLimiter(CONCURRENCY)
             tail = f"interval_minutes=1/{hour_path(hour_ms)}/"
 
+            errors: list[LakeError] = []
+
             async def one(sym_prefix: str) -> None:
                 async with limiter:
-                    objects = await self.retrying(
-                        "S3 listing", lambda: self._objects(s3, sym_prefix + tail)
-                    )
+                    try:
+                        objects = await self.retrying(
+                            "S3 listing", lambda: self._objects(s3, sym_prefix + tail)
+                        )
+                    except LakeError as exc:
+                        errors.append(exc)
+                        return
                 for obj in objects:
                     key = strip_prefix(self.s3.prefix, obj["Key"])
                     try:
@@ -217,6 +223,8 @@ class LakeStore:
             async with anyio.create_task_group() as tg:
                 for sym_prefix in symbol_prefixes:
                     tg.start_soon(one, sym_prefix)
+        if errors:
+            raise errors[0]
         return refs
 
     async def list_parts(self, hour_ms: int, exchange: str | None = None) -> list[PartRef]:
@@ -230,7 +238,13 @@ class LakeStore:
         )
         refs: dict[str, PartRef] = {}
         if self.enabled:
-            for ref in await self._list_hour_s3(hour_ms, exchange):
+            try:
+                listed = await self._list_hour_s3(hour_ms, exchange)
+            except LakeError:
+                raise
+            except Exception as exc:
+                raise LakeError(f"S3 listing failed: {describe(exc)}") from exc
+            for ref in listed:
                 refs[ref.key] = ref
         for part in local:
             try:

@@ -33,6 +33,8 @@ from klined.lake.writer import wall_ms
 from klined.model import HOUR_MS, iso
 from klined.status import LakeStatus
 
+ERROR_LOG_INTERVAL_S = 60.0
+
 
 class UploadReport(msgspec.Struct, kw_only=True):
     """What an upload call did. ``failed`` lists keys still not uploaded."""
@@ -119,6 +121,7 @@ class LakeUploader(LakeStore):
         self._nudge = anyio.Event()
         self.uploaded_count = 0
         self.last_error = ""
+        self._error_logged_at = 0.0
         self._update_status()
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -138,9 +141,20 @@ class LakeUploader(LakeStore):
         self._status.last_upload_error = self.last_error
 
     def _record_error(self, error: str) -> None:
-        if error != self.last_error:
-            logger.warning("lake: S3 upload failing: {}", error)
+        """Remember the failure; log when failing starts and then once a minute at most."""
+        now = time.monotonic()
+        if not self.last_error or now - self._error_logged_at >= ERROR_LOG_INTERVAL_S:
+            logger.warning(
+                "lake: S3 upload failing ({} part(s) waiting): {}", len(self._pending), error
+            )
+            self._error_logged_at = now
         self.last_error = error
+        self._update_status()
+
+    def _record_success(self) -> None:
+        if self.last_error:
+            logger.info("lake: S3 uploads work again")
+        self.last_error = ""
         self._update_status()
 
     def part_closed(self, key: str, size: int) -> None:
@@ -314,8 +328,7 @@ class LakeUploader(LakeStore):
             logger.info(
                 "lake: uploaded {} part(s), {} bytes", report.uploaded, report.bytes_uploaded
             )
-        self.last_error = ""
-        self._update_status()
+        self._record_success()
         return True
 
     async def upload_pending(self, hour_ms: int | None = None) -> UploadReport:
