@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -97,8 +98,11 @@ async def test_upload_is_verified_and_idempotent(
     local = {p.key: p.path.read_bytes() for p in iter_local_parts(tmp_path)}
     assert stored == {f"lake/v1/{k}": v for k, v in local.items()}
     assert events_in(list(stored.values())) == sent
-    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=next(iter(stored)))
-    assert head["ETag"].strip('"') == hashlib.md5(stored[next(iter(stored))]).hexdigest()
+    first = next(iter(stored))
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=first, ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"') == hashlib.md5(stored[first]).hexdigest()
+    sha = base64.b64encode(hashlib.sha256(stored[first]).digest()).decode()
+    assert head["ChecksumSHA256"] == sha
 
     # a restart finds the markers and uploads nothing
     again = LakeUploader(tmp_path, config(), s3cfg, **FAST)

@@ -367,3 +367,17 @@ def test_read_part_of_a_writer_line_matches_the_candle() -> None:
     (record,) = read_part(msgspec.json.encode(c) + b"\n").records
     assert record.is_final and record.event_ts == 5 and record.close == "100.75"
     assert msgspec.json.decode(msgspec.json.encode(c), type=Candle) == c
+
+
+@pytest.mark.anyio
+async def test_one_running_writer_per_root(tmp_path: Path) -> None:
+    first = LakeWriter(tmp_path, config())
+    second = LakeWriter(tmp_path, config())
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.run)
+        with pytest.raises(LakeError, match="another klined writer"):
+            await second.run()
+        tg.cancel_scope.cancel()
+    async with anyio.create_task_group() as tg:  # released when the first one stopped
+        await tg.start(second.run)
+        tg.cancel_scope.cancel()

@@ -246,6 +246,7 @@ class LakeUploader(LakeStore):
                     Body=data,
                     ContentMD5=md5_b64,
                     ChecksumSHA256=sha_b64,
+                    ChecksumAlgorithm="SHA256",
                     ContentType="application/x-ndjson",
                 )
             head = await self._head(s3, object_key)

@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from klined.config import LakeConfig
+from klined.errors import LakeError
 from klined.lake.layout import OPEN_SUFFIX, PART_SUFFIX, check_names, part_key
 from klined.model import HOUR_MS, Candle
 from klined.status import LakeStatus
@@ -33,6 +34,7 @@ FLUSH_AFTER_EVENTS = 20_000
 #: a flush with many parts spreads them over up to IO_THREADS threads
 IO_THREADS = 8
 JOBS_PER_THREAD = 32
+LOCK_NAME = ".writer.lock"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 _O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -54,6 +56,22 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def lock_root(root: Path) -> int:
+    """Take the lake root's writer lock (a second writer would seal the first one's parts)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise LakeError(
+            f"another klined writer is using the lake at {root} (lock {LOCK_NAME} is held)"
+        ) from None
+    return fd
 
 
 def seal_open_parts(
@@ -286,6 +304,14 @@ class LakeWriter:
         part.pending_events = 0
         return job
 
+    def _notify_closed(self, key: str, size: int) -> None:
+        if self._on_part_closed is None:
+            return
+        try:
+            self._on_part_closed(key, size)
+        except Exception:  # a listener's bug must not stop the writer
+            logger.exception("lake: on_part_closed failed for {}", key)
+
     def _settle(self, jobs: list[_Job]) -> None:
         """Account for a flush; put back whatever the disk refused, to retry next time."""
         for job in jobs:
@@ -294,8 +320,7 @@ class LakeWriter:
                 self.events_written += job.events
                 if job.close:
                     self.parts_closed += 1
-                    if self._on_part_closed is not None:
-                        self._on_part_closed(part.key, part.written)
+                    self._notify_closed(part.key, part.written)
                 continue
             rest = job.data[job.done :]
             part.written -= len(rest)
@@ -312,26 +337,30 @@ class LakeWriter:
             )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Seal leftovers of a crashed run, then flush and rotate until cancelled.
+        """Lock the root, seal leftovers of a crashed run, then flush and rotate until cancelled.
 
-        On the way out (cancellation) every open part is sealed, as :meth:`aclose` does.
+        :class:`LakeError` if another writer holds the root. On the way out (cancellation)
+        every open part is sealed, as :meth:`aclose` does.
         """
-        sealed = await anyio.to_thread.run_sync(
-            lambda: seal_open_parts(self.root, keep_writer_id=self.writer_id)
-        )
-        if self._on_part_closed is not None:
-            for key, size in sealed:
-                self._on_part_closed(key, size)
-        task_status.started()
+        lock_fd = await anyio.to_thread.run_sync(lock_root, self.root)
         try:
-            while True:
-                with anyio.move_on_after(self._cfg.flush_interval_s):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
-                with anyio.CancelScope(shield=True):
-                    await self.flush()
+            sealed = await anyio.to_thread.run_sync(
+                lambda: seal_open_parts(self.root, keep_writer_id=self.writer_id)
+            )
+            for key, size in sealed:
+                self._notify_closed(key, size)
+            task_status.started()
+            try:
+                while True:
+                    with anyio.move_on_after(self._cfg.flush_interval_s):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    with anyio.CancelScope(shield=True):
+                        await self.flush()
+            finally:
+                await self.aclose()
         finally:
-            await self.aclose()
+            os.close(lock_fd)  # closing the descriptor releases the lock
 
     async def aclose(self) -> None:
         """Seal every open part, writing everything buffered (shielded, bounded).
