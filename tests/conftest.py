@@ -13,6 +13,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 pytest_plugins = [
     "tests.fixtures.pg",
     "tests.fixtures.s3",
+    "tests.fixtures.sim",
 ]
 
 
