@@ -1,0 +1,1 @@
+"""The dashboard's three views: streams, completeness, jobs."""

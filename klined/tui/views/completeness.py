@@ -1,0 +1,208 @@
+"""Completeness view: for every exchange/pair, was every minute of every recent hour captured?
+
+One table, one row per exchange/pair, one two-character column per hour. With few pairs each
+cell is a three-line stacked bar of where the hour's 60 minutes came from (ws_final, rest,
+trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with many pairs
+(or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs. The cell
+cursor picks an hour; the line below the table spells out its counts.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+from klined.model import HOUR_MS, to_datetime
+from klined.tui.present import (
+    WINDOWS,
+    PairHours,
+    exchange_rates,
+    fmt_hour,
+    fmt_pct,
+    group_pairs,
+    window_hours,
+)
+from klined.tui.sources import HourCompleteness
+from klined.tui.widgets.bars import counts_text, heat_cell, legend, rate_text, stacked_bar
+from klined.tui.widgets.live_table import LiveTable
+
+#: above this many pairs the automatic mode draws heat-map lines instead of bars
+BARS_MAX_PAIRS = 40
+BAR_ROWS = 3
+FIXED = 3  # exchange, pair, rate
+_DIM = "#8b949e"
+
+
+def _hour_label(hour_ms: int) -> str:
+    """Every third hour is labelled; a label on every two-column hour would run together."""
+    hour = to_datetime(hour_ms).hour
+    return f"{hour:02d}" if hour % 3 == 0 else ""
+
+
+class CompletenessView(Vertical):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("v", "toggle_mode", "Bars/heat"),
+        Binding("left_square_bracket", "window(-1)", "Fewer hours"),
+        Binding("right_square_bracket", "window(1)", "More hours"),
+        Binding("o", "toggle_order", "Order"),
+    ]
+
+    def __init__(self, hours: int = 24, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.hours = hours
+        self.mode = "auto"  # auto | bars | heat
+        self.worst_first = True
+        self.rows: list[HourCompleteness] = []
+        self.loaded = False
+        self.now_ms = 0
+        self.window: list[int] = []
+        self.pairs: list[PairHours] = []
+        self._layout: tuple[tuple[int, ...], bool] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="exchange-rates")
+        yield Static("", id="legend")
+        yield LiveTable(
+            id="grid",
+            cursor_type="cell",
+            cell_padding=0,
+            fixed_columns=FIXED,
+            cursor_foreground_priority="css",
+            cursor_background_priority="css",
+        )
+        yield Static("", id="grid-detail")
+
+    @property
+    def grid(self) -> LiveTable:
+        return self.query_one("#grid", LiveTable)
+
+    @property
+    def heat(self) -> bool:
+        if self.mode == "auto":
+            return len(self.pairs) > BARS_MAX_PAIRS
+        return self.mode == "heat"
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def show(self, rows: list[HourCompleteness], now_ms: int) -> None:
+        self.rows, self.now_ms, self.loaded = rows, now_ms, True
+        self._render_all()
+
+    def since_until(self, now_ms: int) -> tuple[int, int]:
+        """The hour range the app should load for the current window."""
+        hours = window_hours(now_ms, self.hours)
+        return hours[0], hours[-1] + HOUR_MS
+
+    def _render_all(self) -> None:
+        self.window = window_hours(self.now_ms, self.hours)
+        inside = set(self.window)
+        rows = [r for r in self.rows if r.hour_ms in inside]
+        self.pairs = group_pairs(rows, worst_first=self.worst_first)
+        heat = self.heat
+        layout = (tuple(self.window), heat)
+        grid = self.grid
+        with self.app.batch_update():
+            if layout != self._layout:
+                self._layout = layout
+                columns: list[tuple[str, str, int | None]] = [
+                    ("exchange", "exchange", 9),
+                    ("pair", "pair", 12),
+                    ("rate", "  rate ", 7),
+                ]
+                columns += [(f"h{h}", _hour_label(h), 2) for h in self.window]
+                grid.set_columns(columns)
+            cell = heat_cell if heat else stacked_bar
+            table_rows: list[tuple[str, list[RenderableType]]] = []
+            for ph in self.pairs:
+                cells: list[RenderableType] = [
+                    Text(ph.exchange),
+                    Text(ph.symbol, style="bold"),
+                    rate_text(ph.rate, 6) + Text(" "),
+                ]
+                cells += [cell(ph.hours.get(h)) for h in self.window]
+                table_rows.append((ph.key, cells))
+            grid.sync(table_rows, height=1 if heat else BAR_ROWS)
+            self._render_header(rows)
+            self._render_detail()
+
+    def _render_header(self, rows: list[HourCompleteness]) -> None:
+        text = Text()
+        if self.window:
+            text.append(f"{self.hours}h", style="bold")
+            text.append(f" to {fmt_hour(self.window[-1] + HOUR_MS)} UTC", style=_DIM)
+        for exchange, (complete, expected) in exchange_rates(rows).items():
+            text.append(" │ ", style=_DIM)
+            text.append(f"{exchange} ", style="bold")
+            text.append_text(rate_text(complete / expected if expected else None, 0))
+            if expected > complete:
+                text.append(f" -{expected - complete}m", style=_DIM)
+        self.query_one("#exchange-rates", Static).update(text)
+        self.query_one("#legend", Static).update(legend(self.heat))
+
+    def _render_detail(self) -> None:
+        detail = self.query_one("#grid-detail", Static)
+        if not self.pairs:
+            if self.loaded:
+                message = f"no completeness rows in the last {self.hours}h yet"
+                message += " (the hourly chain writes them after each hour closes)"
+            else:
+                message = "loading completeness…"
+            detail.update(Text(message, style=_DIM))
+            return
+        row, column = self.grid.cursor_coordinate
+        key = self.grid.item_keys[row] if row < len(self.grid.item_keys) else None
+        ph = next((p for p in self.pairs if p.key == key), None)
+        if ph is None:
+            detail.update("")
+            return
+        text = Text()
+        text.append(f"{ph.exchange} {ph.symbol} ", style="bold")
+        if column >= FIXED and column - FIXED < len(self.window):
+            hour = self.window[column - FIXED]
+            text.append(f"{fmt_hour(hour)} ")
+            h = ph.hours.get(hour)
+            if h is None:
+                text.append("not computed yet", style=_DIM)
+            else:
+                text.append(f"{fmt_pct(h.rate)} ", style="bold")
+                text.append_text(counts_text(h))
+        else:
+            totals = ph.totals()
+            text.append(f"{self.hours}h {fmt_pct(totals.rate)} ", style="bold")
+            text.append_text(counts_text(totals))
+        detail.update(text)
+
+    # -- interaction ----------------------------------------------------------------------------
+
+    def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        self._render_detail()
+
+    def action_toggle_mode(self) -> None:
+        self.mode = "bars" if self.heat else "heat"
+        self._render_all()
+
+    def action_toggle_order(self) -> None:
+        self.worst_first = not self.worst_first
+        self._render_all()
+
+    def action_window(self, step: int) -> None:
+        at = WINDOWS.index(self.hours) if self.hours in WINDOWS else WINDOWS.index(24)
+        new = WINDOWS[max(0, min(len(WINDOWS) - 1, at + step))]
+        if new == self.hours:
+            return
+        self.hours = new
+        self._render_all()
+        self.post_message(self.WindowChanged())
+
+    class WindowChanged(Message):
+        """The hour window changed: the app loads the new range."""
+
+    def focus_main(self) -> None:
+        self.grid.focus()
