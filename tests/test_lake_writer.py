@@ -381,3 +381,18 @@ async def test_one_running_writer_per_root(tmp_path: Path) -> None:
     async with anyio.create_task_group() as tg:  # released when the first one stopped
         await tg.start(second.run)
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_seal_hour_closes_only_that_hour(tmp_path: Path) -> None:
+    closed: list[str] = []
+    clock = FakeClock(HOUR + HOUR_MS)
+    writer = LakeWriter(tmp_path, config(), clock=clock, on_part_closed=lambda k, s: closed.append(k))
+    writer.append(candle(1, HOUR + 59 * MINUTE_MS))
+    writer.append(candle(2, HOUR + HOUR_MS))
+    await writer.seal_hour(HOUR + 30 * MINUTE_MS)
+    assert [parse_key(k).hour_ms for k in closed] == [HOUR]
+    assert [parse_key(k).hour_ms for k in writer.open_parts] == [HOUR + HOUR_MS]
+    await writer.aclose()
+    seen, _ = read_all(tmp_path)
+    assert sorted(k[3] for k in seen) == [1, 2]

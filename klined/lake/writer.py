@@ -265,10 +265,18 @@ class LakeWriter:
 
     async def flush(self, *, close_all: bool = False) -> None:
         """Write every buffered event and seal the parts that are due (or all of them)."""
+        await self._flush(close_all=close_all, hour_ms=None)
+
+    async def seal_hour(self, hour_ms: int) -> None:
+        """Seal the hour's open parts now (e.g. before a flush step that runs inside the
+        grace period), besides the usual flush. Later events of the hour open new parts."""
+        await self._flush(close_all=False, hour_ms=hour_ms - hour_ms % HOUR_MS)
+
+    async def _flush(self, *, close_all: bool, hour_ms: int | None) -> None:
         async with self._lock:
             now = self._clock()
             for slot, part in list(self._open.items()):
-                if close_all or self._due(part, now):
+                if close_all or slot[2] == hour_ms or self._due(part, now):
                     del self._open[slot]
                     self._closing.append(part)
             jobs: list[_Job] = []
