@@ -387,7 +387,9 @@ async def test_one_running_writer_per_root(tmp_path: Path) -> None:
 async def test_seal_hour_closes_only_that_hour(tmp_path: Path) -> None:
     closed: list[str] = []
     clock = FakeClock(HOUR + HOUR_MS)
-    writer = LakeWriter(tmp_path, config(), clock=clock, on_part_closed=lambda k, s: closed.append(k))
+    writer = LakeWriter(
+        tmp_path, config(), clock=clock, on_part_closed=lambda k, _: closed.append(k)
+    )
     writer.append(candle(1, HOUR + 59 * MINUTE_MS))
     writer.append(candle(2, HOUR + HOUR_MS))
     await writer.seal_hour(HOUR + 30 * MINUTE_MS)
