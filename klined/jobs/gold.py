@@ -1,0 +1,238 @@
+"""Gold: 5m, 15m, 30m and 1h candles derived strictly from silver, only where silver changed.
+
+Rules (DESIGN.md, Gold): a minute *trades* unless its source is ``no_trades`` or its
+``trade_count`` is 0. open = first traded minute's open, close = last traded minute's close,
+high/low over traded minutes; volume, quote_volume and trade_count are sums over every minute
+(a traded minute with an unknown quote_volume / trade_count makes the bucket's unknown too);
+``minutes`` counts every silver minute present, ``traded_minutes`` the traded ones. A bucket
+without trades is flat (O=H=L=C) at the previous close: the close of the last traded silver
+minute before the bucket (if silver has none at all, the bucket's first minute's open, which a
+``no_trades`` row already sets to the previous close). Buckets are aligned to UTC.
+
+Work queue: the silver merge marks changed 5-minute buckets in ``ops.gold_dirty``. A refresh
+takes the earliest dirty hour, recomputes the buckets (of all four sizes) that contain a dirty
+minute plus the flat buckets that follow one in the same run of untraded buckets, writes only
+rows that differ, and deletes the marks, all in one transaction. When an hour's 1h row changes,
+the following hours whose flat buckets inherit its close are marked too, and processed in the
+same call (hours ascend, so the previous close always comes from up-to-date gold).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klined.db import Database
+from klined.jobs.ops import StepResult
+from klined.model import HOUR_MS, from_datetime, to_datetime
+
+STEP = "gold"
+
+#: (table suffix, bucket seconds)
+INTERVALS: tuple[tuple[str, int], ...] = (("5m", 300), ("15m", 900), ("30m", 1800), ("1h", 3600))
+
+_BATCH = "klined_gold_batch"
+_MINUTES = "klined_gold_minutes"
+
+_TEMP_DDL = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (
+    exchange text, symbol text, bucket_start timestamptz
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS {_MINUTES} (
+    exchange text, symbol text, interval_start timestamptz,
+    open numeric, high numeric, low numeric, close numeric, volume numeric,
+    quote_volume numeric, trade_count bigint, traded boolean, carry numeric
+) ON COMMIT DELETE ROWS
+"""
+
+_NEXT_HOUR = """
+SELECT date_bin('1 hour', min(bucket_start), timestamptz 'epoch')
+FROM ops.gold_dirty WHERE ($1::text IS NULL OR exchange = $1)
+"""
+
+_TAKE = f"""
+WITH taken AS (
+    DELETE FROM ops.gold_dirty
+    WHERE bucket_start >= $1 AND bucket_start < $2 AND ($3::text IS NULL OR exchange = $3)
+    RETURNING exchange, symbol, bucket_start
+)
+INSERT INTO pg_temp.{_BATCH} SELECT exchange, symbol, bucket_start FROM taken
+"""
+
+# The silver minutes of the hour for the dirty pairs, with the close of the last traded minute
+# at or before each minute (``carry``; NULL before the hour's first traded minute).
+_LOAD_MINUTES = f"""
+INSERT INTO pg_temp.{_MINUTES}
+SELECT exchange, symbol, interval_start, open, high, low, close, volume, quote_volume,
+       trade_count, traded,
+       CASE WHEN grp > 0 THEN first_value(close) OVER (
+           PARTITION BY exchange, symbol, grp ORDER BY interval_start) END
+FROM (
+    SELECT s.exchange, s.symbol, s.interval_start, s.open, s.high, s.low, s.close, s.volume,
+           s.quote_volume, s.trade_count, m.traded,
+           count(*) FILTER (WHERE m.traded) OVER (
+               PARTITION BY s.exchange, s.symbol ORDER BY s.interval_start) AS grp
+    FROM silver.fact_ohlcv s
+    CROSS JOIN LATERAL (
+        SELECT (s.source <> 'no_trades' AND s.trade_count IS DISTINCT FROM 0) AS traded) m
+    WHERE s.interval_start >= $1 AND s.interval_start < $2
+      AND (s.exchange, s.symbol) IN (SELECT DISTINCT exchange, symbol FROM pg_temp.{_BATCH})
+) x
+"""
+
+_GOLD_COLUMNS = (
+    "interval_end, open, high, low, close, volume, quote_volume, trade_count, minutes,"
+    " traded_minutes"
+)
+
+
+def _tuple(alias: str) -> str:
+    return "(" + ", ".join(f"{alias}.{c.strip()}" for c in _GOLD_COLUMNS.split(",")) + ")"
+
+
+def _refresh_sql(table: str, seconds: int) -> str:
+    step = f"interval '{seconds} seconds'"
+    return f"""
+WITH agg AS (
+    SELECT exchange, symbol,
+           date_bin({step}, interval_start, timestamptz 'epoch') AS bstart,
+           count(*) AS minutes,
+           count(*) FILTER (WHERE traded) AS traded_minutes,
+           (array_agg(open ORDER BY interval_start) FILTER (WHERE traded))[1] AS t_open,
+           (array_agg(close ORDER BY interval_start DESC) FILTER (WHERE traded))[1] AS t_close,
+           max(high) FILTER (WHERE traded) AS t_high,
+           min(low) FILTER (WHERE traded) AS t_low,
+           sum(volume) AS volume,
+           CASE WHEN count(*) FILTER (WHERE traded AND quote_volume IS NULL) = 0
+                THEN coalesce(sum(quote_volume), 0) END AS quote_volume,
+           CASE WHEN count(*) FILTER (WHERE traded AND trade_count IS NULL) = 0
+                THEN coalesce(sum(trade_count), 0) END AS trade_count,
+           min(carry) AS carry,
+           (array_agg(open ORDER BY interval_start))[1] AS first_open
+    FROM pg_temp.{_MINUTES}
+    GROUP BY 1, 2, 3
+),
+runs AS (
+    SELECT agg.*,
+           max(bstart) FILTER (WHERE traded_minutes > 0) OVER (
+               PARTITION BY exchange, symbol ORDER BY bstart) AS run_start
+    FROM agg
+),
+target AS (
+    SELECT r.*
+    FROM runs r
+    WHERE EXISTS (
+        SELECT 1 FROM pg_temp.{_BATCH} d
+        WHERE d.exchange = r.exchange AND d.symbol = r.symbol
+          AND d.bucket_start >= coalesce(r.run_start, $1)
+          AND d.bucket_start < r.bstart + {step})
+),
+fresh AS (
+    SELECT t.exchange, t.symbol, t.bstart AS interval_start, t.bstart + {step} AS interval_end,
+           coalesce(t.t_open, p.flat) AS open,
+           coalesce(t.t_high, p.flat) AS high,
+           coalesce(t.t_low, p.flat) AS low,
+           coalesce(t.t_close, p.flat) AS close,
+           t.volume, t.quote_volume, t.trade_count,
+           t.minutes::smallint AS minutes, t.traded_minutes::smallint AS traded_minutes
+    FROM target t
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN t.traded_minutes = 0 THEN coalesce(
+                   t.carry,
+                   (SELECT g.close FROM gold.ohlcv_1h g
+                    WHERE g.exchange = t.exchange AND g.symbol = t.symbol
+                      AND g.interval_start < $1 AND g.traded_minutes > 0
+                    ORDER BY g.interval_start DESC LIMIT 1),
+                   t.first_open) END AS flat) p
+),
+chg AS (
+    SELECT f.*
+    FROM fresh f
+    LEFT JOIN gold.{table} g
+           ON g.exchange = f.exchange AND g.symbol = f.symbol
+          AND g.interval_start = f.interval_start
+    WHERE g.exchange IS NULL OR {_tuple("f")} IS DISTINCT FROM {_tuple("g")}
+)
+INSERT INTO gold.{table} AS g (exchange, symbol, interval_start, {_GOLD_COLUMNS})
+SELECT exchange, symbol, interval_start, {_GOLD_COLUMNS} FROM chg
+ON CONFLICT (exchange, symbol, interval_start) DO UPDATE
+   SET {", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _GOLD_COLUMNS.split(","))},
+       ingestion_ts = now()
+   WHERE {_tuple("EXCLUDED")} IS DISTINCT FROM {_tuple("g")}
+RETURNING g.exchange, g.symbol
+"""
+
+
+REFRESH_SQL = {suffix: _refresh_sql(f"ohlcv_{suffix}", seconds) for suffix, seconds in INTERVALS}
+
+# Hours after $1 whose untraded buckets inherit a changed close: every later 1h row of the pair
+# up to and including the first one with trades.
+_PROPAGATE = """
+INSERT INTO ops.gold_dirty (exchange, symbol, bucket_start)
+SELECT n.exchange, n.symbol, n.interval_start
+FROM unnest($2::text[], $3::text[]) AS c(exchange, symbol)
+CROSS JOIN LATERAL (
+    SELECT min(x.interval_start) AS stop FROM gold.ohlcv_1h x
+    WHERE x.exchange = c.exchange AND x.symbol = c.symbol
+      AND x.interval_start > $1 AND x.traded_minutes > 0) s
+JOIN gold.ohlcv_1h n
+  ON n.exchange = c.exchange AND n.symbol = c.symbol AND n.interval_start > $1
+ AND (s.stop IS NULL OR n.interval_start <= s.stop)
+ON CONFLICT DO NOTHING
+"""
+
+
+async def _refresh_one_hour(
+    db: Database, exchange: str | None, counts: dict[str, int]
+) -> int | None:
+    """Process the earliest dirty hour; return it (ms), or ``None`` when nothing is dirty."""
+    async with db.transaction() as conn:
+        first = await conn.fetchval(_NEXT_HOUR, exchange)
+        if first is None:
+            return None
+        hour = from_datetime(first)
+        start, end = to_datetime(hour), to_datetime(hour + HOUR_MS)
+        await conn.execute(_TEMP_DDL)
+        await conn.execute(_TAKE, start, end, exchange)
+        await conn.execute(f"ANALYZE pg_temp.{_BATCH}")
+        await conn.execute(_LOAD_MINUTES, start, end)
+        await conn.execute(f"ANALYZE pg_temp.{_MINUTES}")
+        changed_1h: list[Any] = []
+        for suffix, _ in INTERVALS:
+            rows = await conn.fetch(REFRESH_SQL[suffix], start)
+            counts[suffix] += len(rows)
+            if suffix == "1h":
+                changed_1h = rows
+        if changed_1h:
+            await conn.execute(
+                _PROPAGATE,
+                start,
+                [r["exchange"] for r in changed_1h],
+                [r["symbol"] for r in changed_1h],
+            )
+    return hour
+
+
+async def refresh(
+    db: Database, hour_ms: int | None = None, *, exchange: str | None = None
+) -> StepResult:
+    """Recompute every gold bucket with a dirty silver minute (all pending hours, ascending).
+
+    ``hour_ms`` only labels the result: gold depends on earlier hours (flat buckets take the
+    previous close), so a refresh always drains the queue in time order, which after a
+    ``silver.merge_hour(h)`` normally means just hour ``h``. Re-runnable: with nothing dirty it
+    does nothing; unchanged rows are never rewritten. Returns rows = gold rows written;
+    details: per interval counts and ``hours`` processed.
+    """
+    counts = {suffix: 0 for suffix, _ in INTERVALS}
+    hours: list[int] = []
+    while True:
+        hour = await _refresh_one_hour(db, exchange, counts)
+        if hour is None:
+            break
+        hours.append(hour)
+    return StepResult(
+        step=STEP,
+        hour_ms=hour_ms,
+        rows=sum(counts.values()),
+        details={**counts, "hours": len(hours), "first_hour_ms": hours[0] if hours else None},
+    )

@@ -1,0 +1,184 @@
+"""The ``ops`` ledgers the chain steps share: step results, the job-run log and dirty hours.
+
+Every step returns a :class:`StepResult`. :func:`record_step` writes ``ops.job_runs``
+(``running`` -> ``ok`` / ``failed`` / ``skipped``) around a step, so the TUI and Looker can see
+what ran, how long it took and why it failed. Dirty hours are hours whose bronze changed (new
+lake parts, gap-fill or backfill rows) and which need silver, gold and completeness again;
+``seq`` makes clearing exact when new marks arrive while an hour is being processed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import asyncpg
+import msgspec
+from loguru import logger
+
+from klined.db import Database
+from klined.model import floor_hour, from_datetime, to_datetime
+
+_CLEANUP_TIMEOUT_S = 10.0
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    """What a step did: rows it wrote (or loaded) and step-specific details."""
+
+    step: str
+    hour_ms: int | None = None
+    rows: int = 0
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class StepRun:
+    """Handle for a step being recorded; set ``rows``/``details`` or call :meth:`skip`."""
+
+    def __init__(self, run_id: int, step: str, hour_ms: int | None) -> None:
+        self.run_id = run_id
+        self.step = step
+        self.hour_ms = hour_ms
+        self.rows: int = 0
+        self.details: dict[str, Any] = {}
+        self.skipped_reason: str | None = None
+
+    def set_result(self, result: StepResult) -> StepResult:
+        self.rows = result.rows
+        self.details = dict(result.details)
+        return result
+
+    def skip(self, reason: str) -> None:
+        """Finish as ``skipped`` (e.g. nothing to do, lock held elsewhere)."""
+        self.skipped_reason = reason
+
+
+async def _finish(
+    db: Database, run: StepRun, status: str, started: float, error: str | None
+) -> None:
+    duration_ms = round((time.monotonic() - started) * 1000)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT_S):
+        try:
+            await db.execute(
+                "UPDATE ops.job_runs SET status = $2, rows = $3, finished_at = clock_timestamp(),"
+                " duration_ms = $4, error = $5, details = $6::jsonb WHERE run_id = $1",
+                run.run_id,
+                status,
+                run.rows,
+                duration_ms,
+                error,
+                msgspec.json.encode(run.details).decode() if run.details else None,
+            )
+        except Exception as exc:
+            logger.warning(
+                "could not record the end of step {} run {}: {}", run.step, run.run_id, exc
+            )
+
+
+@asynccontextmanager
+async def record_step(
+    db: Database, step: str, hour_ms: int | None = None, *, trigger: str = "schedule"
+) -> AsyncIterator[StepRun]:
+    """Record one run of ``step`` in ``ops.job_runs`` around the ``async with`` body.
+
+    The row is inserted as ``running`` before the body and finished (shielded from
+    cancellation) as ``ok``, ``skipped`` or ``failed`` with the error text; exceptions and
+    cancellation propagate unchanged.
+    """
+    run_id: int = await db.fetchval(
+        "INSERT INTO ops.job_runs (hour_start, step, status, trigger)"
+        " VALUES ($1, $2, 'running', $3) RETURNING run_id",
+        to_datetime(hour_ms) if hour_ms is not None else None,
+        step,
+        trigger,
+    )
+    run = StepRun(run_id, step, hour_ms)
+    started = time.monotonic()
+    try:
+        yield run
+    except anyio.get_cancelled_exc_class():
+        await _finish(db, run, "failed", started, "cancelled")
+        raise
+    except BaseException as exc:
+        await _finish(db, run, "failed", started, f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+    if run.skipped_reason is not None:
+        run.details.setdefault("skipped", run.skipped_reason)
+        await _finish(db, run, "skipped", started, None)
+    else:
+        await _finish(db, run, "ok", started, None)
+
+
+async def run_step(
+    db: Database,
+    step: str,
+    hour_ms: int | None,
+    func: Callable[..., Awaitable[StepResult]],
+    *args: Any,
+    trigger: str = "schedule",
+    **kwargs: Any,
+) -> StepResult:
+    """Call ``func(db, *args, **kwargs)`` recorded as ``step`` (see :func:`record_step`)."""
+    async with record_step(db, step, hour_ms, trigger=trigger) as run:
+        return run.set_result(await func(db, *args, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# dirty hours
+
+
+class DirtyHour(msgspec.Struct, frozen=True):
+    exchange: str
+    hour_ms: int
+    reason: str
+    seq: int
+
+
+async def mark_dirty_hours(
+    conn: asyncpg.Connection, exchange_hours: Iterable[tuple[str, int]], reason: str
+) -> int:
+    """Mark (exchange, hour) pairs for reprocessing, inside the caller's transaction."""
+    pairs = sorted({(e, floor_hour(h)) for e, h in exchange_hours})
+    if not pairs:
+        return 0
+    await conn.execute(
+        "INSERT INTO ops.dirty_hours AS d (exchange, hour_start, reason)"
+        " SELECT e, h, $3 FROM unnest($1::text[], $2::timestamptz[]) AS t(e, h)"
+        " ON CONFLICT (exchange, hour_start) DO UPDATE"
+        "   SET reason = EXCLUDED.reason, marked_at = now(), seq = nextval('ops.dirty_seq')",
+        [p[0] for p in pairs],
+        [to_datetime(p[1]) for p in pairs],
+        reason,
+    )
+    return len(pairs)
+
+
+async def list_dirty_hours(
+    db: Database, *, before_ms: int | None = None, exchange: str | None = None
+) -> list[DirtyHour]:
+    """Dirty hours, oldest first (optionally only hours starting before ``before_ms``)."""
+    rows = await db.fetch(
+        "SELECT exchange, hour_start, reason, seq FROM ops.dirty_hours"
+        " WHERE ($1::timestamptz IS NULL OR hour_start < $1)"
+        "   AND ($2::text IS NULL OR exchange = $2)"
+        " ORDER BY hour_start, exchange",
+        to_datetime(before_ms) if before_ms is not None else None,
+        exchange,
+    )
+    return [
+        DirtyHour(r["exchange"], from_datetime(r["hour_start"]), r["reason"], r["seq"])
+        for r in rows
+    ]
+
+
+async def clear_dirty_hour(db: Database, dirty: DirtyHour) -> bool:
+    """Clear a processed mark unless it was re-marked meanwhile (then it stays dirty)."""
+    status = await db.execute(
+        "DELETE FROM ops.dirty_hours WHERE exchange = $1 AND hour_start = $2 AND seq <= $3",
+        dirty.exchange,
+        to_datetime(dirty.hour_ms),
+        dirty.seq,
+    )
+    return status.endswith(" 1")
