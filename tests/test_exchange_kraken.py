@@ -338,7 +338,7 @@ def test_status_heartbeat_pong() -> None:
     )
     frame = parse(pong)
     assert frame.controls == [Pong(101)]
-    assert frame.stamp_ms == parse_time("2023-09-24T14:10:23.799Z")
+    assert frame.stamp_ms is None  # the gateway's clock is no evidence about market data
     unsub = (
         b'{"method":"unsubscribe","result":{"channel":"ohlc","symbol":"BTC/USD"},"success":true}'
     )

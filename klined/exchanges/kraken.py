@@ -117,7 +117,6 @@ class _Msg(msgspec.Struct):
     error: str | None = None
     symbol: str | None = None
     req_id: int | str | None = None
-    time_out: str | None = None
 
 
 class _Status(msgspec.Struct):
@@ -215,8 +214,10 @@ class Kraken(KrakenRest):
     def _method_reply(self, msg: _Msg, buf: bytes) -> Frame:
         req_id = msg.req_id if isinstance(msg.req_id, int) else None
         if msg.method == "pong":
-            stamp = _try_time(msg.time_out)
-            return Frame(controls=[Pong(req_id)], stamp_ms=stamp)
+            # No stamp_ms: ``time_out`` is the gateway's clock, not the market-data feed's, so
+            # a pong stamped after a minute's end does not prove that minute's last update
+            # was already sent. Only ohlc messages' own timestamps vouch for that.
+            return Frame(controls=[Pong(req_id)])
         if msg.method == "subscribe":
             if msg.success:
                 symbol = msg.result.symbol if msg.result is not None else msg.symbol
