@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -685,3 +686,51 @@ def test_rest_request_window_fields_default() -> None:
     req = RestRequest("GET", "/api/v3/klines", params, 2, "klines", BTC)
     page = a.parse_candles(req, 200, {}, klines_body([row(H0)]), now_ms=H0 + 5 * MINUTE_MS)
     assert page.covered == (H0, H0 + MINUTE_MS) and len(page.candles) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# against the simulator (an independent implementation of the documented protocol)
+
+
+def _same_numbers(c: Candle, t: object) -> bool:
+    fields = ("open", "high", "low", "close", "volume")
+    return all(Decimal(getattr(c, f)) == Decimal(getattr(t, f)) for f in fields)
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_rest_and_ws_against_the_simulator(sim: Any) -> None:
+    import anyio
+    import httpx
+    import websockets
+
+    a = Binance()
+    pairs = [BTC, ETH, REKT]
+    async with httpx.AsyncClient() as http:
+        req = a.listing_request()
+        resp = await http.get(sim.binance_rest_url + req.path, params=req.params)
+        listing = a.parse_listing(resp.status_code, dict(resp.headers), resp.content)
+        listed, _ = check_listing(pairs, listing, exchange="binance")
+        assert listed == pairs
+        for pair in pairs:
+            now = sim.clock.now_ms()
+            req = a.candles_request(pair, now - now % MINUTE_MS - 90 * MINUTE_MS, now + MINUTE_MS)
+            resp = await http.get(sim.binance_rest_url + req.path, params=req.params)
+            headers = {k.lower(): v for k, v in resp.headers.items()}
+            page = a.parse_candles(req, resp.status_code, headers, resp.content, now_ms=now)
+            assert page.covered[1] - page.covered[0] >= 90 * MINUTE_MS
+            assert page.used_weight is not None
+            for c in page.candles:
+                truth = sim.market.truth("binance", str(pair), c.interval_start)
+                assert _same_numbers(c, truth)
+                assert (c.origin == "no_trades") == truth.no_trades
+    seen: list[Candle] = []
+    async with websockets.connect(a.ws_endpoint(sim.binance_ws_url, [])) as ws:
+        for message in a.subscribe_messages(pairs, 1):
+            await ws.send(message)
+        with anyio.fail_after(20):
+            while len(seen) < 12:
+                frame = a.parse_frame(await ws.recv(), session_id="s", received_ms=0)
+                assert not [c for c in frame.controls if isinstance(c, Malformed)]
+                seen += frame.candles
+    assert {c.symbol for c in seen} <= {str(p) for p in pairs}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -29,6 +30,7 @@ from klined.exchanges.base import (
 )
 from klined.exchanges.common import parse_rfc3339_ms
 from klined.exchanges.kraken import COSTS, LIMITS, SYMBOLS_PER_SUBSCRIBE, Kraken
+from klined.exchanges.trades import since_ns
 from klined.model import MINUTE_MS, Candle, Pair, check_ohlcv, parse_time
 
 PAYLOADS = Path(__file__).parent / "payloads" / "kraken"
@@ -765,3 +767,71 @@ def test_ohlc_request_without_window_fields() -> None:
         req, 200, {}, _ohlc_body([M0, M0 + MINUTE_MS]), now_ms=M0 + 5 * MINUTE_MS
     )
     assert page.covered == (M0, M0 + MINUTE_MS) and len(page.candles) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# against the simulator (an independent implementation of the documented protocol)
+
+
+def _same_numbers(c: Candle, t: Any) -> bool:
+    fields = ("open", "high", "low", "close", "volume")
+    return all(Decimal(getattr(c, f)) == Decimal(getattr(t, f)) for f in fields)
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_rest_trades_and_ws_against_the_simulator(sim: Any) -> None:
+    import anyio
+    import httpx
+    import websockets
+
+    a = Kraken()
+    pairs = [BTC, ETH, REKT]
+    async with httpx.AsyncClient() as http:
+        req = a.listing_request()
+        resp = await http.get(sim.kraken_rest_url + req.path, params=req.params)
+        listing = a.parse_listing(resp.status_code, {}, resp.content)
+        assert set(pairs) <= set(listing)
+        a.learn_listing(listing)
+        for pair in pairs:
+            now = sim.clock.now_ms()
+            start = now - now % MINUTE_MS - 90 * MINUTE_MS
+            req = a.candles_request(pair, start, now + MINUTE_MS)
+            resp = await http.get(sim.kraken_rest_url + req.path, params=req.params)
+            page = a.parse_candles(req, resp.status_code, {}, resp.content, now_ms=now)
+            assert page.covered[0] == start and page.covered[1] - start >= 89 * MINUTE_MS
+            have = {c.interval_start: c for c in page.candles}
+            for m in range(*page.covered, MINUTE_MS):
+                truth = sim.market.truth("kraken", str(pair), m)
+                if m in have:
+                    assert _same_numbers(have[m], truth)
+                else:
+                    assert truth.no_trades  # covered and absent: the minute had no trades
+        now = sim.clock.now_ms()
+        m0 = now - now % MINUTE_MS - 20 * MINUTE_MS
+        since, trades = since_ns(m0), []
+        for _ in range(50):
+            req = a.trades_request(BTC, since)
+            resp = await http.get(sim.kraken_rest_url + req.path, params=req.params)
+            tp = a.parse_trades(req, resp.status_code, {}, resp.content)
+            trades += tp.trades
+            if tp.server_last_ms >= m0 + 5 * MINUTE_MS or not tp.trades:
+                break
+            since = tp.next_since
+        rebuilt = a.aggregate_trades(BTC, trades, m0, m0 + 5 * MINUTE_MS, now)
+        assert rebuilt
+        for c in rebuilt:
+            assert _same_numbers(c, sim.market.truth("kraken", "BTC/USD", c.interval_start))
+    seen: list[Candle] = []
+    controls: list[object] = []
+    async with websockets.connect(a.ws_endpoint(sim.kraken_ws_url, pairs)) as ws:
+        for message in a.subscribe_messages(pairs, 1):
+            await ws.send(message)
+        with anyio.fail_after(20):
+            while len(seen) < 12:
+                frame = a.parse_frame(await ws.recv(), session_id="s", received_ms=0)
+                assert not [c for c in frame.controls if isinstance(c, Malformed)]
+                seen += frame.candles
+                controls += frame.controls
+    assert {c.symbol for c in seen} <= {str(p) for p in pairs}
+    assert {p for c in controls if isinstance(c, Subscribed) for p in c.pairs} == set(pairs)
