@@ -29,14 +29,20 @@ from loguru import logger
 
 from klined.errors import ExchangeError, RateLimited, UnlistedPair
 from klined.exchanges.base import CandlePage, Trade
-from klined.jobs.gapplan import Window, ohlc_oldest, plan_windows, trade_windows
+from klined.jobs.gapplan import Window, ohlc_oldest, plan_windows, runs, trade_windows
 from klined.jobs.rest import RestClient
 from klined.model import MINUTE_MS, Candle, Origin, Pair, floor_minute
 
-#: How far back one extra request looks for the close before a quiet first minute.
-LOOKBACK_MINUTES = 180
-#: Trades pages one lookback may read before giving up.
-LOOKBACK_PAGES = 3
+#: How far back the Trades endpoint is searched for the close before a quiet first minute
+#: (minutes; tried in turn until a trade is found).
+TRADES_LOOKBACK_MINUTES = (30, 360)
+#: Trades pages one lookback step may read.
+LOOKBACK_PAGES = 5
+
+#: Why a minute stays missing -> the ``ops.gapfill_attempts`` outcome recorded for it.
+NO_PREVIOUS_CLOSE = "no previous close"
+NOT_YET = "not yet available at the exchange"
+LOOKBACK_FAILED = "previous close unknown (lookback failed)"
 #: A trade is assumed visible on the Trades endpoint this long after it happened.
 PUBLISH_LAG_MS = 2_000
 
@@ -115,6 +121,10 @@ class PairFetcher:
         self._wanted: set[int] = set()
         self._native = self._rest_native()
         self._stopped = ""  # set when nothing more can be fetched for this pair in this run
+        self._stop_outcome = "error"
+        self._lookback_error = ""
+        self._looked_back = False
+        self._emitted = 0
         self._per_page = self._trades_per_page()
 
     def _trades_per_page(self) -> int:
@@ -140,8 +150,9 @@ class PairFetcher:
         try:
             for w in windows:
                 if self._stopped:
-                    self._give_up(w.start_ms, w.end_ms, self._stopped)
+                    await self._give_up(w.start_ms, w.end_ms, self._stopped, self._stop_outcome)
                     continue
+                self._looked_back = False
                 if w.kind == "trades":
                     await self._trades_window(w)
                 else:
@@ -163,6 +174,7 @@ class PairFetcher:
             return
         self._wanted.discard(m)
         self._buffer.append(candle)
+        self._emitted += 1
         self.report.done += 1
         self.report.hours.add(m - m % 3_600_000)
         if candle.trade_count == 0 or candle.origin == Origin.NO_TRADES:
@@ -177,15 +189,28 @@ class PairFetcher:
             rows, self._buffer = self._buffer, []
             await self.sink.rows(rows)
 
-    def _give_up(self, start: int, end: int, reason: str) -> int:
-        """Mark the wanted minutes of ``[start, end)`` missing for ``reason``."""
-        gone = [m for m in self._wanted if start <= m < end]
+    async def _give_up(
+        self, start: int, end: int, reason: str, outcome: str | None = None, detail: str = ""
+    ) -> int:
+        """Mark the wanted minutes of ``[start, end)`` missing for ``reason``; with ``outcome``,
+        record one ``ops.gapfill_attempts`` row per run of them."""
+        gone = sorted(m for m in self._wanted if start <= m < end)
         for m in gone:
             self._wanted.discard(m)
         if gone:
             self.report.missing[reason] += len(gone)
             self.report.done += len(gone)
+            if outcome is not None:
+                for s, e in runs(gone):
+                    await self.sink.attempt(self.pair, s, e, outcome, 0, detail or reason)
         return len(gone)
+
+    async def _give_up_unsettled(self, start: int, end: int) -> None:
+        """Covered minutes we could not turn into rows: no close before them is known."""
+        if self._lookback_error:
+            await self._give_up(start, end, LOOKBACK_FAILED, "error", self._lookback_error)
+        else:
+            await self._give_up(start, end, NO_PREVIOUS_CLOSE, "unavailable")
 
     def _wanted_in(self, start: int, end: int) -> list[int]:
         return sorted(m for m in self._wanted if start <= m < end)
@@ -222,25 +247,36 @@ class PairFetcher:
         if close is not None:
             self.closes.put(prev, close)
             return close
-        if lookback:
+        if lookback and not self._looked_back:
+            self._looked_back = True  # at most one per window: a failed one will fail again
             await self._lookback(minute)
             return self.closes.at(prev)
         return None
 
     async def _lookback(self, minute: int) -> None:
-        """One bounded look at the exchange before ``minute`` to learn the previous close."""
-        start = minute - LOOKBACK_MINUTES * MINUTE_MS
+        """A bounded look at the exchange before ``minute`` to learn the previous close."""
         limits = self.client.limits
+        window = limits.ohlc_window_candles
+        start = minute - limits.max_candles_per_request * MINUTE_MS
         try:
-            if limits.ohlc_window_candles is None or start >= ohlc_oldest(
-                self._clock(), limits.ohlc_window_candles
-            ):
+            if window is None:
                 page = await self.client.fetch_candles(self.pair, start, minute)
                 self.report.requests += 1
                 self._learn_page(page, minute)
-            else:
-                await self._trades_pass(start, minute, learn_only=True)
+                return
+            oldest = ohlc_oldest(self._clock(), window)
+            if minute - MINUTE_MS >= oldest:
+                page = await self.client.fetch_candles(self.pair, max(start, oldest), minute)
+                self.report.requests += 1
+                self._learn_page(page, minute)
+                if self.closes.at(minute - MINUTE_MS) is not None:
+                    return
+            for span in TRADES_LOOKBACK_MINUTES:
+                await self._trades_pass(minute - span * MINUTE_MS, minute, learn_only=True)
+                if self.closes.at(minute - MINUTE_MS) is not None:
+                    return
         except ExchangeError as exc:
+            self._lookback_error = str(exc)[:300]
             logger.debug(
                 "{} {}: lookback before {} failed: {}", self.exchange, self.pair, minute, exc
             )
@@ -276,7 +312,7 @@ class PairFetcher:
             self.report.requests += 1
             cov_start, cov_end = page.covered
             by_minute = {c.interval_start: c for c in page.candles}
-            rows_before = self.report.done
+            rows_before = self._emitted
             for c in page.candles:
                 self.closes.put(c.interval_start, c.close)
             for m in self._wanted_in(pos, w.end_ms):
@@ -294,36 +330,35 @@ class PairFetcher:
                     continue  # reported below as missing
                 self.closes.put(m, close)
                 await self._emit(self._no_trades_row(m, close, f"covered {cov_start}-{cov_end}"))
-            written = self.report.done - rows_before
+            written = self._emitted - rows_before
             outcome = "filled" if written else "empty"
             await self.sink.attempt(
                 self.pair, pos, max(pos, cov_end), outcome, written, f"{len(page.candles)} candles"
             )
             # minutes the exchange covered but we could not settle (no previous close known)
-            self._give_up(max(pos, cov_start), cov_end, "no previous close")
+            await self._give_up_unsettled(max(pos, cov_start), cov_end)
             if page.next_since is None or int(page.next_since) <= pos:
                 break  # one answer is all this endpoint has for the window right now
             pos = int(page.next_since)
         for tw in trade_windows(sorted(trades_fallback)):
             await self._trades_window(tw)
-        self._give_up(w.start_ms, w.end_ms, "not yet available at the exchange")
+        await self._give_up(w.start_ms, w.end_ms, NOT_YET, "partial")
 
     async def _failed(self, start: int, end: int, exc: ExchangeError) -> None:
         if isinstance(exc, RateLimited) and exc.banned:
             reason, outcome = "exchange ban (418)", "rate_limited"
-            self._stopped = reason
+            self._stopped, self._stop_outcome = reason, outcome
         elif isinstance(exc, RateLimited):
             reason, outcome = "rate limited", "rate_limited"
         elif isinstance(exc, UnlistedPair):
-            reason, outcome = "pair not listed", "unavailable"
-            self._stopped = reason
+            reason, outcome = "pair not listed", "error"
+            self._stopped, self._stop_outcome = reason, outcome
         else:
             reason, outcome = "exchange error", "error"
-        n = self._give_up(start, end, reason)
+        n = await self._give_up(start, end, reason, outcome, str(exc)[:500])
         logger.warning(
             "{} {}: {} minutes from {} left missing: {}", self.exchange, self.pair, n, start, exc
         )
-        await self.sink.attempt(self.pair, start, end, outcome, 0, str(exc)[:500])
 
     # ------------------------------------------------------------------------------- trades
 
@@ -333,7 +368,7 @@ class PairFetcher:
         except ExchangeError as exc:
             await self._failed(w.start_ms, w.end_ms, exc)
             return
-        self._give_up(w.start_ms, w.end_ms, "not yet available at the exchange")
+        await self._give_up(w.start_ms, w.end_ms, NOT_YET, "partial")
 
     async def _trades_pass(self, start: int, end: int, *, learn_only: bool = False) -> None:
         """Page Trades from ``start`` until every minute before ``end`` is complete."""
@@ -341,7 +376,7 @@ class PairFetcher:
         pending: list[Trade] = []  # trades of minutes not yet complete
         done_to = start  # minutes before this are emitted
         pages = 0
-        attempt_from, attempt_rows = start, self.report.done
+        attempt_from, attempt_rows = start, self._emitted
         while done_to < end:
             page = await self.client.fetch_trades(self.pair, since)
             self.report.requests += 1
@@ -364,14 +399,14 @@ class PairFetcher:
             if page.next_since is None or page.next_since == since or not page.trades:
                 break
             since = page.next_since
-            if not learn_only and self.report.done - attempt_rows >= 5000:
+            if not learn_only and self._emitted - attempt_rows >= 5000:
                 await self.sink.attempt(
-                    self.pair, attempt_from, done_to, "filled", self.report.done - attempt_rows,
+                    self.pair, attempt_from, done_to, "filled", self._emitted - attempt_rows,
                     "trades",
                 )  # fmt: skip
-                attempt_from, attempt_rows = done_to, self.report.done
+                attempt_from, attempt_rows = done_to, self._emitted
         if not learn_only and done_to > attempt_from:
-            written = self.report.done - attempt_rows
+            written = self._emitted - attempt_rows
             await self.sink.attempt(
                 self.pair, attempt_from, done_to, "filled" if written else "empty", written,
                 f"trades, {pages} pages",
@@ -404,4 +439,4 @@ class PairFetcher:
             if m in self._wanted:
                 await self._emit(self._no_trades_row(m, close, "trades"))
         if not learn_only:  # wanted minutes we could not settle (no previous close at all)
-            self._give_up(start, end, "no previous close")
+            await self._give_up_unsettled(start, end)
