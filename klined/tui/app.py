@@ -207,18 +207,22 @@ class KlinedApp(App[None]):
             rows = await self.warehouse.completeness(since, until)
         except DatabaseError as exc:
             problems.append(str(exc))
+            self.completeness.show_failed()
         except Exception as exc:
             logger.opt(exception=exc).warning("reading completeness failed")
             problems.append(f"cannot read completeness: {exc}")
+            self.completeness.show_failed()
         else:
             self.completeness.show(rows, now)
         try:
             runs = await self.warehouse.job_runs()
         except DatabaseError as exc:
             problems.append(str(exc))
+            self.jobs.show_failed()
         except Exception as exc:
             logger.opt(exception=exc).warning("reading job runs failed")
             problems.append(f"cannot read job runs: {exc}")
+            self.jobs.show_failed()
         else:
             self.jobs.show_runs(runs, now)
         self.db_ok = not problems

@@ -254,7 +254,7 @@ def many_pairs_completeness(
 
 
 def demo_job_runs(now_ms: int = DEMO_NOW_MS, hours: int = 30) -> list[JobRun]:
-    """One chain per hour, a failed gapfill retried an hour later, a few skipped flushes."""
+    """One chain per hour, failed gap-fills (one retried an hour later), skipped flushes."""
     last = now_ms - now_ms % HOUR_MS - HOUR_MS
     runs: list[JobRun] = []
     run_id = 1
@@ -267,17 +267,16 @@ def demo_job_runs(now_ms: int = DEMO_NOW_MS, hours: int = 30) -> list[JobRun]:
             status, error, rows = "ok", "", 60 + seed % 1_800
             if step == "flush" and i % 11 == 5:
                 status, rows = "skipped", 0
-            if step == "gapfill" and i == 3:
+            if step == "gapfill" and i in (1, 3):
                 status, rows = "failed", 0
                 error = "kraken REST: EGeneral:Too many requests; 4 minutes left unfilled"
-            runs.append(
-                JobRun(run_id, hour, step, status, rows, t, t + duration, duration, error, "cron")
-            )
+            end, trigger = t + duration, "schedule"
+            runs.append(JobRun(run_id, hour, step, status, rows, t, end, duration, error, trigger))
             run_id += 1
             t += duration
         if i == 3:
             for step in ("gapfill", "silver", "gold", "completeness"):
                 t2 = hour + 2 * HOUR_MS + 5 * MINUTE_MS
-                runs.append(JobRun(run_id, hour, step, "ok", 240, t2, t2 + 800, 800, "", "retry"))
+                runs.append(JobRun(run_id, hour, step, "ok", 240, t2, t2 + 800, 800, "", "dirty"))
                 run_id += 1
     return runs

@@ -37,13 +37,16 @@ from klined.tui.widgets.live_table import LiveTable
 BARS_MAX_PAIRS = 40
 BAR_ROWS = 3
 FIXED = 3  # exchange, pair, rate
+FIXED_WIDTH = 9 + 13 + 6
+#: hour columns are 2 to 4 characters wide: wider terminals get wider bars
+MIN_CELL, MAX_CELL = 2, 4
 _DIM = "#8b949e"
 
 
-def _hour_label(hour_ms: int) -> str:
-    """Every third hour is labelled; a label on every two-column hour would run together."""
+def _hour_label(hour_ms: int, width: int) -> str:
+    """Every hour is labelled when columns are wide; every third one when labels would touch."""
     hour = to_datetime(hour_ms).hour
-    return f"{hour:02d}" if hour % 3 == 0 else ""
+    return f"{hour:02d}" if width > 2 or hour % 3 == 0 else ""
 
 
 class CompletenessView(Vertical):
@@ -61,10 +64,11 @@ class CompletenessView(Vertical):
         self.worst_first = True
         self.rows: list[HourCompleteness] = []
         self.loaded = False
+        self.failed = False
         self.now_ms = 0
         self.window: list[int] = []
         self.pairs: list[PairHours] = []
-        self._layout: tuple[tuple[int, ...], bool] | None = None
+        self._layout: tuple[tuple[int, ...], bool, int] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("", id="exchange-rates")
@@ -83,6 +87,16 @@ class CompletenessView(Vertical):
     def grid(self) -> LiveTable:
         return self.query_one("#grid", LiveTable)
 
+    def cell_width(self) -> int:
+        """As wide as the terminal allows, so 160 columns show fatter, easier bars."""
+        width = self.size.width or self.app.size.width
+        room = (width - FIXED_WIDTH - 2) // max(self.hours, 1)
+        return max(MIN_CELL, min(MAX_CELL, room))
+
+    def on_resize(self) -> None:
+        if self._layout is not None and self._layout[2] != self.cell_width():
+            self._render_all()
+
     @property
     def heat(self) -> bool:
         if self.mode == "auto":
@@ -91,9 +105,17 @@ class CompletenessView(Vertical):
 
     # -- data -----------------------------------------------------------------------------------
 
+    def on_mount(self) -> None:
+        self._render_detail()
+
     def show(self, rows: list[HourCompleteness], now_ms: int) -> None:
-        self.rows, self.now_ms, self.loaded = rows, now_ms, True
+        self.rows, self.now_ms, self.loaded, self.failed = rows, now_ms, True, False
         self._render_all()
+
+    def show_failed(self) -> None:
+        """The database could not be read: keep what is shown, say so if nothing is."""
+        self.failed = True
+        self._render_detail()
 
     def since_until(self, now_ms: int) -> tuple[int, int]:
         """The hour range the app should load for the current window."""
@@ -106,29 +128,35 @@ class CompletenessView(Vertical):
         rows = [r for r in self.rows if r.hour_ms in inside]
         self.pairs = group_pairs(rows, worst_first=self.worst_first)
         heat = self.heat
-        layout = (tuple(self.window), heat)
+        width = self.cell_width()
+        layout = (tuple(self.window), heat, width)
         grid = self.grid
+        rebuilt = layout != self._layout or grid.row_count == 0
         with self.app.batch_update():
             if layout != self._layout:
                 self._layout = layout
                 columns: list[tuple[str, str, int | None]] = [
                     ("exchange", "exchange", 9),
-                    ("pair", "pair", 12),
-                    ("rate", "  rate ", 7),
+                    ("pair", "pair", 13),
+                    ("rate", " rate ", 6),
                 ]
-                columns += [(f"h{h}", _hour_label(h), 2) for h in self.window]
+                columns += [(f"h{h}", _hour_label(h, width), width) for h in self.window]
                 grid.set_columns(columns)
-            cell = heat_cell if heat else stacked_bar
             table_rows: list[tuple[str, list[RenderableType]]] = []
             for ph in self.pairs:
                 cells: list[RenderableType] = [
                     Text(ph.exchange),
                     Text(ph.symbol, style="bold"),
-                    rate_text(ph.rate, 6) + Text(" "),
+                    rate_text(ph.rate, 5) + Text(" "),
                 ]
-                cells += [cell(ph.hours.get(h)) for h in self.window]
+                if heat:
+                    cells += [heat_cell(ph.hours.get(h), width) for h in self.window]
+                else:
+                    cells += [stacked_bar(ph.hours.get(h), BAR_ROWS, width) for h in self.window]
                 table_rows.append((ph.key, cells))
             grid.sync(table_rows, height=1 if heat else BAR_ROWS)
+            if rebuilt and table_rows:
+                grid.move_cursor(row=0, column=1, animate=False)  # on the pair name
             self._render_header(rows)
             self._render_detail()
 
@@ -149,7 +177,9 @@ class CompletenessView(Vertical):
     def _render_detail(self) -> None:
         detail = self.query_one("#grid-detail", Static)
         if not self.pairs:
-            if self.loaded:
+            if self.failed:
+                message = "no completeness data: the database cannot be read (see above)"
+            elif self.loaded:
                 message = f"no completeness rows in the last {self.hours}h yet"
                 message += " (the hourly chain writes them after each hour closes)"
             else:

@@ -67,6 +67,7 @@ class JobsView(Vertical):
         self.groups: list[HourRuns] = []
         self.steps: list[str] = []
         self.loaded = False
+        self.failed = False
         self.now_ms = 0
         self.chain: ChainStatus | None = None
         self.manual: Text = Text()
@@ -83,6 +84,7 @@ class JobsView(Vertical):
         detail.can_focus = False
         detail.set_columns(DETAIL_COLUMNS)
         self._render_chain_line()
+        self._render_detail()
 
     @property
     def table(self) -> LiveTable:
@@ -91,7 +93,7 @@ class JobsView(Vertical):
     # -- data -----------------------------------------------------------------------------------
 
     def show_runs(self, runs: list[JobRun], now_ms: int) -> None:
-        self.now_ms, self.loaded = now_ms, True
+        self.now_ms, self.loaded, self.failed = now_ms, True, False
         self.groups = group_runs(runs)
         steps = steps_of(self.groups)
         table = self.table
@@ -109,6 +111,10 @@ class JobsView(Vertical):
             table.sync(rows)
             self._render_detail()
             self._render_chain_line()
+
+    def show_failed(self) -> None:
+        self.failed = True
+        self._render_detail()
 
     def show_chain(self, chain: ChainStatus | None, now_ms: int) -> None:
         """The daemon's scheduler state (``None``: the daemon cannot be reached)."""
@@ -149,13 +155,18 @@ class JobsView(Vertical):
         key = self.table.selected_key
         group = next((g for g in self.groups if g.key == key), None)
         if group is None:
-            message = "no chain runs recorded yet" if self.loaded else "loading job runs…"
+            if self.failed:
+                message = "no job runs: the database cannot be read (see above)"
+            elif self.loaded:
+                message = "no chain runs recorded yet"
+            else:
+                message = "loading job runs…"
             title.update(Text(message, style=_DIM))
             detail.sync([])
             return
         failed = sum(1 for r in group.latest.values() if r.status == "failed")
         text = Text(f"runs for {fmt_hour(group.hour_ms)} ", style="bold")
-        text.append(f"({len(group.runs)} attempts", style=_DIM)
+        text.append(f"({len(group.runs)} runs", style=_DIM)
         if failed:
             text.append(f", {failed} step(s) failing)", style=_BAD)
         else:

@@ -83,7 +83,7 @@ def connection_cells(c: ConnectionStatus, now_ms: int) -> list[RenderableType]:
 
 STREAM_COLUMNS: list[tuple[str, str, int | None]] = [
     ("exchange", "exchange", 8),
-    ("pair", "pair", 11),
+    ("pair", "pair", 13),
     ("state", "state", 10),
     ("age", "age", 6),
     ("rate", "msg/s", 5),
@@ -137,6 +137,7 @@ class StreamsView(Vertical):
         connections = self.query_one("#connections", LiveTable)
         connections.can_focus = False
         connections.set_columns(CONNECTION_COLUMNS)
+        connections.display = False
         self.query_one("#stream-table", LiveTable).set_columns(STREAM_COLUMNS)
         self._render_count(0, 0)
 
@@ -160,6 +161,7 @@ class StreamsView(Vertical):
         if self.stale_since_ms is None:
             self.stale_since_ms = now_ms
         self._render_daemon_line(now_ms)
+        self._render_detail()
 
     def _render_all(self) -> None:
         snap = self.snapshot
@@ -171,7 +173,7 @@ class StreamsView(Vertical):
             conns = sorted(snap.connections, key=lambda c: (c.exchange, c.conn_id))
             connections = self.query_one("#connections", LiveTable)
             connections.sync([(c.conn_id, connection_cells(c, now)) for c in conns])
-            connections.styles.height = len(conns) + 1 if conns else 0
+            connections.display = bool(conns)
             rows = order_streams(
                 snap.pairs,
                 sort=self.sort,
@@ -218,7 +220,9 @@ class StreamsView(Vertical):
         if snap is not None and key is not None:
             pair = next((p for p in snap.pairs if f"{p.exchange}:{p.symbol}" == key), None)
         if pair is None or snap is None:
-            if snap is not None and snap.pairs and not self.table.item_keys:
+            if snap is None and self.stale_since_ms is not None:
+                detail.update(Text("no streams to show: the daemon cannot be reached", _WARN))
+            elif snap is not None and snap.pairs and not self.table.item_keys:
                 detail.update(Text(f"no pair matches {self.filter_text!r}", style=_WARN))
             else:
                 detail.update("")

@@ -36,30 +36,39 @@ _KEEP = (CATEGORIES.index("ws_partial"), CATEGORIES.index("missing"))
 _EMPTY = Style(color="#6e7681", dim=True)
 
 
-def stacked_bar(h: HourCompleteness | None, rows: int = 3) -> Text:
-    """A vertical bar ``rows`` lines tall, 2 px per line, of the hour's six counts."""
+def stacked_bar(h: HourCompleteness | None, rows: int = 3, width: int = 2) -> Text:
+    """A vertical bar ``rows`` lines tall of the hour's six counts, ``width - 1`` wide.
+
+    The bar is ``2 * rows - 1`` half-line pixels tall: the top half of the first line stays
+    empty, so bars of neighbouring rows never merge into one column.
+    """
+    glyphs, gap = max(width - 1, 1), " " * (1 if width > 1 else 0)
     if h is None or h.expected <= 0:
-        lines = ["  "] * (rows - 1) + ["· "]
+        lines = [" " * glyphs + gap] * (rows - 1) + ["·" * glyphs + gap]
         return Text("\n".join(lines), style=_EMPTY)
-    px: list[str] = []
-    for name, cells in zip(CATEGORIES, allocate(h.counts(), rows * 2, _KEEP), strict=True):
+    px: list[str | None] = []
+    for name, cells in zip(CATEGORIES, allocate(h.counts(), rows * 2 - 1, _KEEP), strict=True):
         px.extend([CATEGORY_COLOR[name]] * cells)
+    px.append(None)
     text = Text()
     for line in range(rows):
         top, bottom = px[2 * (rows - line) - 1], px[2 * (rows - line) - 2]
-        if top == bottom:
-            text.append("█", Style(color=top))
+        if top is None:
+            text.append("▄" * glyphs, Style(color=bottom))
+        elif top == bottom:
+            text.append("█" * glyphs, Style(color=top))
         else:
-            text.append("▀", Style(color=top, bgcolor=bottom))
-        text.append(" \n" if line < rows - 1 else " ")
+            text.append("▀" * glyphs, Style(color=top, bgcolor=bottom))
+        text.append(gap + ("\n" if line < rows - 1 else ""))
     return text
 
 
-def heat_cell(h: HourCompleteness | None) -> Text:
+def heat_cell(h: HourCompleteness | None, width: int = 2) -> Text:
+    glyphs, gap = max(width - 1, 1), " " * (1 if width > 1 else 0)
     level = heat_level(h)
     if level == "none":
-        return Text("· ", style=_EMPTY)
-    return Text("█ ", style=Style(color=HEAT_COLOR[level]))
+        return Text("·" * glyphs + gap, style=_EMPTY)
+    return Text("█" * glyphs + gap, style=Style(color=HEAT_COLOR[level]))
 
 
 def rate_text(rate: float | None, width: int = 5) -> Text:
