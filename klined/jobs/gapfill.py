@@ -283,6 +283,19 @@ class DbSink:
 # the range form (backfill) and the hour form (chain)
 
 
+async def sync_configured_pairs(db: Database, cfg: Config) -> int:
+    """Make ``ops.pairs`` match the config (as the daemon does at start), so completeness
+    expects the configured pairs when a chain or backfill runs on its own."""
+    from klined.db import sync_pairs
+    from klined.jobs.rest import build_adapter
+
+    mapping = {}
+    for ex in cfg.exchanges.enabled():
+        adapter = build_adapter(cfg, ex)
+        mapping[ex] = [(p, adapter.native(p)) for p in cfg.pairs(ex)]
+    return await sync_pairs(db, mapping)
+
+
 async def configured_pairs(
     db: Database, cfg: Config, exchanges: Iterable[str], only: Mapping[str, list[Pair]] | None
 ) -> dict[str, list[Pair]]:
