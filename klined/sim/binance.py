@@ -29,9 +29,7 @@ import msgspec
 from aiohttp import web
 
 from klined.model import MINUTE_MS, Pair, floor_minute
-from klined.sim.clock import wall_ms
 from klined.sim.conn import Event, WsConnection, WsProtocol, serve_ws
-from klined.sim.log import SentEvent
 from klined.sim.market import fmt_fixed
 from klined.sim.ratelimit import BINANCE_WEIGHTS
 from klined.sim.rest import json_response, rest_middleware
@@ -282,31 +280,6 @@ class BinanceWs(WsProtocol):
             good.replace(f'"h":"{n["h"]}"', '"h":"__H__"')
             .replace(f'"l":"{n["l"]}"', f'"l":"{n["h"]}"')
             .replace("__H__", n["l"])
-        )
-
-    def sent_event(self, ev: Event, seq: int, **flags: bool) -> SentEvent:
-        truth = self.sim.market.candle(NAME, ev.pair, ev.minute, ev.agg)
-        return SentEvent(
-            exchange=NAME,
-            pair=ev.pair,
-            minute=ev.minute,
-            kind=ev.kind,
-            is_final=ev.final,
-            last_update=ev.final,
-            open=truth.open,
-            high=truth.high,
-            low=truth.low,
-            close=truth.close,
-            volume=truth.volume,
-            quote_volume=truth.quote_volume,
-            vwap=None,
-            trades=truth.trades,
-            connection=self.conn.number,
-            seq=seq,
-            event_ms=ev.ts,
-            sent_ms=wall_ms(),
-            sent_sim_ms=self.sim.clock.now_ms(),
-            **flags,
         )
 
 

@@ -38,6 +38,8 @@ class SimConfig:
     specs: Mapping[str, PairSpec] = field(default_factory=dict)
     quiet_every: int = QUIET_EVERY
     genesis_ms: int = GENESIS_MS
+    #: (exchange, pair, minute) entries the market keeps computed (~3 KB each)
+    market_cache_minutes: int = 50_000
 
     #: None: real time (now, speed 1)
     clock: SimClock | None = None

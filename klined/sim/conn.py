@@ -19,12 +19,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
+import anyio.lowlevel
 from aiohttp import WSMsgType, web
 from loguru import logger
 
 from klined.model import MINUTE_MS, floor_minute
 from klined.sim.clock import wall_ms
-from klined.sim.log import ConnectionInfo, SentEvent
+from klined.sim.log import ConnectionInfo
 from klined.sim.market import Agg
 
 if TYPE_CHECKING:
@@ -86,9 +87,6 @@ class WsProtocol:
     def malformed(self, ev: Event, variant: str) -> str | bytes:
         raise NotImplementedError
 
-    def sent_event(self, ev: Event, seq: int, **flags: bool) -> SentEvent:
-        raise NotImplementedError
-
     async def on_open(self) -> None:
         return None
 
@@ -135,7 +133,7 @@ class WsConnection:
         self.aborted = False
         self.cursor: int | None = None  # sim ms up to which the feed has sent events
         self.scope: anyio.CancelScope | None = None
-        self._lock = anyio.Lock()
+        self._send_started = 0.0
         self.proto: WsProtocol | None = None
         self.info = ConnectionInfo(exchange, number, request.path_qs, wall_ms())
 
@@ -180,20 +178,38 @@ class WsConnection:
     def stalled(self) -> bool:
         return time.monotonic() < self.stalled_until
 
+    async def wait_stall(self) -> None:
+        remaining = self.stalled_until - time.monotonic()
+        if remaining > 0:
+            await anyio.sleep(remaining)
+
     async def send_raw(self, data: str | bytes) -> None:
         if self.done:
             raise ConnectionDone
+        # aiohttp writes each frame with one transport write, so concurrent senders cannot
+        # interleave; the send timeout is enforced by :meth:`send_watchdog` (a per-send cancel
+        # scope would cost more than the send itself on the hot path)
+        self._send_started = time.monotonic()
         try:
-            async with self._lock:
-                with anyio.fail_after(SEND_TIMEOUT_S):
-                    if isinstance(data, bytes):
-                        await self.ws.send_bytes(data)
-                    else:
-                        await self.ws.send_str(data)
-        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            if isinstance(data, bytes):
+                await self.ws.send_bytes(data)
+            else:
+                await self.ws.send_str(data)
+        except (ConnectionError, RuntimeError) as exc:
             self.done = True
             raise ConnectionDone(str(exc)) from exc
+        finally:
+            self._send_started = 0.0
         self.last_send = time.monotonic()
+
+    async def send_watchdog(self) -> None:
+        """Drop a client that stops reading (a send blocked on a full socket buffer)."""
+        while True:
+            await anyio.sleep(1.0)
+            started = self._send_started
+            if started and time.monotonic() - started > SEND_TIMEOUT_S:
+                self.abort("send timeout: the client stopped reading")
+                raise ConnectionDone("send timeout")
 
     async def send_control(self, text: str) -> None:
         """A non-candle message (ack, pong, heartbeat): dropped while stalled."""
@@ -206,15 +222,23 @@ class WsConnection:
         await self.send_raw(self.proto.render(ev))
         self.info.messages += 1
         self.sim.stats.ws_messages[self.exchange] += 1
-        self.sim.log.add(self.proto.sent_event(ev, self.seq, duplicate=duplicate, delayed=delayed))
+        self.record(ev, duplicate=duplicate, delayed=delayed)
+
+    def record(self, ev: Event, *, duplicate: bool = False, delayed: bool = False) -> None:
+        """Note a sent candle event in the simulator's log."""
+        self.sim.log.record(
+            self.exchange, ev.pair, ev.minute, ev.kind, ev.final, ev.agg,
+            connection=self.number, seq=self.seq, event_ms=ev.ts, sent_ms=wall_ms(),
+            sent_sim_ms=self.sim.clock.now_ms(), duplicate=duplicate, delayed=delayed,
+        )  # fmt: skip
 
     async def send_event(self, ev: Event) -> None:
         """Send one scheduled candle event through the fault plan."""
         assert self.proto is not None
         sim = self.sim
-        fired = sim.faults.on_message(
-            self.exchange, self.number, self.seq + 1, ev.pair, ev.ts, ev.final
-        )
+        self.info.scheduled += 1
+        message = self.info.scheduled
+        fired = sim.faults.on_message(self.exchange, self.number, message, ev.pair, ev.ts, ev.final)
         duplicate = False
         for index, rule in fired:
             sim.faults.record(
@@ -226,7 +250,7 @@ class WsConnection:
                 connection=self.number,
                 pair=ev.pair,
                 minute=ev.minute,
-                message=self.seq + 1,
+                message=message,
                 detail=rule.variant if rule.kind == "malformed" else "",
             )
             logger.debug("sim {} conn {}: fault {} fired", self.exchange, self.number, rule.kind)
@@ -335,6 +359,7 @@ async def run_feed(conn: WsConnection, proto: WsProtocol) -> None:
         cursor = clock.now_ms()
         stop_at = None
     conn.cursor = cursor
+    sent = 0
     while stop_at is None or cursor + 1 < stop_at:
         m = floor_minute(cursor + 1)
         version = conn.subs_version
@@ -367,6 +392,9 @@ async def run_feed(conn: WsConnection, proto: WsProtocol) -> None:
                 i += 1
                 if ev.kind != "tick":
                     await conn.send_event(ev)
+                    sent += 1
+                    if sent % 64 == 0:  # sends rarely block: let pongs and requests through
+                        await anyio.lowlevel.checkpoint()
             cursor = conn.cursor = ts
             if conn.resync:
                 conn.resync = False
@@ -387,12 +415,13 @@ async def receive_loop(conn: WsConnection, proto: WsProtocol) -> None:
         msg = await ws.receive()
         if msg.type == WSMsgType.TEXT:
             proto.on_incoming()
+            await conn.wait_stall()
             await proto.on_text(msg.data)
         elif msg.type == WSMsgType.PING:
             proto.on_incoming()
-            if not conn.stalled:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.pong(msg.data)
+            await conn.wait_stall()  # a stalled peer reads nothing; it answers afterwards
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.pong(msg.data)
         elif msg.type == WSMsgType.PONG:
             proto.on_incoming()
             conn.last_pong = time.monotonic()
@@ -433,6 +462,7 @@ async def serve_ws(
             conn.scope = tg.cancel_scope
             tg.start_soon(_guard, conn, run_feed(conn, proto))
             tg.start_soon(_guard, conn, proto.background())
+            tg.start_soon(_guard, conn, conn.send_watchdog())
             with contextlib.suppress(ConnectionDone):
                 await proto.on_open()
             await _guard(conn, receive_loop(conn, proto))

@@ -1,11 +1,12 @@
 """Scriptable fault injection: what the clients must survive.
 
 A :class:`FaultPlan` is a list of :class:`FaultRule`. WebSocket rules are evaluated for every
-candle message the simulator is about to send on a connection (``message`` counts those, from
-1), subscription rules when a client subscribes to a pair, REST rules for every HTTP request.
-All filters of a rule must match; then ``probability`` is drawn from the rule's own seeded RNG
-and the rule fires at most ``times`` times (0: unlimited). Every firing is recorded in
-:attr:`FaultEngine.fired`.
+candle message the simulator is about to send on a connection, subscription rules when a
+client subscribes to a pair, REST rules for every HTTP request. ``message`` counts the candle
+events scheduled on the connection (from 1, whether or not a fault then drops them; control
+messages and snapshots are not counted). All filters of a rule must match; then
+``probability`` is drawn from the rule's own seeded RNG and the rule fires at most ``times``
+times (0: unlimited). Every firing is recorded in :attr:`FaultEngine.fired`.
 
 WebSocket kinds (``exchange``, ``connection`` = nth connection to that exchange from 1,
 ``pair``, ``message``, ``min_second`` = second of the minute of the event >= this,

@@ -29,9 +29,7 @@ import msgspec
 from aiohttp import web
 
 from klined.model import MINUTE_MS, Pair, floor_minute
-from klined.sim.clock import wall_ms
 from klined.sim.conn import Event, WsConnection, WsProtocol, rfc3339, serve_ws
-from klined.sim.log import SentEvent
 from klined.sim.market import Agg, fmt_fixed, fmt_plain, vwap_ticks
 from klined.sim.rest import json_response, rest_middleware
 
@@ -165,11 +163,22 @@ class KrakenWs(WsProtocol):
             return
         interval = params.get("interval", 1)
         snapshot = params.get("snapshot", True) is not False
-        for sym in symbols:
-            await self._one(method, sym, interval, snapshot, req_id, time_in)
+        added: list[str] = []
+        try:
+            for sym in symbols:
+                await self._one(method, sym, interval, snapshot, req_id, time_in, added)
+        finally:
+            self.conn.add_pairs(added)  # once: the feed reschedules once, not per symbol
 
     async def _one(
-        self, method: str, sym: str, interval: object, snapshot: bool, req_id: object, time_in: str
+        self,
+        method: str,
+        sym: str,
+        interval: object,
+        snapshot: bool,
+        req_id: object,
+        time_in: str,
+        added: list[str],
     ) -> None:
         listed = self.sim.kraken_ws_index
         pair = listed.get(sym)
@@ -194,7 +203,7 @@ class KrakenWs(WsProtocol):
                 {"method": method, "result": result, "success": True}, req_id, time_in
             )
             return
-        if pair in self.conn.pairs:
+        if pair in self.conn.pairs or pair in added:
             await fail("Already subscribed")
             return
         if self.sim.subscribe_fault(NAME, self.conn.number, pair):
@@ -203,9 +212,9 @@ class KrakenWs(WsProtocol):
         result["snapshot"] = snapshot
         result["warnings"] = ["timestamp is deprecated, use interval_begin"]
         await self._reply({"method": method, "result": result, "success": True}, req_id, time_in)
+        added.append(pair)
         if snapshot:
             await self._snapshot(pair)
-        self.conn.add_pairs([pair])
 
     async def _snapshot(self, pair: str) -> None:
         market = self.sim.market
@@ -232,7 +241,7 @@ class KrakenWs(WsProtocol):
         for m, agg in items:
             ev = Event(now, pair, m, agg, False, "snapshot")
             self.conn.seq += 1
-            self.sim.log.add(self.sent_event(ev, self.conn.seq))
+            self.conn.record(ev)
 
     async def background(self) -> None:
         period = self.sim.config.kraken_heartbeat_s
@@ -314,31 +323,6 @@ class KrakenWs(WsProtocol):
                 ev.pair, ev.minute, agg, high=_num(agg.low, pdp), low=_num(agg.high, pdp)
             )
         return self._message(ev, item)
-
-    def sent_event(self, ev: Event, seq: int, **flags: bool) -> SentEvent:
-        truth = self.sim.market.candle(NAME, ev.pair, ev.minute, ev.agg)
-        return SentEvent(
-            exchange=NAME,
-            pair=ev.pair,
-            minute=ev.minute,
-            kind=ev.kind,
-            is_final=False,
-            last_update=ev.final,
-            open=truth.open,
-            high=truth.high,
-            low=truth.low,
-            close=truth.close,
-            volume=truth.volume,
-            quote_volume=None,
-            vwap=truth.vwap,
-            trades=truth.trades,
-            connection=self.conn.number,
-            seq=seq,
-            event_ms=ev.ts,
-            sent_ms=wall_ms(),
-            sent_sim_ms=self.sim.clock.now_ms(),
-            **flags,
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
+
+from klined.sim.faults import FiredFault
+
+if TYPE_CHECKING:
+    from klined.sim.market import Agg, Market
 
 
 class SentEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -48,19 +54,91 @@ class SentEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     delayed: bool = False
 
 
+class _Sent(NamedTuple):
+    """The compact form kept per sent event; numbers are formatted only when read."""
+
+    exchange: str
+    pair: str
+    minute: int
+    kind: str
+    final: bool
+    agg: Agg | None
+    connection: int
+    seq: int
+    event_ms: int
+    sent_ms: int
+    sent_sim_ms: int
+    duplicate: bool
+    delayed: bool
+
+
 class SimLog:
-    """An append-only, queryable record of sent candle events."""
+    """An append-only, queryable record of sent candle events (cheap to append)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, market: Market, enabled: bool = True) -> None:
+        self.market = market
         self.enabled = enabled
-        self.events: list[SentEvent] = []
+        self._raw: list[_Sent] = []
+        self._cache: list[SentEvent] = []
 
-    def add(self, event: SentEvent) -> None:
+    def record(
+        self,
+        exchange: str,
+        pair: str,
+        minute: int,
+        kind: str,
+        final: bool,
+        agg: Agg | None,
+        *,
+        connection: int,
+        seq: int,
+        event_ms: int,
+        sent_ms: int,
+        sent_sim_ms: int,
+        duplicate: bool = False,
+        delayed: bool = False,
+    ) -> None:
         if self.enabled:
-            self.events.append(event)
+            raw = _Sent(exchange, pair, minute, kind, final, agg, connection, seq, event_ms,
+                        sent_ms, sent_sim_ms, duplicate, delayed)  # fmt: skip
+            self._raw.append(raw)
+
+    def _event(self, raw: _Sent) -> SentEvent:
+        truth = self.market.candle(raw.exchange, raw.pair, raw.minute, raw.agg)
+        binance = raw.exchange == "binance"
+        return SentEvent(
+            exchange=raw.exchange,
+            pair=raw.pair,
+            minute=raw.minute,
+            kind=raw.kind,
+            is_final=raw.final and binance,
+            last_update=raw.final,
+            open=truth.open,
+            high=truth.high,
+            low=truth.low,
+            close=truth.close,
+            volume=truth.volume,
+            quote_volume=truth.quote_volume if binance else None,
+            vwap=None if binance else truth.vwap,
+            trades=truth.trades,
+            connection=raw.connection,
+            seq=raw.seq,
+            event_ms=raw.event_ms,
+            sent_ms=raw.sent_ms,
+            sent_sim_ms=raw.sent_sim_ms,
+            duplicate=raw.duplicate,
+            delayed=raw.delayed,
+        )
+
+    @property
+    def events(self) -> list[SentEvent]:
+        """Every sent candle event, in send order."""
+        if len(self._cache) < len(self._raw):
+            self._cache.extend(self._event(r) for r in self._raw[len(self._cache) :])
+        return self._cache
 
     def __len__(self) -> int:
-        return len(self.events)
+        return len(self._raw)
 
     def __iter__(self) -> Iterator[SentEvent]:
         return iter(self.events)
@@ -99,14 +177,15 @@ class SimLog:
         return out
 
     def minutes(self, exchange: str, pair: str) -> list[int]:
-        return sorted({e.minute for e in self.events if e.exchange == exchange and e.pair == pair})
+        return sorted({r.minute for r in self._raw if r.exchange == exchange and r.pair == pair})
 
     def to_jsonl(self) -> bytes:
         enc = msgspec.json.Encoder()
         return b"".join(enc.encode(e) + b"\n" for e in self.events)
 
     def clear(self) -> None:
-        self.events.clear()
+        self._raw.clear()
+        self._cache.clear()
 
 
 @dataclass
@@ -118,7 +197,8 @@ class ConnectionInfo:
     closed_ms: int | None = None
     close_reason: str = ""
     subscriptions: list[str] = field(default_factory=list)
-    messages: int = 0  # candle messages sent
+    scheduled: int = 0  # candle events due on this connection (fault ``message`` numbers)
+    messages: int = 0  # candle messages actually sent
 
 
 @dataclass
@@ -134,6 +214,8 @@ class SimStats:
     connections: Counter[str] = field(default_factory=Counter)  # opened, per exchange
     ws_messages: Counter[str] = field(default_factory=Counter)  # candle messages sent
     connection_log: list[ConnectionInfo] = field(default_factory=list)
+    #: every fault that fired (the same list as ``sim.faults.fired``)
+    faults: list[FiredFault] = field(default_factory=list)
 
     def open_connections(self, exchange: str | None = None) -> list[ConnectionInfo]:
         return [

@@ -317,7 +317,7 @@ class Market:
         *,
         quiet_every: int = QUIET_EVERY,
         genesis_ms: int = GENESIS_MS,
-        cache_minutes: int = 200_000,
+        cache_minutes: int = 50_000,
     ) -> None:
         self.seed = seed
         self.quiet_every = quiet_every

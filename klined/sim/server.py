@@ -43,11 +43,16 @@ class Simulator:
         self.config = cfg = config or SimConfig()
         self.clock = cfg.clock or SimClock.realtime()
         self.market = Market(
-            cfg.seed, cfg.specs, quiet_every=cfg.quiet_every, genesis_ms=cfg.genesis_ms
+            cfg.seed,
+            cfg.specs,
+            quiet_every=cfg.quiet_every,
+            genesis_ms=cfg.genesis_ms,
+            cache_minutes=cfg.market_cache_minutes,
         )
-        self.log = SimLog(cfg.log_events)
+        self.log = SimLog(self.market, cfg.log_events)
         self.stats = SimStats()
         self.faults = FaultEngine(cfg.faults, cfg.seed)
+        self.stats.faults = self.faults.fired
         self.listing = {ex: cfg.listing(ex) for ex in SIM_EXCHANGES}
         #: native symbol -> canonical pair, per exchange (Binance ``BTCUSD``)
         self.native_index = {"binance": {binance.native(p): p for p in self.listing["binance"]}}
@@ -140,7 +145,8 @@ class Simulator:
         apps = {"binance": binance.build_app(self), "kraken": kraken.build_app(self)}
         ports = {"binance": self.config.binance_port, "kraken": self.config.kraken_port}
         for name, app in apps.items():
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+            # long combined-stream URLs (``/stream?streams=`` with hundreds of streams)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, max_line_size=65536)
             await runner.setup()
             self._runners.append(runner)
             site = web.TCPSite(runner, self.config.host, ports[name], reuse_address=True)
