@@ -155,7 +155,11 @@ CREATE TABLE IF NOT EXISTS bronze.bronze_ohlcv_native (
     session_id       text,
     event_ts         timestamptz NOT NULL,
     ingestion_ts     timestamptz NOT NULL,
-    lake_key         text                      -- NULL for rows inserted directly (gap-fill)
+    lake_key         text,                     -- NULL for rows inserted directly (gap-fill)
+    -- no NaN or infinities (PostgreSQL sorts NaN above Infinity)
+    CONSTRAINT bronze_finite CHECK (
+        greatest(open, high, low, close, volume, quote_volume, vwap) < 'Infinity'
+        AND least(open, high, low, close, volume, quote_volume, vwap) > '-Infinity')
 ) PARTITION BY RANGE (interval_start);
 
 -- ---------------------------------------------------------------------------------------------

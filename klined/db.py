@@ -219,6 +219,10 @@ class Database:
             logger.debug("created {} hourly partitions", created)
         return created
 
+    def known_partitions(self, table: str) -> set[int]:
+        """Hours (ms) this process knows to have a partition of ``table``."""
+        return set(self._known[table]) if self._known is not None else set()
+
     def forget_partitions(self, hours: Iterable[int] | None = None) -> None:
         """Drop cached knowledge (after a partition was dropped elsewhere)."""
         if hours is None or self._known is None:

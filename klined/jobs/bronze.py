@@ -6,98 +6,66 @@ their counts. A concurrent loader blocks on the claim and then skips what was lo
 or cancellation rolls the whole batch back, claims included, so a re-run loads it again.
 
 Speed: asyncpg's binary COPY encodes ``numeric`` from Python at ~60k rows/s on this class of
-machine, far below what the server ingests. So lines are decoded with msgspec, re-encoded as
-JSON arrays (C speed) and, when that is byte-for-byte valid CSV (no backslash escapes, the row
-separator unambiguous), streamed as CSV into a temporary staging table whose timestamps are
-integer milliseconds; one ``INSERT ... SELECT`` then converts them into bronze. Decoding the next
-part overlaps with the server parsing the previous one.
+machine, far below what the server ingests, so rows go in as CSV. Lines are decoded with
+msgspec (:func:`klined.lake.read_part`), timestamps rendered from a per-second cache, and each
+part re-encoded as JSON arrays in C; when that is byte-for-byte valid CSV (no backslash escape,
+the row separator unambiguous) it is streamed as is, otherwise rows are quoted by hand. Parts are
+read a group at a time concurrently, and encoding the next part overlaps with the server
+parsing the previous one.
 
 Torn or malformed lines are skipped and counted per part. A value the server refuses (a
 non-numeric price, NaN) fails the batch, which is then re-done in careful mode: every line is
-validated in Python and the bad ones are counted like torn lines.
+validated in Python and the bad ones are counted like torn lines. Rows filed under another
+hour's folder are loaded too (their partitions are created in the same transaction).
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
+import anyio
 import asyncpg
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from loguru import logger
 
-from klined.db import Database
+from klined.db import BRONZE_TABLE, PARTITIONED_TABLES, Database
 from klined.jobs.ops import StepResult, mark_dirty_hours
 from klined.lake import read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
 
 STEP = "bronze"
 
-#: parts per transaction (each part is a pair's slice of an hour, typically a few hundred rows)
-BATCH_PARTS = 256
+#: parts per transaction (a part is one pair's slice of an hour, typically a few hundred rows)
+BATCH_PARTS = 512
+#: parts read ahead of the COPY, and concurrent readers
+READ_AHEAD = 16
+READERS = 4
+#: bytes per COPY data message (fewer, larger writes wake the server less often)
+COPY_CHUNK = 512 * 1024
 #: bad line numbers kept per part in the ledger
 BAD_LINE_SAMPLE = 100
 
-_STAGE = "klined_bronze_stage"
-_STAGE_FIELDS = (
-    "exchange",
-    "symbol",
-    "native_symbol",
-    "interval_start",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "vwap",
-    "trade_count",
-    "is_final",
-    "origin",
-    "session_id",
-    "event_ts",
-    "ingestion_ts",
-    "interval_seconds",
-)
-_STAGE_COLUMNS = [*_STAGE_FIELDS, "lake_key"]
-_STAGE_DDL = f"""
-CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
-    exchange text, symbol text, native_symbol text, interval_start bigint,
-    open numeric, high numeric, low numeric, close numeric, volume numeric,
-    quote_volume numeric, vwap numeric, trade_count bigint, is_final boolean, origin text,
-    session_id text, event_ts bigint, ingestion_ts bigint, interval_seconds integer,
-    lake_key text
-) ON COMMIT DELETE ROWS
-"""
-_MS = "* interval '1 millisecond'"
-_STAGE_TO_BRONZE = f"""
-INSERT INTO bronze.bronze_ohlcv_native (
-    exchange, symbol, native_symbol, interval_seconds, interval_start, interval_end,
-    open, high, low, close, volume, quote_volume, vwap, trade_count, is_final, source,
-    session_id, event_ts, ingestion_ts, lake_key)
-SELECT exchange, symbol, native_symbol, interval_seconds,
-       timestamptz 'epoch' + interval_start {_MS},
-       timestamptz 'epoch' + (interval_start + interval_seconds * 1000::bigint) {_MS},
-       open, high, low, close, volume, quote_volume, vwap, trade_count, is_final, origin,
-       session_id,
-       timestamptz 'epoch' + event_ts {_MS},
-       timestamptz 'epoch' + ingestion_ts {_MS},
-       lake_key
-FROM pg_temp.{_STAGE}
-"""
-_STAGE_HOURS = f"""
-SELECT exchange, interval_start - interval_start % {HOUR_MS} AS hour_ms, count(*) AS n
-FROM pg_temp.{_STAGE} GROUP BY 1, 2
-"""
+COPY_COLUMNS = [
+    "exchange", "symbol", "native_symbol", "interval_seconds", "open", "high", "low", "close",
+    "volume", "quote_volume", "vwap", "trade_count", "is_final", "source", "session_id",
+    "interval_start", "interval_end", "event_ts", "ingestion_ts", "lake_key",
+]  # fmt: skip
+_PLAIN = operator.attrgetter(
+    "exchange", "symbol", "native_symbol", "interval_seconds", "open", "high", "low", "close",
+    "volume", "quote_volume", "vwap", "trade_count", "is_final", "origin", "session_id",
+)  # fmt: skip
+_EXCHANGE = operator.attrgetter("exchange")
 
-_ROW = operator.attrgetter(*_STAGE_FIELDS)
 _ENCODER = msgspec.json.Encoder()
 _LINE_DECODER = msgspec.json.Decoder(CandleRecord)
 _ORIGINS = frozenset(o.value for o in Origin)
-_MAX_MS = 32_503_680_000_000  # year 3000: beyond it a timestamp is garbage, not data
+_MAX_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 _SERVER_REFUSED = (
     asyncpg.DataError,
     asyncpg.CheckViolationError,
@@ -112,15 +80,11 @@ T = TypeVar("T")
 # the part source
 
 
-class PartRefLike(Protocol):
-    @property
-    def key(self) -> str: ...
-
-
 class PartSource(Protocol):
     """Where parts come from: :class:`klined.lake.LakeStore`, or a test's folder.
 
-    Either method may be a coroutine function or a plain one.
+    ``list_parts(hour_ms)`` returns refs with a ``key`` (and ideally ``exchange``);
+    ``read_part_bytes(ref)`` their bytes. Either may be a coroutine function or a plain one.
     """
 
     def list_parts(self, hour_ms: int) -> Any: ...
@@ -141,11 +105,6 @@ def _ref_exchange(ref: Any) -> str:
     key: str = ref.key
     head = key.split("/", 1)[0]
     return head.removeprefix("exchange=") if head.startswith("exchange=") else ""
-
-
-def _read_part(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
-    contents = read_part(data)
-    return contents.records, contents.bad_lines, list(contents.bad_line_numbers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +133,7 @@ def validate_record(rec: CandleRecord | Candle) -> str | None:
     if not 0 < rec.interval_seconds <= 86_400:
         return f"bad interval_seconds {rec.interval_seconds}"
     for name in ("interval_start", "event_ts", "ingestion_ts"):
-        if not 0 <= getattr(rec, name) < _MAX_MS:
+        if not 0 <= getattr(rec, name) < _MAX_MS - 86_400_000:
             return f"{name} out of range"
     for name in ("open", "high", "low", "close", "volume"):
         if _bad_number(getattr(rec, name), optional=False):
@@ -195,7 +154,7 @@ def _careful_decode(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
         if not line.strip():
             continue
         try:
-            rec = _LINE_DECODER.decode(line)
+            rec: CandleRecord | None = _LINE_DECODER.decode(line)
         except msgspec.DecodeError:
             rec = None
         if rec is None or validate_record(rec) is not None:
@@ -205,6 +164,72 @@ def _careful_decode(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
             continue
         records.append(rec)
     return records, bad, numbers
+
+
+_SECONDS: dict[int, str] = {}  # epoch second -> "YYYY-MM-DD HH:MM:SS"
+_SPANS: dict[int, tuple[str, str]] = {}  # 1-minute interval_start ms -> (start, end) text
+_MILLIS = [f".{i:03d}+00" for i in range(1000)]
+_CACHE_MAX = 200_000
+
+
+def _second(sec: int) -> str:
+    if len(_SECONDS) > _CACHE_MAX:
+        _SECONDS.clear()
+    text = _SECONDS[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
+    return text
+
+
+def _span(start_ms: int, seconds: int) -> tuple[str, str]:
+    q, m = divmod(start_ms, 1000)
+    span = (
+        (_SECONDS.get(q) or _second(q)) + _MILLIS[m],
+        (_SECONDS.get(q + seconds) or _second(q + seconds)) + _MILLIS[m],
+    )
+    if seconds == 60:
+        if len(_SPANS) > _CACHE_MAX:
+            _SPANS.clear()
+        _SPANS[start_ms] = span
+    return span
+
+
+def format_rows(
+    records: Iterable[CandleRecord | Candle], lo: int, hi: int
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], set[int]]:
+    """COPY rows (``COPY_COLUMNS`` order, without lake_key) split by ``lo <= start < hi``.
+
+    Timestamps become UTC text with an explicit ``+00`` (from caches: this loop is the
+    loader's hot path); returns (inside, outside, the hours of the outside rows).
+    """
+    inside: list[tuple[Any, ...]] = []
+    outside: list[tuple[Any, ...]] = []
+    hours: set[int] = set()
+    sec = _SECONDS
+    ms = _MILLIS
+    spans = _SPANS
+    plain = _PLAIN
+    keep = inside.append
+    for r in records:
+        s = r.interval_start
+        if r.interval_seconds == 60:
+            span = spans.get(s) or _span(s, 60)
+        else:
+            span = _span(s, r.interval_seconds)
+        e = r.event_ts
+        i = r.ingestion_ts
+        row = (
+            plain(r)
+            + span
+            + (
+                (sec.get(e // 1000) or _second(e // 1000)) + ms[e % 1000],
+                (sec.get(i // 1000) or _second(i // 1000)) + ms[i % 1000],
+            )
+        )
+        if lo <= s < hi:
+            keep(row)
+        else:
+            outside.append(row)
+            hours.add(floor_hour(s))
+    return inside, outside, hours
 
 
 def _csv_value(value: object) -> str:
@@ -220,7 +245,7 @@ def _csv_value(value: object) -> str:
 
 
 def encode_csv(rows: Sequence[tuple[Any, ...]], lake_key: str | None) -> bytes:
-    """CSV for the staging COPY (``NULL 'null'``): JSON arrays when that is exact, else by hand."""
+    """CSV for COPY (``NULL 'null'``): JSON arrays when that is exact, else quoted by hand."""
     if not rows:
         return b""
     key_ok = lake_key is None or not any(c in lake_key for c in '"\\\r\n')
@@ -231,6 +256,31 @@ def encode_csv(rows: Sequence[tuple[Any, ...]], lake_key: str | None) -> bytes:
             return data[2:-2].replace(b"],[", tail) + tail
     key_text = _csv_value(lake_key)
     return "".join(",".join(map(_csv_value, row)) + "," + key_text + "\n" for row in rows).encode()
+
+
+async def _copy(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
+    await conn.copy_to_table(
+        "bronze_ohlcv_native",
+        schema_name="bronze",
+        source=chunks,
+        columns=COPY_COLUMNS,
+        format="csv",
+        null="null",
+    )
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _create_partitions_here(conn: asyncpg.Connection, hours: Iterable[int]) -> None:
+    """Create partitions inside the caller's transaction (rare: rows outside their folder)."""
+    await conn.execute(
+        "SELECT ops.ensure_hour_partition(t, h)"
+        " FROM unnest($1::text[]) t CROSS JOIN unnest($2::timestamptz[]) h",
+        list(PARTITIONED_TABLES),
+        [to_datetime(h) for h in sorted(hours)],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,26 +297,47 @@ class _PartStats:
         self.bad_numbers: list[int] = []
 
 
-class _BatchOutcome(msgspec.Struct):
-    parts: int = 0
-    rows: int = 0
-    bad_lines: int = 0
-    size: int = 0
-    hours: list[tuple[str, int]] = msgspec.field(default_factory=list)
+class _Batch:
+    """What one batch transaction loaded."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, _PartStats] = {}
+        self.dirty: set[tuple[str, int]] = set()
+        self.outside: list[bytes] = []
+        self.outside_hours: set[int] = set()
 
 
-async def _copy_stage(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
-    await conn.copy_to_table(
-        _STAGE, source=chunks, columns=_STAGE_COLUMNS, format="csv", null="null"
-    )
+async def _read_parts(
+    source: PartSource,
+    refs: Sequence[Any],
+    send: MemoryObjectSendStream[tuple[Any, bytes | Exception]],
+) -> None:
+    """Read parts with a few concurrent readers, in any order; a failure is sent as an item."""
+    pending = iter(refs)
+
+    async def reader(out: MemoryObjectSendStream[tuple[Any, bytes | Exception]]) -> None:
+        async with out:
+            for ref in pending:
+                try:
+                    data: bytes = await _maybe_await(source.read_part_bytes(ref))
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    await out.send((ref, exc))
+                    return
+                await out.send((ref, data))
+
+    async with send, anyio.create_task_group() as tg:
+        for _ in range(min(READERS, len(refs))):
+            tg.start_soon(reader, send.clone())
 
 
 async def _load_batch(
-    db: Database, hour_ms: int, refs: Sequence[Any], source: PartSource, careful: bool
-) -> _BatchOutcome:
-    stats: dict[str, _PartStats] = {}
+    db: Database, hour: int, refs: Sequence[Any], source: PartSource, careful: bool
+) -> _Batch:
+    batch = _Batch()
+    lo, hi = hour, hour + HOUR_MS
     async with db.transaction() as conn:
-        await conn.execute(_STAGE_DDL)
         claimed_keys = {
             r["lake_key"]
             for r in await conn.fetch(
@@ -274,41 +345,70 @@ async def _load_batch(
                 " SELECT k, $2, e, 0, 0 FROM unnest($1::text[], $3::text[]) AS t(k, e)"
                 " ON CONFLICT (lake_key) DO NOTHING RETURNING lake_key",
                 [r.key for r in refs],
-                to_datetime(hour_ms),
+                to_datetime(hour),
                 [_ref_exchange(r) for r in refs],
             )
         }
         claimed = [r for r in refs if r.key in claimed_keys]
         if not claimed:
-            return _BatchOutcome()
+            return batch
 
-        async def chunks() -> AsyncIterator[bytes]:
-            for ref in claimed:
-                data: bytes = await _maybe_await(source.read_part_bytes(ref))
-                st = stats[ref.key] = _PartStats()
+        async def chunks(
+            parts: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
+        ) -> AsyncIterator[bytes]:
+            pending: list[bytes] = []
+            pending_size = 0
+            async for ref, data in parts:
+                if isinstance(data, Exception):
+                    raise data
+                st = batch.stats[ref.key] = _PartStats()
                 st.size = len(data)
                 if careful:
                     records, st.bad, st.bad_numbers = _careful_decode(data)
                 else:
-                    records, st.bad, st.bad_numbers = _read_part(data)
+                    contents = read_part(data)
+                    records, st.bad = contents.records, contents.bad_lines
+                    st.bad_numbers = list(contents.bad_line_numbers)
                 st.rows = len(records)
-                if records:
-                    yield encode_csv([_ROW(r) for r in records], ref.key)
+                if not records:
+                    continue
+                inside, outside, hours = format_rows(records, lo, hi)
+                exchanges = set(map(_EXCHANGE, records))
+                batch.dirty.update((e, h) for e in exchanges for h in (hours | {hour}))
+                if outside:
+                    batch.outside.append(encode_csv(outside, ref.key))
+                    batch.outside_hours.update(hours)
+                if inside:
+                    encoded = encode_csv(inside, ref.key)
+                    pending.append(encoded)
+                    pending_size += len(encoded)
+                    if pending_size >= COPY_CHUNK:
+                        yield b"".join(pending)
+                        pending.clear()
+                        pending_size = 0
+            if pending:
+                yield b"".join(pending)
 
-        await _copy_stage(conn, chunks())
-        groups = await conn.fetch(_STAGE_HOURS)
-        extra = sorted({g["hour_ms"] for g in groups} - {hour_ms})
-        if extra:
-            # rows filed under another hour's folder: create their partitions in this
-            # transaction (rare; it briefly locks the parents until commit)
-            await conn.execute(
-                "SELECT ops.ensure_hour_partition(t, h)"
-                " FROM unnest($1::text[]) t CROSS JOIN unnest($2::timestamptz[]) h",
-                ["bronze.bronze_ohlcv_native", "silver.fact_ohlcv"],
-                [to_datetime(h) for h in extra],
-            )
-        await conn.execute(_STAGE_TO_BRONZE)
-        keys = list(stats)
+        # Readers run ahead in the background; the COPY's own exception is kept out of the
+        # task group so callers see it as itself, not wrapped in an ExceptionGroup.
+        failure: Exception | None = None
+        send, receive = anyio.create_memory_object_stream[tuple[Any, bytes | Exception]](READ_AHEAD)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_parts, source, claimed, send)
+            async with receive:
+                try:
+                    await _copy(conn, chunks(receive))
+                except Exception as exc:
+                    failure = exc
+                    tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if batch.outside:
+            unknown = batch.outside_hours - db.known_partitions(BRONZE_TABLE)
+            if unknown:
+                await _create_partitions_here(conn, unknown)
+            await _copy(conn, _one_chunk(b"".join(batch.outside)))
+        keys = list(batch.stats)
         await conn.execute(
             "UPDATE ops.lake_parts p SET size = t.size, rows = t.n, bad_lines = t.bad,"
             "   bad_line_numbers = t.nums::int[]"
@@ -316,22 +416,22 @@ async def _load_batch(
             "   AS t(k, size, n, bad, nums)"
             " WHERE p.lake_key = t.k",
             keys,
-            [stats[k].size for k in keys],
-            [stats[k].rows for k in keys],
-            [stats[k].bad for k in keys],
-            ["{" + ",".join(map(str, stats[k].bad_numbers[:BAD_LINE_SAMPLE])) + "}" for k in keys],
+            [batch.stats[k].size for k in keys],
+            [batch.stats[k].rows for k in keys],
+            [batch.stats[k].bad for k in keys],
+            [
+                "{" + ",".join(map(str, batch.stats[k].bad_numbers[:BAD_LINE_SAMPLE])) + "}"
+                for k in keys
+            ],
         )
-        hours = [(g["exchange"], g["hour_ms"]) for g in groups]
-        await mark_dirty_hours(conn, hours, "lake_parts")
-    if extra:
-        await db.ensure_partitions(extra)
-    return _BatchOutcome(
-        parts=len(stats),
-        rows=sum(s.rows for s in stats.values()),
-        bad_lines=sum(s.bad for s in stats.values()),
-        size=sum(s.size for s in stats.values()),
-        hours=hours,
-    )
+        await mark_dirty_hours(conn, batch.dirty, "lake_parts")
+    if batch.outside_hours:
+        await db.ensure_partitions(batch.outside_hours)
+    return batch
+
+
+def _missing_partition(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.CheckViolationError) and "no partition" in str(exc)
 
 
 async def load_hour(
@@ -345,7 +445,8 @@ async def load_hour(
     """Load every part of the hour that is not in ``ops.lake_parts`` yet; re-runnable.
 
     Returns rows loaded; details: ``parts_listed``, ``parts_loaded``, ``parts_skipped``
-    (already loaded), ``bad_lines``, ``bytes``, ``dirty_hours`` and ``careful_batches``.
+    (already loaded, here or by a concurrent loader), ``bad_lines``, ``bytes``,
+    ``dirty_hours`` and ``careful_batches``.
     """
     hour = floor_hour(hour_ms)
     refs = list(await _maybe_await(parts.list_parts(hour)))
@@ -358,8 +459,7 @@ async def load_hour(
     )
     loaded = {r["lake_key"] for r in done}
     todo = [r for r in refs if r.key not in loaded]
-    result = StepResult(step=STEP, hour_ms=hour)
-    details = {
+    details: dict[str, int] = {
         "parts_listed": len(refs),
         "parts_loaded": 0,
         "parts_skipped": len(refs) - len(todo),
@@ -370,35 +470,39 @@ async def load_hour(
     }
     if todo:
         await db.ensure_partitions([hour])
+    rows = 0
     dirty: set[tuple[str, int]] = set()
-    for start in range(0, len(todo), max(1, batch_parts)):
-        batch = todo[start : start + max(1, batch_parts)]
+    size = max(1, batch_parts)
+    for start in range(0, len(todo), size):
+        group = todo[start : start + size]
         try:
-            outcome = await _load_batch(db, hour, batch, parts, careful=False)
+            batch = await _load_batch(db, hour, group, parts, careful=False)
         except _SERVER_REFUSED as exc:
-            logger.warning(
-                "bronze {}: the server refused a value ({}); re-loading {} parts carefully",
-                to_datetime(hour).isoformat(),
-                exc,
-                len(batch),
-            )
-            details["careful_batches"] += 1
-            outcome = await _load_batch(db, hour, batch, parts, careful=True)
-        result.rows += outcome.rows
-        details["parts_loaded"] += outcome.parts
-        details["bad_lines"] += outcome.bad_lines
-        details["bytes"] += outcome.size
-        details["parts_skipped"] += len(batch) - outcome.parts
-        dirty.update(outcome.hours)
+            if _missing_partition(exc):
+                db.forget_partitions()
+                await db.ensure_partitions([hour])
+            else:
+                logger.warning(
+                    "bronze {}: the server refused a value ({}); loading {} parts carefully",
+                    iso(hour),
+                    exc,
+                    len(group),
+                )
+                details["careful_batches"] += 1
+            batch = await _load_batch(db, hour, group, parts, careful=True)
+        stats = batch.stats.values()
+        rows += sum(s.rows for s in stats)
+        details["parts_loaded"] += len(batch.stats)
+        details["parts_skipped"] += len(group) - len(batch.stats)
+        details["bad_lines"] += sum(s.bad for s in stats)
+        details["bytes"] += sum(s.size for s in stats)
+        dirty.update(batch.dirty)
     details["dirty_hours"] = len(dirty)
     if details["bad_lines"]:
         logger.warning(
-            "bronze {}: skipped {} torn or malformed lines",
-            to_datetime(hour).isoformat(),
-            details["bad_lines"],
+            "bronze {}: skipped {} torn or malformed lines", iso(hour), details["bad_lines"]
         )
-    result.details = details
-    return result
+    return StepResult(step=STEP, hour_ms=hour, rows=rows, details=dict(details))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,28 +521,21 @@ async def insert_candles(
     Every candle is validated first; an invalid one raises ``ValueError`` and nothing is
     written. Returns the number of rows inserted.
     """
-    rows = []
-    hours: set[tuple[str, int]] = set()
-    for candle in candles:
+    items = list(candles)
+    for candle in items:
         why = validate_record(candle)
         if why is not None:
             raise ValueError(
                 f"refusing candle {candle.exchange} {candle.symbol}"
                 f" @ {iso(candle.interval_start)}: {why}"
             )
-        rows.append(_ROW(candle))
-        hours.add((candle.exchange, floor_hour(candle.interval_start)))
-    if not rows:
+    if not items:
         return 0
+    rows, _, _ = format_rows(items, 0, _MAX_MS)
+    hours = {(c.exchange, floor_hour(c.interval_start)) for c in items}
     await db.ensure_partitions(h for _, h in hours)
     payload = encode_csv(rows, lake_key)
-
-    async def one_chunk() -> AsyncIterator[bytes]:
-        yield payload
-
     async with db.transaction() as conn:
-        await conn.execute(_STAGE_DDL)
-        await _copy_stage(conn, one_chunk())
-        await conn.execute(_STAGE_TO_BRONZE)
+        await _copy(conn, _one_chunk(payload))
         await mark_dirty_hours(conn, hours, reason)
     return len(rows)
