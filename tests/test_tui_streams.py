@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import msgspec
 import pytest
 from textual.pilot import Pilot
@@ -11,6 +13,7 @@ from textual.widgets import Input, Static
 
 from klined.errors import StatusError
 from klined.status import StatusSnapshot, StreamState
+from klined.status_server import StatusServer
 from klined.tui.app import KlinedApp
 from klined.tui.fakes import (
     DEMO_NOW_MS,
@@ -259,3 +262,39 @@ def test_snapshot_decodes_what_the_fake_sends() -> None:
     snap = demo_snapshot()
     assert decode_snapshot(encode_snapshot(snap)) == snap
     assert isinstance(snap, StatusSnapshot)
+
+
+async def test_real_status_socket_goes_away_and_comes_back(tmp_path: Path) -> None:
+    """Against the daemon's own StatusServer: rows, outage message, recovery."""
+    sock = tmp_path / "klined.sock"
+    app = KlinedApp(
+        SocketStatusSource(sock, timeout=2),
+        FakeWarehouseSource(),
+        refresh=3600,
+        clock=lambda: DEMO_NOW_MS,
+    )
+    async with anyio.create_task_group() as tg, app.run_test(size=(80, 24)) as pilot:
+        scope = anyio.CancelScope()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await StatusServer(sock, demo_snapshot).serve(task_status=task_status)
+
+        await tg.start(serve)
+        await refresh(app, pilot)
+        assert streams(app).row_count == 28
+        assert app.daemon_ok
+
+        scope.cancel()  # the daemon stops: its socket goes away
+        await anyio.wait_all_tasks_blocked()
+        await refresh(app, pilot)
+        banner = str(app.query_one(ProblemBanner).render())
+        assert f"daemon not running: socket {sock} not found" in banner
+        assert streams(app).row_count == 28  # last known rows, marked as old
+
+        scope = anyio.CancelScope()
+        await tg.start(serve)
+        await refresh(app, pilot)
+        assert app.daemon_ok
+        assert not app.query_one(ProblemBanner).has_class("-shown")
+        scope.cancel()

@@ -207,11 +207,11 @@ class KlinedApp(App[None]):
             rows = await self.warehouse.completeness(since, until)
         except DatabaseError as exc:
             problems.append(str(exc))
-            self.completeness.show_failed()
+            self.completeness.show_failed(now)
         except Exception as exc:
             logger.opt(exception=exc).warning("reading completeness failed")
             problems.append(f"cannot read completeness: {exc}")
-            self.completeness.show_failed()
+            self.completeness.show_failed(now)
         else:
             self.completeness.show(rows, now)
         try:

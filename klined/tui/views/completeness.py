@@ -112,10 +112,14 @@ class CompletenessView(Vertical):
         self.rows, self.now_ms, self.loaded, self.failed = rows, now_ms, True, False
         self._render_all()
 
-    def show_failed(self) -> None:
+    def show_failed(self, now_ms: int) -> None:
         """The database could not be read: keep what is shown, say so if nothing is."""
         self.failed = True
-        self._render_detail()
+        if not self.loaded:
+            self.now_ms = now_ms
+            self._render_all()  # the empty grid still shows which hours it is about
+        else:
+            self._render_detail()
 
     def since_until(self, now_ms: int) -> tuple[int, int]:
         """The hour range the app should load for the current window."""

@@ -163,7 +163,9 @@ class JobsView(Vertical):
                 message = "loading job runs…"
             title.update(Text(message, style=_DIM))
             detail.sync([])
+            detail.display = False
             return
+        detail.display = True
         failed = sum(1 for r in group.latest.values() if r.status == "failed")
         text = Text(f"runs for {fmt_hour(group.hour_ms)} ", style="bold")
         text.append(f"({len(group.runs)} runs", style=_DIM)

@@ -18,14 +18,14 @@ class ConfirmScreen(ModalScreen[bool]):
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical {
-        width: auto;
-        max-width: 76;
+        width: 72;
+        max-width: 95%;
         height: auto;
         border: round $warning;
         background: $panel;
         padding: 1 2;
     }
-    ConfirmScreen #question { width: auto; }
+    ConfirmScreen #question { width: 100%; }
     ConfirmScreen #answers { margin-top: 1; color: $text-muted; width: auto; }
     """
 
