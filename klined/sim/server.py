@@ -226,6 +226,13 @@ def _time_option(value: str | None, name: str) -> int | None:
 )
 @click.option("--from", "from_", default=None, help="Replay range start (replay mode).")
 @click.option("--to", "to", default=None, help="Replay range end, exclusive (replay mode).")
+@click.option(
+    "--replay-end",
+    type=click.Choice(["close", "idle"]),
+    default="idle",
+    show_default=True,
+    help="After the replay range: close connections or keep them idle.",
+)
 @click.option("--rate-limit-scale", type=float, default=1.0, show_default=True)
 @click.pass_context
 def sim_command(
@@ -241,6 +248,7 @@ def sim_command(
     mode: str,
     from_: str | None,
     to: str | None,
+    replay_end: str,
     rate_limit_scale: float,
 ) -> None:
     """Run a Binance US + Kraken simulator on loopback until Ctrl-C."""
@@ -255,7 +263,7 @@ def sim_command(
             mode=mode,
             replay_from=_time_option(from_, "--from"),
             replay_to=_time_option(to, "--to"),
-            replay_end="idle",
+            replay_end=replay_end,
             faults=plan,
             rate_limit_scale=rate_limit_scale,
             host=host,
