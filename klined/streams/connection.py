@@ -438,7 +438,8 @@ class StreamConnection:
                 delay = self._after_session(session)
                 if delay is None:
                     break
-                self._set_state(StreamState.BACKOFF if self.pairs else StreamState.DOWN)
+                # a fatal error keeps the slot "down" while it retries slowly
+                self._set_state(StreamState.DOWN if self._last_fatal else StreamState.BACKOFF)
                 self.status.next_retry_ms = now_ms() + int(delay * 1000)
                 await anyio.sleep(delay)
                 self.status.next_retry_ms = None
@@ -468,7 +469,9 @@ class StreamConnection:
         if session.healthy:
             self.backoff.reset()
         if isinstance(exc, InvalidURI):
-            self._fatal(f"bad WebSocket URL: {exc}")
+            # only a config change can fix it: give up on this slot (status "down")
+            self._fatal(f"bad WebSocket URL: {exc}", retrying=False)
+            self._set_state(StreamState.DOWN)
             return None
         if isinstance(exc, InvalidStatus):
             code = exc.response.status_code
@@ -477,7 +480,6 @@ class StreamConnection:
                 return max(self.backoff.next(), self.settings.backoff_max_s / 2)
             if 400 <= code < 500:
                 self._fatal(f"connection refused with HTTP {code}")
-                self._set_state(StreamState.DOWN)
                 return self.backoff.at_max()
         if exc is None:
             self._note_failure("closed by the exchange", level="INFO")
@@ -586,10 +588,16 @@ class StreamConnection:
             if ps is not None and ps.state != StreamState.UNLISTED:
                 ps.state = state
 
-    def _fatal(self, message: str) -> None:
+    def _fatal(self, message: str, *, retrying: bool = True) -> None:
+        """Report a fatal error once; repeats of the same error are only debug lines."""
         self.status.last_error = message
+        for pair in self.pairs:
+            ps = self.pair_status.get(str(pair))
+            if ps is not None:
+                ps.last_error = message
         if message != self._last_fatal:
-            self._log.error("{} {}: {} (retrying slowly)", self.adapter.name, self.conn_id, message)
+            then = "retrying slowly" if retrying else "giving up"
+            self._log.error("{} {}: {} ({})", self.adapter.name, self.conn_id, message, then)
             self._last_fatal = message
         else:
             self._log.debug("{}", message)
