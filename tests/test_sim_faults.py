@@ -465,3 +465,27 @@ def test_probabilistic_rules_are_seeded() -> None:
 
     assert firing(1) == firing(1) != firing(2)
     assert 30 < len(firing(1)) < 90
+
+
+async def test_stopping_closes_clients_and_releases_held_requests(sim_factory: SimFactory) -> None:
+    rule = FaultRule(kind="timeout", exchange="kraken", endpoint="Time", duration_s=600)
+    outcome: dict[str, Any] = {}
+
+    async def held_request(url: str) -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            try:
+                await client.get(url + "/0/public/Time")
+            except httpx.TransportError as exc:
+                outcome["rest"] = type(exc).__name__
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            async with sim_factory(faults=plan(rule)) as sim:
+                ws = await websockets.connect(sim.binance_ws_url + "/ws/btcusd@kline_1m")
+                await ws.recv()
+                tg.start_soon(held_request, sim.kraken_rest_url)
+                while not sim.faults.fired:  # noqa: ASYNC110 - polling the simulator's record
+                    await anyio.sleep(0.01)
+            _, closed = await frames_until_closed(ws)
+    assert closed is None and ws.close_code == 1001
+    assert outcome["rest"] in ("RemoteProtocolError", "ReadError")
