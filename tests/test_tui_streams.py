@@ -298,3 +298,20 @@ async def test_real_status_socket_goes_away_and_comes_back(tmp_path: Path) -> No
         assert app.daemon_ok
         assert not app.query_one(ProblemBanner).has_class("-shown")
         scope.cancel()
+
+
+async def test_clicking_a_header_sorts_by_it() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        table = streams(app)
+        table.post_message(
+            table.HeaderSelected(table, table.columns["pair"].key, 1, table.columns["pair"].label)
+        )
+        await pilot.pause()
+        assert names(app)[0] == "binance APE/USD"
+        table.post_message(
+            table.HeaderSelected(table, table.columns["pair"].key, 1, table.columns["pair"].label)
+        )
+        await pilot.pause()
+        assert names(app)[0] == "kraken WIF/USD"

@@ -103,6 +103,18 @@ CONNECTION_COLUMNS: list[tuple[str, str, int | None]] = [
 ]
 
 
+_HEADER_SORTS = {
+    "exchange": "pair",
+    "pair": "pair",
+    "state": "problems",
+    "error": "problems",
+    "age": "age",
+    "final": "age",
+    "rate": "rate",
+    "reconnects": "reconnects",
+}
+
+
 class StreamsView(Vertical):
     """Connections on top, then one row per exchange/pair, problems first."""
 
@@ -241,6 +253,15 @@ class StreamsView(Vertical):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "stream-table":
             self._render_detail()
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a column header sorts by it (a second click reverses)."""
+        sort = _HEADER_SORTS.get(str(event.column_key.value))
+        if event.data_table.id != "stream-table" or sort is None:
+            return
+        self.reverse = not self.reverse if sort == self.sort else False
+        self.sort = sort
+        self._render_all()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "stream-filter":
