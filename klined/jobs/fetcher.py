@@ -18,6 +18,7 @@ Rows are only ever produced for wanted minutes: a final WS candle is never dupli
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ TRADES_LOOKBACK_MINUTES = (30, 360)
 #: Trades pages one lookback step may read.
 LOOKBACK_PAGES = 5
 
+#: Rows are written (and progress checkpointed) at least this often during a long pass.
+FLUSH_EVERY_S = 1.0
+
 #: Why a minute stays missing -> the ``ops.gapfill_attempts`` outcome recorded for it.
 NO_PREVIOUS_CLOSE = "no previous close"
 NOT_YET = "not yet available at the exchange"
@@ -56,6 +60,9 @@ class Sink(Protocol):
         self, pair: Pair, start_ms: int, end_ms: int, outcome: str, rows: int, detail: str
     ) -> None: ...
 
+    async def progress(self, through_ms: int) -> None:
+        """Every wanted minute before ``through_ms`` is written (or given up on)."""
+
 
 @dataclass(slots=True)
 class PairReport:
@@ -70,6 +77,8 @@ class PairReport:
     missing: Counter[str] = field(default_factory=Counter)  # reason -> minutes
     done: int = 0  # wanted minutes resolved (written or given up on)
     hours: set[int] = field(default_factory=set)  # hours that received rows
+    through: int = 0  # every wanted minute before this is in bronze (or given up on)
+    error: str = ""  # the run for this pair failed outright (not an exchange refusal)
 
     @property
     def still_missing(self) -> int:
@@ -125,6 +134,8 @@ class PairFetcher:
         self._lookback_error = ""
         self._looked_back = False
         self._emitted = 0
+        self._end = 0
+        self._flush_due = time.monotonic() + FLUSH_EVERY_S
         self._per_page = self._trades_per_page()
 
     def _trades_per_page(self) -> int:
@@ -139,8 +150,13 @@ class PairFetcher:
 
     # ------------------------------------------------------------------------------- driver
 
-    async def run(self, wanted: list[int], now_ms: int) -> PairReport:
-        """Fetch every wanted minute (sorted minute starts) the exchange can supply now."""
+    async def run(self, wanted: list[int], now_ms: int, end_ms: int | None = None) -> PairReport:
+        """Fetch every wanted minute (sorted minute starts) the exchange can supply now.
+
+        ``end_ms`` is the end of the range the minutes came from: the progress frontier
+        reaches it when everything is done.
+        """
+        self._end = end_ms if end_ms is not None else (wanted[-1] + MINUTE_MS if wanted else 0)
         self._wanted = set(wanted)
         self.report.wanted += len(wanted)
         limits = self.client.limits
@@ -160,7 +176,16 @@ class PairFetcher:
                 await self._flush()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await self._flush()
+                try:
+                    await self._flush()
+                except Exception as exc:  # never mask the original outcome
+                    logger.error(
+                        "{} {}: {} rows not written: {}",
+                        self.exchange,
+                        self.pair,
+                        len(self._buffer),
+                        exc,
+                    )
         return self.report
 
     # ------------------------------------------------------------------------------- helpers
@@ -181,13 +206,20 @@ class PairFetcher:
             self.report.no_trades += 1
         else:
             self.report.fetched += 1
-        if len(self._buffer) >= self.flush_rows:
+        if len(self._buffer) >= self.flush_rows or time.monotonic() >= self._flush_due:
             await self._flush()
 
     async def _flush(self) -> None:
+        self._flush_due = time.monotonic() + FLUSH_EVERY_S
         if self._buffer:
-            rows, self._buffer = self._buffer, []
-            await self.sink.rows(rows)
+            # cleared only once written: a write cut short (cancelled) is retried by the final
+            # shielded flush, and the progress frontier never passes rows not in bronze
+            await self.sink.rows(self._buffer)
+            self._buffer = []
+        through = min(self._wanted) if self._wanted else self._end
+        if through > self.report.through:
+            self.report.through = through
+            await self.sink.progress(through)
 
     async def _give_up(
         self, start: int, end: int, reason: str, outcome: str | None = None, detail: str = ""

@@ -16,7 +16,7 @@ asked for again unless ``refetch``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -238,11 +238,13 @@ class DbSink:
         *,
         reason: str,
         known: Mapping[int, tuple[str, ...]] | None = None,
+        on_progress: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.db = db
         self.exchange = exchange
         self.reason = reason
         self.known = known  # refetch: silver's current values, to skip unchanged rows
+        self.on_progress = on_progress
         self.written = 0
         self._attempts: list[tuple[str, int, int, str, int, str]] = []
 
@@ -259,6 +261,10 @@ class DbSink:
         self._attempts.append((str(pair), start_ms, max(start_ms, end_ms), outcome, rows, detail))
         if len(self._attempts) >= 200:
             await self.flush_attempts()
+
+    async def progress(self, through_ms: int) -> None:
+        if self.on_progress is not None:
+            await self.on_progress(through_ms)
 
     async def flush_attempts(self) -> None:
         if not self._attempts:
@@ -326,24 +332,33 @@ async def fill_pair_range(
     bronze_hours: Iterable[int] = (),
     reason: str = "gapfill",
     report: PairReport | None = None,
+    on_progress: Callable[[int], Awaitable[None]] | None = None,
 ) -> PairReport:
-    """Fill one pair's missing minutes of a range (reads the warehouse, fetches, writes)."""
+    """Fill one pair's missing minutes of a range (reads the warehouse, fetches, writes).
+
+    ``on_progress(through_ms)`` is awaited after rows are safely in bronze, with the time
+    before which every wanted minute is done (the backfill checkpoints it).
+    """
     exchange = client.exchange
     report = report or PairReport(exchange, str(pair))
+    report.through = max(report.through, start_ms)
     wanted = await wanted_minutes(
         db, exchange, pair, start_ms, end_ms, now_ms, refetch=refetch, bronze_hours=bronze_hours
     )
     if not wanted:
+        report.through = max(report.through, end_ms)
+        if on_progress is not None:
+            await on_progress(end_ms)
         return report
     known = await silver_rows(db, exchange, pair, wanted) if refetch else None
-    sink = DbSink(db, exchange, reason=reason, known=known)
+    sink = DbSink(db, exchange, reason=reason, known=known, on_progress=on_progress)
 
     async def prev_close(minute: int) -> str | None:
         return await settled_close_before(db, exchange, pair, minute)
 
     fetcher = PairFetcher(client, pair, sink, prev_close=prev_close, report=report)
     try:
-        await fetcher.run(wanted, now_ms)
+        await fetcher.run(wanted, now_ms, end_ms)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await sink.flush_attempts()
@@ -374,7 +389,7 @@ async def fill_range(
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     by_exchange = await configured_pairs(db, cfg, clients, pairs)
     result = GapfillResult(start_ms, end_ms, reports if reports is not None else [])
-    dirty = await _dirty_hours(db, start_ms, end_ms) if bronze_hours is None else None
+    dirty = await dirty_hours(db, start_ms, end_ms) if bronze_hours is None else None
 
     async def one_exchange(ex: str, client: RestClient, plist: list[Pair]) -> None:
         hours = dirty.get(ex, set()) if dirty is not None else set(bronze_hours or ())
@@ -405,7 +420,7 @@ async def fill_range(
     return result
 
 
-async def _dirty_hours(db: Database, start_ms: int, end_ms: int) -> dict[str, set[int]]:
+async def dirty_hours(db: Database, start_ms: int, end_ms: int) -> dict[str, set[int]]:
     rows = await db.fetch(
         "SELECT exchange, (extract(epoch from hour_start) * 1000)::bigint AS h"
         " FROM ops.dirty_hours WHERE hour_start >= $1 AND hour_start < $2",

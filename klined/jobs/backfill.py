@@ -1,0 +1,465 @@
+"""``klined backfill``: repair or seed any range at the exchanges' rate limits.
+
+The same code as the hourly chain: :func:`klined.jobs.gapfill.fill_pair_range` fetches what
+the warehouse lacks (final WS candles are never fetched again; ``refetch`` re-verifies REST
+rows) into bronze, and :func:`klined.jobs.chain.run_chain` with the merge steps (silver, gold,
+completeness) turns every touched hour into silver and gold, under the chain's advisory lock,
+while the fetching goes on (hours are merged as soon as every pair of the exchange has
+passed them, so the merge overlaps the rate-limited fetching).
+
+Pairs run concurrently in a task group, bounded, sharing each exchange's limiter. Progress is
+checkpointed per exchange and pair in ``ops.backfill_progress`` (``done_through`` = the hour
+before which everything is in bronze), so an interrupted run resumes there; and since what is
+in bronze is never fetched again, nothing is duplicated either way. Re-running a finished
+range fetches nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from loguru import logger
+
+from klined.config import Config
+from klined.db import Database
+from klined.errors import UsageError
+from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
+from klined.jobs.fetcher import LOOKBACK_FAILED, PairReport
+from klined.jobs.gapfill import (
+    PAIR_CONCURRENCY,
+    configured_pairs,
+    dirty_hours,
+    fill_pair_range,
+    wanted_minutes,
+)
+from klined.jobs.gapplan import Estimate, estimate, plan_windows
+from klined.jobs.progress import Progress
+from klined.jobs.rest import RestClient
+from klined.model import (
+    EXCHANGES,
+    HOUR_MS,
+    MINUTE_MS,
+    Pair,
+    floor_hour,
+    floor_minute,
+    iso,
+    parse_time,
+    to_datetime,
+)
+
+#: Hours merged per chain-lock hold (the lock is released between batches so the daemon's
+#: hourly chain is never starved by a long backfill).
+MERGE_BATCH_HOURS = 24
+#: How often the merger looks for hours every pair has passed.
+MERGE_POLL_S = 1.0
+
+#: Reasons a minute stays missing that a later run may fix (the exit code says so).
+RETRYABLE = {"rate limited", "exchange error", "exchange ban (418)", LOOKBACK_FAILED}
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillRequest:
+    start_ms: int
+    end_ms: int
+    pairs: dict[str, list[Pair]]  # exchange -> pairs
+    note: str = ""  # e.g. the end was clamped to now
+
+
+def resolve_request(
+    cfg: Config,
+    start: str,
+    end: str,
+    exchanges: Sequence[str] = (),
+    pairs: Sequence[str] = (),
+    *,
+    now_ms: int,
+) -> BackfillRequest:
+    """Validate the command's arguments against the config; every problem is a UsageError."""
+    try:
+        lo = parse_time(start)
+    except ValueError as exc:
+        raise UsageError(f"--from: {exc}") from None
+    try:
+        hi = parse_time(end)
+    except ValueError as exc:
+        raise UsageError(f"--to: {exc}") from None
+    lo = -((-lo) // MINUTE_MS) * MINUTE_MS
+    hi = floor_minute(hi)
+    if hi < lo:
+        raise UsageError(f"reversed range: --from {iso(lo)} is after --to {iso(hi)}")
+    if hi == lo:
+        raise UsageError(f"empty range: --from and --to are both {iso(lo)}")
+    last_closed = floor_minute(now_ms)
+    if lo >= last_closed:
+        raise UsageError(f"the range starts in the future ({iso(lo)}; now is {iso(now_ms)})")
+    note = ""
+    if hi > last_closed:
+        note = f"--to {iso(hi)} is in the future: backfilling up to {iso(last_closed)}"
+        hi = last_closed
+    enabled = cfg.exchanges.enabled()
+    chosen = list(dict.fromkeys(e.strip().lower() for e in exchanges)) or list(enabled)
+    for ex in chosen:
+        if ex not in EXCHANGES:
+            raise UsageError(f"unknown exchange {ex!r}; known exchanges: {', '.join(EXCHANGES)}")
+        if ex not in enabled:
+            raise UsageError(f"exchange {ex!r} is disabled in the config")
+    wanted: list[Pair] = []
+    for text in pairs:
+        try:
+            wanted.append(Pair.parse(text))
+        except ValueError as exc:
+            raise UsageError(f"--pair: {exc}") from None
+    out: dict[str, list[Pair]] = {}
+    for ex in chosen:
+        configured = cfg.pairs(ex)
+        out[ex] = [p for p in configured if p in wanted] if wanted else configured
+    for p in wanted:
+        if not any(p in out[ex] for ex in chosen):
+            where = " or ".join(chosen)
+            known = ", ".join(sorted({str(q) for ex in chosen for q in cfg.pairs(ex)}))
+            raise UsageError(f"pair {p} is not configured for {where} (configured: {known})")
+    out = {ex: ps for ex, ps in out.items() if ps}
+    if not out:
+        raise UsageError("no pairs to backfill: the selected exchanges have no pairs configured")
+    return BackfillRequest(lo, hi, out, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (ops.backfill_progress, one row per exchange and pair)
+
+
+async def open_checkpoint(
+    db: Database, exchange: str, pair: Pair, start_ms: int, end_ms: int, *, refetch: bool
+) -> tuple[int, int]:
+    """(backfill_id, resume_from): continue an unfinished run of the same range, or start one."""
+    symbols = [str(pair)]
+    if not refetch:
+        row = await db.fetchrow(
+            "SELECT backfill_id, done_through, status FROM ops.backfill_progress"
+            " WHERE exchange = $1 AND symbols = $2::text[] AND range_start = $3"
+            "   AND range_end = $4 ORDER BY backfill_id DESC LIMIT 1",
+            exchange,
+            symbols,
+            to_datetime(start_ms),
+            to_datetime(end_ms),
+        )
+        if row is not None and row["status"] != "done":
+            through = row["done_through"]
+            resume = max(start_ms, int(through.timestamp() * 1000)) if through else start_ms
+            await db.execute(
+                "UPDATE ops.backfill_progress SET status = 'running', updated_at = now(),"
+                " detail = $2 WHERE backfill_id = $1",
+                row["backfill_id"],
+                f"resumed from {iso(resume)}",
+            )
+            return int(row["backfill_id"]), resume
+    backfill_id = await db.fetchval(
+        "INSERT INTO ops.backfill_progress (exchange, symbols, range_start, range_end,"
+        " done_through, detail) VALUES ($1, $2::text[], $3, $4, $3, $5) RETURNING backfill_id",
+        exchange,
+        symbols,
+        to_datetime(start_ms),
+        to_datetime(end_ms),
+        "refetch" if refetch else "",
+    )
+    return int(backfill_id), start_ms
+
+
+async def save_checkpoint(db: Database, backfill_id: int, through_ms: int) -> None:
+    await db.execute(
+        "UPDATE ops.backfill_progress SET done_through = $2, updated_at = now()"
+        " WHERE backfill_id = $1 AND (done_through IS NULL OR done_through < $2)",
+        backfill_id,
+        to_datetime(through_ms),
+    )
+
+
+async def close_checkpoint(db: Database, backfill_id: int, status: str, detail: str) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        await db.execute(
+            "UPDATE ops.backfill_progress SET status = $2, detail = $3, updated_at = now()"
+            " WHERE backfill_id = $1",
+            backfill_id,
+            status,
+            detail[:500],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass(slots=True)
+class BackfillResult:
+    reports: list[PairReport] = field(default_factory=list)
+    merges: list[ChainReport] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(r.fetched + r.no_trades for r in self.reports)
+
+    @property
+    def merged_ok(self) -> bool:
+        return all(m.ok for m in self.merges)
+
+    @property
+    def retryable_missing(self) -> int:
+        return sum(n for r in self.reports for why, n in r.missing.items() if why in RETRYABLE)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.merged_ok and not self.retryable_missing and not any(r.error for r in self.reports)
+        )
+
+
+class _Merger:
+    """Merges (silver, gold, completeness) each exchange's hours once all its pairs passed them."""
+
+    def __init__(
+        self,
+        db: Database,
+        cfg: Config,
+        start_ms: int,
+        reports: Mapping[str, list[PairReport]],
+        dirty: Mapping[str, set[int]],
+        result: BackfillResult,
+    ) -> None:
+        self.db = db
+        self.cfg = cfg
+        self.start_ms = start_ms
+        self.reports = reports
+        self.pending = {ex: set(hours) for ex, hours in dirty.items()}
+        self.merged: dict[str, set[int]] = {ex: set() for ex in reports}
+        self.result = result
+
+    def _ready(self, ex: str, final: bool) -> list[int]:
+        reps = self.reports[ex]
+        todo = self.pending.setdefault(ex, set())
+        for r in reps:
+            todo.update(r.hours)
+        todo -= self.merged[ex]
+        if final:
+            return sorted(todo)
+        frontier = min((r.through for r in reps), default=self.start_ms)
+        return sorted(h for h in todo if h + HOUR_MS <= frontier)
+
+    async def merge(self, final: bool = False) -> None:
+        for ex in self.reports:
+            hours = self._ready(ex, final)
+            for i in range(0, len(hours), MERGE_BATCH_HOURS):
+                batch = hours[i : i + MERGE_BATCH_HOURS]
+                report = await run_chain(
+                    self.db, self.cfg, batch, trigger="backfill", steps=MERGE_STEPS,
+                    exchange=ex, lock_wait_s=None, maintain_partitions=False,
+                )  # fmt: skip
+                self.result.merges.append(report)
+                self.merged[ex].update(batch)
+
+    async def run(self, done: anyio.Event) -> None:
+        """Merge what is ready every poll while fetching; everything left once it is done."""
+        while not done.is_set():
+            with anyio.move_on_after(MERGE_POLL_S):
+                await done.wait()
+            if not done.is_set():
+                await self.merge()
+        await self.merge(final=True)
+
+
+async def run_backfill(
+    db: Database,
+    cfg: Config,
+    clients: Mapping[str, RestClient],
+    request: BackfillRequest,
+    *,
+    refetch: bool = False,
+    now_ms: int | None = None,
+    concurrency: int = PAIR_CONCURRENCY,
+    progress: Progress | None = None,
+) -> BackfillResult:
+    """Fetch what the warehouse lacks in the range, then merge every touched hour."""
+    started = time.monotonic()
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    start, end = request.start_ms, request.end_ms
+    result = BackfillResult()
+    by_exchange = await configured_pairs(db, cfg, list(request.pairs), request.pairs)
+    reports: dict[str, list[PairReport]] = {}
+    for ex, plist in by_exchange.items():
+        reports[ex] = [PairReport(ex, str(p), through=start) for p in plist]
+        result.reports.extend(reports[ex])
+    if progress is not None:
+        progress.reports[:] = result.reports
+    dirty = await dirty_hours(db, start, end)
+    merger = _Merger(db, cfg, start, reports, dirty, result)
+    fetched = anyio.Event()
+
+    async def one_pair(
+        client: RestClient, pair: Pair, rep: PairReport, gate: anyio.CapacityLimiter
+    ) -> None:
+        async with gate:
+            backfill_id, resume = await open_checkpoint(
+                db, client.exchange, pair, start, end, refetch=refetch
+            )
+            rep.through = resume
+            last_saved = floor_hour(resume)
+
+            async def checkpoint(through: int) -> None:
+                nonlocal last_saved
+                hour = floor_hour(through) if through < end else end
+                if hour > last_saved:
+                    last_saved = hour
+                    await save_checkpoint(db, backfill_id, hour)
+
+            status, detail = "failed", "interrupted"
+            try:
+                await fill_pair_range(
+                    db, client, pair, resume, end, now_ms=now, refetch=refetch,
+                    bronze_hours=dirty.get(client.exchange, ()), reason="backfill",
+                    report=rep, on_progress=checkpoint,
+                )  # fmt: skip
+                status = "done"
+                detail = f"fetched {rep.fetched}, no-trade {rep.no_trades}"
+                if rep.still_missing:
+                    detail += f", missing {rep.still_missing}: " + ", ".join(
+                        f"{why} ({n})" for why, n in rep.missing.most_common()
+                    )
+            except anyio.get_cancelled_exc_class():
+                status, detail = "cancelled", f"cancelled at {iso(rep.through)}"
+                raise
+            except Exception as exc:
+                # one pair's failure (a database hiccup) must not stop the others
+                detail = f"{type(exc).__name__}: {exc}"
+                rep.error = detail
+                logger.opt(exception=exc).error(
+                    "backfill {} {} failed: {}", rep.exchange, pair, exc
+                )
+            finally:
+                await close_checkpoint(db, backfill_id, status, detail)
+
+    async def fetch_all() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for ex, plist in by_exchange.items():
+                    gate = anyio.CapacityLimiter(max(1, concurrency))
+                    for pair, rep in zip(plist, reports[ex], strict=True):
+                        tg.start_soon(one_pair, clients[ex], pair, rep, gate)
+        finally:
+            fetched.set()
+            if progress is not None:
+                progress.stage = "merging"
+
+    async with anyio.create_task_group() as outer:
+        if progress is not None:
+            outer.start_soon(progress.run)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(merger.run, fetched)
+            tg.start_soon(fetch_all)
+        outer.cancel_scope.cancel()
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run
+
+
+@dataclass(slots=True)
+class DryRunLine:
+    exchange: str
+    symbol: str
+    minutes: int
+    estimate: Estimate
+
+
+async def dry_run(
+    db: Database,
+    cfg: Config,
+    clients: Mapping[str, RestClient],
+    request: BackfillRequest,
+    *,
+    refetch: bool = False,
+    now_ms: int | None = None,
+) -> list[DryRunLine]:
+    """What a real run would fetch: minutes, requests and time at the rate limit."""
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    start, end = request.start_ms, request.end_ms
+    dirty = await dirty_hours(db, start, end)
+    by_exchange = await configured_pairs(db, cfg, list(request.pairs), request.pairs)
+    lines = []
+    for ex, plist in by_exchange.items():
+        client = clients[ex]
+        limits = client.limits
+        cost_candles = client.adapter.candles_request(plist[0], start, end).cost if plist else 1
+        trades_req = getattr(client.adapter, "trades_request", None)
+        cost_trades = trades_req(plist[0], "0").cost if trades_req and plist else cost_candles
+        for pair in plist:
+            wanted = await wanted_minutes(
+                db, ex, pair, start, end, now, refetch=refetch, bronze_hours=dirty.get(ex, ())
+            )
+            windows = plan_windows(
+                wanted, now, limits.max_candles_per_request, limits.ohlc_window_candles
+            )
+            est = estimate(
+                len(wanted), windows, cost_candles, cost_trades, client.limiter.rate_per_s()
+            )
+            lines.append(DryRunLine(ex, str(pair), len(wanted), est))
+    return lines
+
+
+def _requests(line: DryRunLine) -> int:
+    return line.estimate.candle_requests + line.estimate.trades_requests
+
+
+def dry_run_table(lines: list[DryRunLine]) -> str:
+    from klined.jobs.progress import fmt_duration
+
+    head = ("exchange", "pair", "minutes", "requests", "est. time")
+    rows = [
+        (
+            ln.exchange,
+            ln.symbol,
+            f"{ln.minutes:,}",
+            f"{_requests(ln):,}" + ("*" if ln.estimate.trades_requests else ""),
+            fmt_duration(ln.estimate.seconds),
+        )
+        for ln in lines
+    ]
+    for ex in sorted({ln.exchange for ln in lines}):
+        mine = [ln for ln in lines if ln.exchange == ex]
+        rows.append(
+            (
+                ex,
+                "TOTAL",
+                f"{sum(ln.minutes for ln in mine):,}",
+                f"{sum(_requests(ln) for ln in mine):,}",
+                fmt_duration(sum(ln.estimate.seconds for ln in mine)),  # pairs share one budget
+            )
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    out = [
+        "  ".join(
+            c.rjust(w) if i >= 2 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [head, *rows]
+    ]
+    if any(ln.estimate.trades_requests for ln in lines):
+        out.append("* includes Trades pages, estimated (their number depends on market activity)")
+    return "\n".join(line.rstrip() for line in out)
+
+
+def __getattr__(name: str) -> object:
+    """``backfill_command`` lives in :mod:`klined.jobs.backfill_cli` (click only there)."""
+    if name == "backfill_command":
+        from klined.jobs.backfill_cli import backfill_command
+
+        return backfill_command
+    raise AttributeError(name)
