@@ -76,6 +76,7 @@ class ExchangeStreams:
         self.connections: list[StreamConnection] = []
         self.unlisted: dict[Pair, str] = {}
         self.listing_checked = False
+        self.started = False  # run() has reported started once
         self._req_ids = ReqIds()
         self._log = logger.bind(exchange=self.name)
 
@@ -161,6 +162,7 @@ class ExchangeStreams:
             )
         streamable = [p for p in self.pairs if p not in self.unlisted]
         size = self.adapter.limits.streams_per_connection
+        self.connections = []
         for i, chunk in enumerate(chunk_pairs(streamable, size)):
             self.connections.append(
                 StreamConnection(
@@ -181,6 +183,7 @@ class ExchangeStreams:
                 tg.start_soon(conn.run, name=f"stream {conn.conn_id}")
             if not reachable:
                 tg.start_soon(self._recheck_listing, name=f"listing {self.name}")
+            self.started = True
             task_status.started()
 
 
