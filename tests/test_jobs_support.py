@@ -52,6 +52,7 @@ WALL_CLOCK = {
     "gold.ohlcv_1h": ("ingestion_ts",),
     "monitoring.hourly_completeness": ("refreshed_at",),
     "ops.lake_parts": ("loaded_at",),
+    "ops.pairs": ("updated_at",),
     "ops.dirty_hours": ("marked_at", "seq"),
 }
 
