@@ -270,6 +270,19 @@ class Database:
         return dropped
 
 
+def partition_name(table: str, hour_ms: int) -> str:
+    """The hourly partition of ``table`` holding ``hour_ms`` (as ops.ensure_hour_partition
+    names it), e.g. ``bronze.bronze_ohlcv_native_p2026112613``."""
+    return f"{table}_p{time.strftime('%Y%m%d%H', time.gmtime(floor_hour(hour_ms) // 1000))}"
+
+
+async def analyze_partition(db: Database, table: str, hour_ms: int) -> None:
+    """Refresh planner statistics of a freshly filled partition (autovacuum comes too late
+    for the next step of the chain)."""
+    schema, _, name = partition_name(table, hour_ms).partition(".")
+    await db.execute(f"ANALYZE {_quote_ident(schema)}.{_quote_ident(name)}")
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.strip('"').replace('"', '""') + '"'
 

@@ -34,7 +34,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from loguru import logger
 
-from klined.db import BRONZE_TABLE, PARTITIONED_TABLES, Database
+from klined.db import BRONZE_TABLE, PARTITIONED_TABLES, Database, analyze_partition
 from klined.jobs.ops import StepResult, mark_dirty_hours
 from klined.lake import read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
@@ -48,6 +48,8 @@ READ_AHEAD = 16
 READERS = 4
 #: bytes per COPY data message (fewer, larger writes wake the server less often)
 COPY_CHUNK = 512 * 1024
+#: refresh planner statistics of the hour's partition after loading this many rows
+ANALYZE_AFTER_ROWS = 10_000
 #: bad line numbers kept per part in the ledger
 BAD_LINE_SAMPLE = 100
 
@@ -498,6 +500,8 @@ async def load_hour(
         details["bytes"] += sum(s.size for s in stats)
         dirty.update(batch.dirty)
     details["dirty_hours"] = len(dirty)
+    if rows >= ANALYZE_AFTER_ROWS:
+        await analyze_partition(db, BRONZE_TABLE, hour)
     if details["bad_lines"]:
         logger.warning(
             "bronze {}: skipped {} torn or malformed lines", iso(hour), details["bad_lines"]

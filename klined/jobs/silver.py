@@ -14,7 +14,7 @@ transaction (``ops.gold_dirty``), for :func:`klined.jobs.gold.refresh`.
 
 from __future__ import annotations
 
-from klined.db import Database
+from klined.db import SILVER_TABLE, Database, analyze_partition
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, floor_hour, to_datetime
 
@@ -22,6 +22,8 @@ STEP = "silver"
 
 #: memory for the per-hour sort of bronze (per connection, only during the merge)
 WORK_MEM = "128MB"
+#: refresh planner statistics of the hour's silver partition after writing this many rows
+ANALYZE_AFTER_ROWS = 5_000
 
 _VALUES = (
     "interval_seconds, interval_end, open, high, low, close, volume, quote_volume,"
@@ -114,6 +116,8 @@ async def merge_hour(db: Database, hour_ms: int, exchange: str | None = None) ->
         )
     assert row is not None
     written = int(row["written"])
+    if written >= ANALYZE_AFTER_ROWS:
+        await analyze_partition(db, SILVER_TABLE, hour)
     inserted = min(written, int(row["inserted"]))
     updated = written - inserted
     return StepResult(
