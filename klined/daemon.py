@@ -61,13 +61,16 @@ class Daemon:
         *,
         notifier: Any = None,
         chain_factory: Callable[[Daemon], Awaitable[None]] | None = None,
+        uploader_options: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.started_ms = now_ms()
         self._t0 = time.monotonic()
         self.lake_status = LakeStatus()
         self.chain_status = ChainStatus()
-        self.uploader = LakeUploader(cfg.lake_root, cfg.lake, cfg.s3, status=self.lake_status)
+        self.uploader = LakeUploader(
+            cfg.lake_root, cfg.lake, cfg.s3, status=self.lake_status, **(uploader_options or {})
+        )
         self.writer = LakeWriter(
             cfg.lake_root,
             cfg.lake,
@@ -206,12 +209,19 @@ class Daemon:
                 scope.cancel()
             await self.writer.aclose()
             if self.uploader.enabled and not self.forced:
-                report = await self.uploader.upload_pending()
-                logger.info("final upload: {}", report)
+                try:
+                    report = await self.uploader.upload_pending()
+                    logger.info(
+                        "final upload: {} part(s) uploaded, {} already there",
+                        report.uploaded,
+                        report.already_present,
+                    )
+                except Exception as exc:
+                    logger.warning("final upload failed: {}", exc)
         self._final_scope = None
-        if scope.cancelled_caught:
-            left = len(self.uploader.pending)
-            logger.warning("shutdown upload cut short; {} part(s) wait for the next start", left)
+        left = len(self.uploader.pending)
+        if left:
+            logger.warning("{} sealed part(s) not uploaded yet; the next start uploads them", left)
 
     # -- components ------------------------------------------------------------------------------
 

@@ -632,12 +632,13 @@ class StreamConnection:
 
     def _rate(self, key: str, count: int, previous: float, elapsed_s: float) -> float:
         """An EWMA of messages per second over refresh intervals (cheap: no per-event math)."""
-        before = self._counts.get(key, count)
+        first = key not in self._counts
+        before = self._counts.get(key, 0)
         self._counts[key] = count
         if elapsed_s <= 0:
             return previous
         instant = (count - before) / elapsed_s
-        alpha = min(1.0, elapsed_s / 10.0)
+        alpha = 1.0 if first else min(1.0, elapsed_s / 10.0)
         return round(previous + alpha * (instant - previous), 3)
 
 

@@ -1,0 +1,329 @@
+"""``klined run`` end to end: the simulator's exchanges, moto's S3, the lake, the status socket.
+
+In-process tests drive :class:`klined.daemon.Daemon` directly (S3 outage and recovery, the
+listing check, an unreachable REST API, the chain with a real PostgreSQL); the subprocess test
+runs the real command and stops it with SIGTERM mid-hour.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import boto3
+import pytest
+
+from klined.config import Config, load_config
+from klined.daemon import Daemon
+from klined.lake import iter_local_parts
+from klined.model import HOUR_MS, MINUTE_MS, floor_hour
+from klined.sim import SimClock, Simulator
+from klined.status import StreamState
+from klined.status_server import fetch_status
+from tests.fixtures.s3 import free_port
+from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.test_streams_support import (
+    assert_exactly_once,
+    assert_kraken_finality,
+    is_derived_final,
+    lake_key,
+    lake_records,
+    sent_key,
+    until,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def write_config(
+    tmp_path: Path,
+    sim: Simulator | None,
+    *,
+    s3: tuple[str, str] | None = None,
+    pairs: dict[str, list[str]] | None = None,
+    extra: str = "",
+    chain: bool = False,
+    dsn: str = "",
+) -> Path:
+    """A klined.toml pointing at the simulator (and moto), with fast timers."""
+    pairs = pairs or {"binance": list(SIM_PAIRS), "kraken": list(SIM_PAIRS)}
+    lines = [
+        "[daemon]",
+        f'data_dir = "{tmp_path / "data"}"',
+        f'status_socket = "{tmp_path / "k.sock"}"',
+        "shutdown_timeout_s = 20",
+        "[lake]",
+        "flush_interval_s = 0.2",
+        "upload_interval_s = 0.2",
+        "[chain]",
+        f"enabled = {'true' if chain else 'false'}",
+    ]
+    if dsn:
+        lines += ["[database]", f'dsn = "{dsn}"']
+    if s3 is not None:
+        lines += ["[s3]", f'endpoint_url = "{s3[0]}"', f'bucket = "{s3[1]}"', 'prefix = "raw"']
+    for ex in ("binance", "kraken"):
+        lines.append(f"[exchanges.{ex}]")
+        if ex not in pairs:
+            lines.append("enabled = false")
+            continue
+        if sim is not None:
+            ws, rest = sim.urls(ex)
+            lines += [f'ws_url = "{ws}"', f'rest_url = "{rest}"']
+        lines += [
+            f"pairs = {pairs[ex]!r}".replace("'", '"'),
+            "stale_after_s = 2.0",
+            "connect_timeout_s = 3.0",
+            "backoff_initial_s = 0.05",
+            "backoff_max_s = 0.5",
+            "rest_timeout_s = 2.0",
+        ]
+    path = tmp_path / "klined.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+@asynccontextmanager
+async def running(cfg: Config, **options: Any) -> AsyncIterator[Daemon]:
+    """The daemon in this process until the block ends; then a graceful stop."""
+    daemon = Daemon(cfg, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.request_stop()
+
+
+class S3Proxy:
+    """A TCP proxy in front of moto that can refuse service: an S3 outage on demand."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.up = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        task_status.started()
+        await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            if not self.up:
+                return  # accept and drop: the client sees the connection die
+            try:
+                upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            async with upstream, anyio.create_task_group() as tg:
+
+                async def pipe(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                    try:
+                        async for chunk in a:
+                            await b.send(chunk)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(pipe, client, upstream)
+                tg.start_soon(pipe, upstream, client)
+
+
+def s3_objects(endpoint: str, bucket: str) -> dict[str, int]:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    out: dict[str, int] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = obj["Size"]
+    return out
+
+
+def local_parts(root: Path) -> dict[str, int]:
+    return {p.key: p.size for p in iter_local_parts(root)}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_s3_outage_then_recovery_loses_nothing(
+    sim_factory: SimFactory, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    proxy = S3Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.up = False
+    async with sim_factory() as sim, anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        cfg = load_config(write_config(tmp_path, sim, s3=(proxy.url, s3_bucket)))
+        fast = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "connect_timeout_s": 1.0}
+        async with running(cfg, uploader_options=fast) as daemon:
+            lake = daemon.lake_status
+            await until(lambda: lake.pending_upload_parts >= 4 and bool(lake.last_upload_error))
+            assert lake.uploaded_parts == 0
+            proxy.up = True  # S3 is back
+            await until(lambda: lake.uploaded_parts >= 4 and not lake.last_upload_error)
+            await anyio.sleep(0.5)
+            await sim.stop()  # every event the exchanges sent is now received
+            await until(
+                lambda: all(c.state != StreamState.CONNECTED for c in daemon.snapshot().connections)
+            )
+        tg.cancel_scope.cancel()
+
+    root = cfg.lake_root
+    assert not list(root.rglob("*.open")), "every part is sealed on shutdown"
+    local = local_parts(root)
+    remote = s3_objects(s3_endpoint, s3_bucket)
+    assert {f"raw/{k}": size for k, size in local.items()} == remote
+    records = lake_records(root)
+    assert assert_exactly_once(sim.log, records, {"binance", "kraken"}) > 100
+    assert assert_kraken_finality(sim, records) > 0
+
+
+async def test_sigterm_mid_hour_exits_0_with_everything_sealed_and_uploaded(
+    sim_factory: SimFactory, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    # the sim runs in the middle of the current hour, so the hour's parts are open (not yet
+    # due) when the signal arrives: shutdown must seal and upload them
+    start = floor_hour(int(time.time() * 1000)) + 30 * MINUTE_MS
+    async with sim_factory(clock=SimClock(start, 60.0)) as sim:
+        cfg_path = write_config(tmp_path, sim, s3=(s3_endpoint, s3_bucket))
+        cfg = load_config(cfg_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        async with await anyio.open_process(
+            [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
+            stdout=None,
+            stderr=None,
+            env=env,
+        ) as proc:
+            try:
+                await wait_streaming(cfg.status_socket, min_messages=60)
+                await anyio.sleep(1.5)  # a minute and a half of sim time
+                snap = await fetch_status(cfg.status_socket)
+                assert snap.lake.open_parts > 0
+                signalled_ms = int(time.time() * 1000)
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(30):
+                    code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 0
+
+    root = cfg.lake_root
+    assert not list(root.rglob("*.open")), "every part is sealed on shutdown"
+    local = local_parts(root)
+    assert local
+    assert {f"raw/{k}": size for k, size in local.items()} == s3_objects(s3_endpoint, s3_bucket)
+    records = lake_records(root)
+    hours = {floor_hour(r.interval_start) for r in records}
+    assert hours <= {floor_hour(start), floor_hour(start) + HOUR_MS}
+    # nothing stored that was not sent, nothing twice; everything sent well before the signal
+    # (so certainly received) is stored
+    sent = Counter(sent_key(e) for e in sim.log)
+    captured = Counter(lake_key(r) for r in records if not is_derived_final(r))
+    assert not captured - sent
+    early = [e for e in sim.log if e.sent_ms < signalled_ms - 500]
+    assert len(early) > 60
+    assert not Counter(sent_key(e) for e in early) - captured
+    assert_kraken_finality(sim, records)
+    assert not cfg.status_socket.exists()
+
+
+async def wait_streaming(sock: Path, *, min_messages: int, limit_s: float = 30.0) -> None:
+    """Until the daemon's status shows every connection up and data flowing."""
+    with anyio.fail_after(limit_s):
+        while True:
+            try:
+                snap = await fetch_status(sock)
+            except Exception:
+                snap = None
+            if (
+                snap is not None
+                and snap.connections
+                and all(c.state == StreamState.CONNECTED for c in snap.connections)
+                and sum(c.messages for c in snap.connections) >= min_messages
+            ):
+                return
+            await anyio.sleep(0.1)
+
+
+async def test_config_errors_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[exchanges.binance]\nws_ur = 'ws://x'\n")
+    result = await anyio.run_process(
+        [sys.executable, "-m", "klined.cli", "run", "-c", str(bad)], check=False
+    )
+    assert result.returncode == 2
+    assert b"did you mean 'ws_url'" in result.stderr
+
+
+async def test_unlisted_pairs_are_reported_with_a_suggestion_and_skipped(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    listed = {"binance": ["BTC/USD", "ETH/USDT"], "kraken": ["BTC/USD", "ETH/USD"]}
+    async with sim_factory(listed=listed) as sim:
+        pairs = {"binance": ["BTC/USD", "ETH/USD"], "kraken": ["BTC/USD", "ETH/USD"]}
+        cfg = load_config(write_config(tmp_path, sim, pairs=pairs))
+        async with running(cfg) as daemon:
+            snap = daemon.snapshot()
+            by_pair = {(p.exchange, p.symbol): p for p in snap.pairs}
+            eth = by_pair[("binance", "ETH/USD")]
+            assert eth.state == StreamState.UNLISTED
+            assert "ETH/USDT" in eth.last_error
+            await until(lambda: by_pair[("kraken", "ETH/USD")].messages > 0)
+            await until(lambda: by_pair[("binance", "BTC/USD")].messages > 0)
+            assert eth.messages == 0
+            conns = {c.conn_id: c for c in daemon.snapshot().connections}
+            assert conns["binance-0"].pairs == 1 and conns["kraken-0"].pairs == 2
+    subscribed = [c.subscriptions for c in sim.stats.connections_of("binance")]
+    assert subscribed and all(s == ["BTC/USD"] for s in subscribed)
+
+
+async def test_unreachable_rest_at_start_streams_every_configured_pair(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    async with sim_factory() as sim:
+        closed = f"http://127.0.0.1:{free_port()}"
+        path = write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD", "ETH/USD"]})
+        text = path.read_text().replace(sim.kraken_rest_url, closed)
+        path.write_text(text)
+        cfg = load_config(path)
+        async with running(cfg) as daemon:
+            es = daemon.streams[0]
+            assert not es.listing_checked
+            await until(lambda: all(p.messages > 0 for p in es.pair_statuses()))
+            assert daemon.ready.is_set()
+
+
+async def test_status_snapshot_fields(sim_factory: SimFactory, tmp_path: Path) -> None:
+    async with sim_factory() as sim:
+        cfg = load_config(write_config(tmp_path, sim))
+        async with running(cfg) as daemon:
+            await until(
+                lambda: all(p.last_final_minute_ms is not None for p in daemon.snapshot().pairs)
+            )
+            await anyio.sleep(1.2)  # one status tick: rates
+            snap = await fetch_status(cfg.status_socket)
+    assert snap.pid == os.getpid() and snap.uptime_s > 0 and snap.rss_bytes > 10_000_000
+    assert {c.conn_id for c in snap.connections} == {"binance-0", "kraken-0"}
+    for c in snap.connections:
+        assert c.state == StreamState.CONNECTED and c.session_id.startswith(c.conn_id)
+        assert c.messages > 0 and c.messages_per_s > 0 and c.last_message_ms
+    assert len(snap.pairs) == 2 * len(SIM_PAIRS)
+    for p in snap.pairs:
+        assert p.state in (StreamState.CONNECTED, StreamState.STALE)
+        assert p.messages > 0 and p.last_message_ms and p.last_final_minute_ms
+    assert snap.lake.events_written > 0
+    assert snap.chain.last_result == "disabled"
