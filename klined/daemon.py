@@ -425,6 +425,17 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
 # entry points
 
 
+def tune_process() -> None:
+    """Process-wide settings for the daemon.
+
+    The GIL switch interval drops from 5 ms to 1 ms: the lake writer's flush thread makes
+    thousands of short syscalls (one write and fdatasync per open part), and under a busy event
+    loop each of them waited up to a full interval for the GIL, so a flush of 2,000 parts took
+    seconds and buffered events piled up in memory.
+    """
+    sys.setswitchinterval(0.001)
+
+
 async def run_daemon(cfg: Config, *, notifier: Any = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the exit code."""
     return await Daemon(cfg, notifier=notifier).run()
@@ -452,6 +463,7 @@ def run_command(config_path: str | None) -> int:
     cfg = load_config(config_path)  # ConfigError: the CLI prints it and exits 2
     setup_logging(cfg.daemon.log_level, True if cfg.daemon.log_json else None)
     notifier = Notifier.from_env()
+    tune_process()
     pairs = {name: [str(p) for p in cfg.pairs(name)] for name in cfg.exchanges.enabled()}
     logger.info(
         "klined starting (config {}): {}",

@@ -66,6 +66,8 @@ def write_config(
         "upload_interval_s = 0.2",
         "[chain]",
         f"enabled = {'true' if chain else 'false'}",
+        "catchup_hours = 0",
+        "rest_retry_hours = 0",
     ]
     if dsn:
         lines += ["[database]", f'dsn = "{dsn}"']
@@ -327,3 +329,26 @@ async def test_status_snapshot_fields(sim_factory: SimFactory, tmp_path: Path) -
         assert p.messages > 0 and p.last_message_ms and p.last_final_minute_ms
     assert snap.lake.events_written > 0
     assert snap.chain.last_result == "disabled"
+
+
+async def test_chain_scheduler_runs_with_the_database_and_records_the_listing(
+    sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
+) -> None:
+    import asyncpg
+
+    async with sim_factory(listed={"binance": ["BTC/USD"], "kraken": ["BTC/USD"]}) as sim:
+        pairs = {"binance": ["BTC/USD", "ETH/USD"]}
+        cfg = load_config(write_config(tmp_path, sim, pairs=pairs, chain=True, dsn=pg_dsn))
+        async with running(cfg) as daemon:
+            assert daemon.chain_status.next_run_ms is not None
+            await until(lambda: daemon.chain_status.last_run_ms is not None)
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                rows = await conn.fetch(
+                    "SELECT symbol, listed, note FROM ops.pairs WHERE exchange = 'binance'"
+                )
+            finally:
+                await conn.close()
+    listing = {r["symbol"]: (r["listed"], r["note"]) for r in rows}
+    assert listing["BTC/USD"] == (True, "")
+    assert listing["ETH/USD"][0] is False and "not listed" in listing["ETH/USD"][1]

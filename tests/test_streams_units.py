@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -223,3 +224,60 @@ def test_finals_are_always_the_last_update_seen_and_never_twice(
     assert [f.interval_start for f in finals] == [at(m) for m in minutes[:-1]]
     for f in finals:
         assert f.close == last_close[(f.interval_start - T0) // MINUTE_MS]
+
+
+class NaiveTracker:
+    """The finality rules written as plainly as possible (a full scan per frame)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, Candle] = {}
+        self.done: dict[str, int] = {}
+
+    def observe(self, candles: list[Candle], stamp: int | None, received: int) -> list[Candle]:
+        out: list[Candle] = []
+
+        def final(c: Candle, evidence: int) -> None:
+            del self.held[c.symbol]
+            self.done[c.symbol] = c.interval_start
+            out.append(msgspec.structs.replace(c, is_final=True, event_ts=evidence,
+                                               ingestion_ts=received))  # fmt: skip
+
+        if stamp is not None:
+            for sym, h in list(self.held.items()):
+                newer_here = any(
+                    c.symbol == sym and c.interval_start >= h.interval_start for c in candles
+                )
+                if h.interval_end <= stamp and not newer_here:
+                    final(h, stamp)
+        for c in sorted(candles, key=lambda c: c.interval_start):
+            if c.symbol in self.done and c.interval_start <= self.done[c.symbol]:
+                continue
+            h = self.held.get(c.symbol)
+            if h is not None and c.interval_start > h.interval_start:
+                final(h, c.event_ts or stamp or received)
+            if h is None or c.interval_start >= h.interval_start:
+                self.held[c.symbol] = c
+        return out
+
+
+frames_strategy = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.sampled_from(["A/USD", "B/USD", "C/USD"]), st.integers(0, 5)),
+                 max_size=3),
+        st.one_of(st.none(), st.integers(0, 6 * 60)),  # stamp, in seconds from T0
+    ),
+    max_size=30,
+)  # fmt: skip
+
+
+@given(frames_strategy)
+def test_tracker_matches_the_plain_rules(
+    frames: list[tuple[list[tuple[str, int]], int | None]],
+) -> None:
+    fast, slow = FinalityTracker(), NaiveTracker()
+    clock = T0
+    for i, (items, stamp_s) in enumerate(frames):
+        clock += 1000
+        stamp = None if stamp_s is None else T0 + stamp_s * 1000
+        candles = [kc(m, str(i + 1), sym, ts=stamp or clock) for sym, m in items]
+        assert fast.observe(candles, stamp, clock) == slow.observe(candles, stamp, clock)

@@ -1,7 +1,8 @@
 """Live capture: supervised WebSocket connections that feed every candle event to the lake.
 
-``ExchangeStreams`` (one per exchange) checks the listing, chunks the pairs into
-``StreamConnection`` slots and supervises them; each slot runs one ``Session`` per socket.
+``ExchangeStreams`` (one per exchange, :mod:`.supervisor`) checks the listing, chunks the
+pairs into ``StreamConnection`` slots (:mod:`.connection`) and supervises them; each slot runs
+one ``Session`` per socket (:mod:`.session`).
 Kraken finality comes from ``FinalityTracker``; retries use ``Backoff``.
 """
 

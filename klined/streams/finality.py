@@ -21,10 +21,13 @@ from klined.model import Candle
 class FinalityTracker:
     """Per connection, per pair: the held update of the current minute and the last final."""
 
-    __slots__ = ("_finalized", "_held")
+    __slots__ = ("_earliest_end", "_finalized", "_held")
 
     def __init__(self) -> None:
         self._held: dict[str, Candle] = {}
+        # a lower bound of the held candles' minute ends: a frame stamped before it cannot
+        # prove anything, so the common case (a frame inside the current minute) costs O(1)
+        self._earliest_end = _NEVER
         # newest minute start already proven final, per pair: later updates of it (or of older
         # minutes) arrived out of order and prove nothing
         self._finalized: dict[str, int] = {}
@@ -47,7 +50,7 @@ class FinalityTracker:
         The caller writes the frame's own candles unchanged, then the returned finals.
         """
         finals: list[Candle] = []
-        if stamp_ms is not None and self._held:
+        if stamp_ms is not None and stamp_ms >= self._earliest_end:
             newest: dict[str, int] = {}
             for c in candles:
                 if c.interval_start > newest.get(c.symbol, -1):
@@ -60,6 +63,7 @@ class FinalityTracker:
                     and newest.get(symbol, -1) < pending.interval_start
                 ):
                     finals.append(self._finalize(pending, stamp_ms, received_ms))
+            self._earliest_end = min((c.interval_end for c in self._held.values()), default=_NEVER)
         if not candles:
             return finals
         ordered = candles if len(candles) == 1 else sorted(candles, key=_minute)
@@ -69,11 +73,15 @@ class FinalityTracker:
             if done is not None and candle.interval_start <= done:
                 continue
             held = self._held.get(symbol)
-            if held is None or candle.interval_start == held.interval_start:
+            if held is None or candle.interval_start > held.interval_start:
+                if held is not None:
+                    evidence = candle.event_ts or stamp_ms or received_ms
+                    finals.append(self._finalize(held, evidence, received_ms))
                 self._held[symbol] = candle
-            elif candle.interval_start > held.interval_start:
-                evidence = candle.event_ts or stamp_ms or received_ms
-                finals.append(self._finalize(held, evidence, received_ms))
+                end = candle.interval_end
+                if end < self._earliest_end:
+                    self._earliest_end = end
+            elif candle.interval_start == held.interval_start:
                 self._held[symbol] = candle
             # else: an update older than the held minute, delivered after it: proves nothing
         return finals
@@ -85,6 +93,9 @@ class FinalityTracker:
         return msgspec.structs.replace(
             held, is_final=True, event_ts=evidence_ms, ingestion_ts=received_ms
         )
+
+
+_NEVER = 1 << 62
 
 
 def _minute(candle: Candle) -> int:
