@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -352,3 +353,43 @@ async def test_chain_scheduler_runs_with_the_database_and_records_the_listing(
     listing = {r["symbol"]: (r["listed"], r["note"]) for r in rows}
     assert listing["BTC/USD"] == (True, "")
     assert listing["ETH/USD"][0] is False and "not listed" in listing["ETH/USD"][1]
+
+
+async def test_a_second_signal_skips_the_upload_but_keeps_every_sealed_part(
+    sim_factory: SimFactory, tmp_path: Path, s3_bucket: str
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # S3 unreachable: the final upload would retry
+    async with sim_factory() as sim:
+        cfg_path = write_config(tmp_path, sim, s3=(down, s3_bucket))
+        cfg = load_config(cfg_path)
+        async with await anyio.open_process(
+            [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
+            stdout=None,
+            stderr=subprocess.PIPE,
+        ) as proc:
+            log = bytearray()
+
+            async def read_log() -> None:
+                assert proc.stderr is not None
+                async for chunk in proc.stderr:
+                    log.extend(chunk)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read_log)  # never let a full pipe block the daemon
+                    await wait_streaming(cfg.status_socket, min_messages=30)
+                    proc.send_signal(signal.SIGTERM)
+                    await until(lambda: b"stopping: closing streams" in log)
+                    proc.send_signal(signal.SIGTERM)  # an impatient operator
+                    with anyio.fail_after(30):
+                        code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 0
+    assert b"second signal: skipping the final upload" in log
+    assert not list(cfg.lake_root.rglob("*.open"))
+    records = lake_records(cfg.lake_root)
+    assert records and not Counter(
+        lake_key(r) for r in records if not is_derived_final(r)
+    ) - Counter(sent_key(e) for e in sim.log)

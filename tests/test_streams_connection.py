@@ -22,6 +22,7 @@ from klined.exchanges import get_adapter
 from klined.model import MINUTE_MS, Candle, Pair, iso
 from klined.status import StreamState
 from klined.streams import StreamConnection, StreamSettings
+from klined.streams.connection import now_ms
 
 pytestmark = pytest.mark.anyio
 
@@ -358,3 +359,26 @@ async def test_application_pings_are_sent() -> None:
         await until(lambda: fake.pings >= 2)
         tg.cancel_scope.cancel()
     assert len(fake.opened) == 1
+
+
+async def test_a_quiet_pair_is_flagged_stale_without_a_reconnect() -> None:
+    async def script(c: Conn) -> None:
+        n = 0
+        while True:
+            n += 1
+            await c.send(ohlc("BTC/USD", 0, f"1.{n}", 0.1))
+            await anyio.sleep(0.02)
+
+    sink: list[Candle] = []
+    async with fake_kraken(script) as fake, anyio.create_task_group() as tg:
+        conn = make_conn(fake.url, [BTC, ETH], sink, pair_stale_after_s=0.3)
+        tg.start_soon(conn.run)
+        await until(lambda: conn.status.state == StreamState.CONNECTED and len(sink) > 5)
+        await anyio.sleep(0.5)
+        conn.refresh(now_ms(), 0.5)
+        states = {s: conn.pair_status[s].state for s in ("BTC/USD", "ETH/USD")}
+        tg.cancel_scope.cancel()
+    assert states == {"BTC/USD": StreamState.CONNECTED, "ETH/USD": StreamState.STALE}
+    assert conn.status.state == StreamState.CONNECTED
+    assert len(fake.opened) == 1
+    assert conn.status.messages_per_s > 0 and conn.pair_status["BTC/USD"].messages_per_s > 0

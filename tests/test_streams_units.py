@@ -281,3 +281,13 @@ def test_tracker_matches_the_plain_rules(
         stamp = None if stamp_s is None else T0 + stamp_s * 1000
         candles = [kc(m, str(i + 1), sym, ts=stamp or clock) for sym, m in items]
         assert fast.observe(candles, stamp, clock) == slow.observe(candles, stamp, clock)
+
+
+def test_configured_pairs_map_back_without_a_listing() -> None:
+    from klined.exchanges import get_adapter
+    from klined.streams import ExchangeStreams, StreamSettings
+
+    adapter = get_adapter("binance")
+    assert adapter.canonical("REKTUSD") != Pair("REKT", "USD")  # a guess at the quote
+    ExchangeStreams(adapter, "ws://x", [Pair("REKT", "USD")], StreamSettings(), lambda c: None)
+    assert adapter.canonical("REKTUSD") == Pair("REKT", "USD")

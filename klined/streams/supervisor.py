@@ -79,6 +79,21 @@ class ExchangeStreams:
         self.started = False  # run() has reported started once
         self._req_ids = ReqIds()
         self._log = logger.bind(exchange=self.name)
+        self._learn_configured()
+
+    def _learn_configured(self) -> None:
+        """Tell the adapter the native names of the pairs we subscribe to, so its frames map
+        back to them even before (or without) a listing: ``REKTUSD`` is REKT/USD here, not
+        REK/TUSD by a guess at the quote."""
+        learn = getattr(self.adapter, "learn_listing", None)
+        if learn is not None:
+            native = self.adapter.native
+            learn(
+                {
+                    p: ListedPair(p, ws_native=native(p), rest_native="", rest_key="")
+                    for p in self.pairs
+                }
+            )
 
     # -- status --------------------------------------------------------------------------------
 
