@@ -393,3 +393,18 @@ async def test_a_second_signal_skips_the_upload_but_keeps_every_sealed_part(
     assert records and not Counter(
         lake_key(r) for r in records if not is_derived_final(r)
     ) - Counter(sent_key(e) for e in sim.log)
+
+
+async def test_a_second_daemon_on_the_same_data_exits_with_a_clear_error(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    async with sim_factory() as sim:
+        cfg_path = write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD"]})
+        async with running(load_config(cfg_path)):
+            result = await anyio.run_process(
+                [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)], check=False
+            )
+    assert result.returncode == 1
+    # the lake's writer lock or the status socket refuses it, whichever it meets first
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(b"error:") and (b"another klined" in last or b"k.sock" in last)
