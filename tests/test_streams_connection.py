@@ -382,3 +382,41 @@ async def test_a_quiet_pair_is_flagged_stale_without_a_reconnect() -> None:
     assert conn.status.state == StreamState.CONNECTED
     assert len(fake.opened) == 1
     assert conn.status.messages_per_s > 0 and conn.pair_status["BTC/USD"].messages_per_s > 0
+
+
+async def test_a_listing_that_answers_late_drops_unlisted_pairs_by_resubscribing() -> None:
+    from klined.errors import ExchangeError
+    from klined.exchanges.base import ListedPair
+    from klined.streams import ExchangeStreams
+
+    calls = 0
+
+    async def flaky_listing() -> dict[Pair, ListedPair]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ExchangeError("exchange unreachable")
+        return {BTC: ListedPair(BTC, "BTC/USD", "XBTUSD", "XXBTZUSD")}
+
+    async def script(c: Conn) -> None:
+        n = 0
+        while True:
+            n += 1
+            await c.send(ohlc("BTC/USD", 0, f"1.{n}", 0.1))
+            await anyio.sleep(0.02)
+
+    sink: list[Candle] = []
+    async with fake_kraken(script) as fake, anyio.create_task_group() as tg:
+        es = ExchangeStreams(
+            get_adapter("kraken"), fake.url, [BTC, ETH], FAST, sink.append,
+            fetch_listing=flaky_listing, listing_attempts=1, recheck_interval_s=0.2,
+        )  # fmt: skip
+        await tg.start(es.run)
+        assert not es.listing_checked and es.connections[0].pairs == [BTC, ETH]
+        await until(lambda: len(fake.subscribes) >= 2 and len(fake.closed) >= 1)
+        tg.cancel_scope.cancel()
+    assert fake.subscribes[:2] == [["BTC/USD", "ETH/USD"], ["BTC/USD"]]
+    assert fake.events.index(("open", 1)) < fake.events.index(("close", 0))  # no gap
+    eth = es.pair_status["ETH/USD"]
+    assert eth.state == StreamState.UNLISTED and "not listed" in eth.last_error
+    assert es.connections[0].pairs == [BTC]
