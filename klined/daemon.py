@@ -90,7 +90,6 @@ class Daemon:
         self._chain_scope = anyio.CancelScope()
         self._final_scope: anyio.CancelScope | None = None
         self._process: Any = None
-        self._heartbeat: Any = None
 
     # -- status ----------------------------------------------------------------------------------
 

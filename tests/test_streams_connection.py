@@ -23,6 +23,7 @@ from klined.model import MINUTE_MS, Candle, Pair, iso
 from klined.status import StreamState
 from klined.streams import StreamConnection, StreamSettings
 from klined.streams.connection import now_ms
+from tests.test_streams_support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -159,13 +160,6 @@ async def fake_kraken(script: Script, **kw: Any) -> AsyncIterator[FakeKraken]:
 def make_conn(url: str, pairs: list[Pair], sink: list[Candle], **settings: Any) -> StreamConnection:
     s = dataclasses.replace(FAST, **settings)
     return StreamConnection(get_adapter("kraken"), "kraken-0", url, pairs, s, sink.append)
-
-
-async def until(pred: Callable[[], bool], limit_s: float = 10.0) -> None:
-    """Poll a condition on the test's data (bounded, so a bug fails instead of hanging)."""
-    with anyio.fail_after(limit_s):
-        while not pred():  # noqa: ASYNC110 - the condition is on plain data, not an event
-            await anyio.sleep(0.01)
 
 
 async def forever(conn: Conn) -> None:

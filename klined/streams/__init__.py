@@ -16,7 +16,7 @@ from klined.streams.connection import (
     StreamSettings,
 )
 from klined.streams.finality import FinalityTracker
-from klined.streams.supervisor import ExchangeStreams, chunk_pairs, refresh_loop, streams_status
+from klined.streams.supervisor import ExchangeStreams, chunk_pairs, streams_status
 
 __all__ = [
     "EVIDENCE_FINALITY",
@@ -30,6 +30,5 @@ __all__ = [
     "StreamSettings",
     "backoff_delays",
     "chunk_pairs",
-    "refresh_loop",
     "streams_status",
 ]

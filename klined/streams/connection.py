@@ -341,13 +341,17 @@ class StreamConnection:
             if ps is not None and ps.state != StreamState.UNLISTED:
                 ps.state = state
 
-    def _fatal(self, message: str, *, retrying: bool = True) -> None:
-        """Report a fatal error once; repeats of the same error are only debug lines."""
+    def _record_error(self, message: str) -> None:
+        """The connection's and its pairs' ``last_error``."""
         self.status.last_error = message
         for pair in self.pairs:
             ps = self.pair_status.get(str(pair))
             if ps is not None:
                 ps.last_error = message
+
+    def _fatal(self, message: str, *, retrying: bool = True) -> None:
+        """Report a fatal error once; repeats of the same error are only debug lines."""
+        self._record_error(message)
         if message != self._last_fatal:
             then = "retrying slowly" if retrying else "giving up"
             self._log.error("{} {}: {} ({})", self.adapter.name, self.conn_id, message, then)
@@ -356,11 +360,7 @@ class StreamConnection:
             self._log.debug("{}", message)
 
     def _note_failure(self, message: str, level: str = "WARNING") -> None:
-        self.status.last_error = message
-        for pair in self.pairs:
-            ps = self.pair_status.get(str(pair))
-            if ps is not None:
-                ps.last_error = message
+        self._record_error(message)
         self._log.log(level, "{} {}: {}; reconnecting", self.adapter.name, self.conn_id, message)
 
     def refresh(self, wall_ms: int, elapsed_s: float) -> None:
@@ -371,7 +371,6 @@ class StreamConnection:
         """
         st = self.status
         st.messages_per_s = self._rate(st.conn_id, st.messages, st.messages_per_s, elapsed_s)
-        connected = st.state in (StreamState.CONNECTED, StreamState.STALE)
         since = st.connected_since_ms or wall_ms
         limit_ms = self.settings.pair_stale_after_s * 1000
         for pair in self.pairs:
@@ -379,7 +378,7 @@ class StreamConnection:
             if ps is None:
                 continue
             ps.messages_per_s = self._rate(ps.symbol, ps.messages, ps.messages_per_s, elapsed_s)
-            if connected and st.state == StreamState.CONNECTED:
+            if st.state == StreamState.CONNECTED:
                 last = max(ps.last_message_ms or since, since)
                 ps.state = StreamState.STALE if wall_ms - last > limit_ms else StreamState.CONNECTED
 

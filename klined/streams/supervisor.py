@@ -9,7 +9,6 @@ then finds unlisted are dropped from their connection (which resubscribes withou
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -212,14 +211,3 @@ def streams_status(
         conns.extend(s.connection_statuses())
         pairs.extend(s.pair_statuses())
     return conns, pairs
-
-
-async def refresh_loop(streams: list[ExchangeStreams], interval_s: float = 1.0) -> None:
-    """Keep rates and staleness current in every stream's status."""
-    last = time.monotonic()
-    while True:
-        await anyio.sleep(interval_s)
-        t = time.monotonic()
-        for s in streams:
-            s.refresh(t - last)
-        last = t
