@@ -22,6 +22,7 @@ dashboard runs with ``TEXTUAL_ALLOW_SIGNALS`` so Ctrl-C reaches the same handler
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -52,8 +53,15 @@ from klined.model import HOUR_MS, iso
 from klined.sim import Simulator, run_simulator
 from klined.status import StreamState
 
-#: How long the demo waits for the dashboard to close after a stop signal before moving on.
-TUI_EXIT_S = 5.0
+#: Lines of ``<dir>/demo.log`` (the log while and after the dashboard is shown).
+LOG_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level: <7} {name} {message}"
+
+
+class _Discard(io.StringIO):
+    """A text stream that keeps nothing (the terminal belongs to the dashboard)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 class DemoDaemon(Daemon):
@@ -120,10 +128,10 @@ def local_parts(root: Path) -> dict[str, bool]:
 
 
 def _plain(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups."""
+    """The first real error inside (nested) exception groups (cancellations are not)."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            if not isinstance(inner, anyio.get_cancelled_exc_class()):
+            if isinstance(inner, Exception):
                 return _plain(inner)
     return exc
 
@@ -142,6 +150,7 @@ class Demo:
         self._setup_scope: anyio.CancelScope | None = None
         self.connected: set[str] = set()
         self.interrupted = False
+        self._log_file_handler: int | None = None
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -185,6 +194,8 @@ class Demo:
                 result = await self._run()
             finally:
                 tg.cancel_scope.cancel()
+                if self._log_file_handler is not None:
+                    logger.remove(self._log_file_handler)
         return result
 
     async def _run(self) -> Summary | None:
@@ -245,8 +256,8 @@ class Demo:
         kept = "" if opts.dir else " (temporary: removed at exit; --dir DIR keeps state)"
         lines = [
             f"klined demo: working directory {self.workdir}{kept}",
-            f"  simulator: binance {sim.binance_rest_url}  kraken {sim.kraken_rest_url} "
-            f"(seed {opts.seed}, {len(opts.pair_names)} pairs, faults on)",
+            f"  simulator: binance {sim.binance_rest_url}  kraken {sim.kraken_rest_url}",
+            f"             seed {opts.seed}, {len(opts.pair_names)} pairs per exchange, faults on",
             f"  config:    {config_path}",
             "  while the demo runs, from another terminal:",
             f"    klined status -c {config_path}",
@@ -304,19 +315,33 @@ class Demo:
 
         # Ctrl-C stays a signal (the demo's handler stops everything), not a key
         os.environ.setdefault("TEXTUAL_ALLOW_SIGNALS", "1")
-        log_path = self.workdir / "demo.log"
         level = self.options.log_level
-        with log_path.open("a", encoding="utf-8") as log_file:
-            setup_logging(level, False, stream=log_file)
-            try:
-                app = build_app(run_cfg, str(config_path), refresh=1.0)
-                app.title = "klined demo"
-                self.app = app
-                if not self.stop.is_set():
-                    await app.run_async()
-            finally:
-                self.app = None
-                setup_logging(level, None)
+        # from here to the end, every log line goes to <dir>/demo.log; the terminal gets
+        # nothing while the dashboard is drawn, then warnings only (the summary follows)
+        log_path = self.workdir / "demo.log"
+        self._log_file_handler = logger.add(
+            str(log_path),
+            level=level,
+            format=LOG_FILE_FORMAT,
+            colorize=False,
+            backtrace=False,
+            diagnose=False,
+        )
+        setup_logging(level, False, stream=_Discard())
+        try:
+            app = build_app(run_cfg, str(config_path), refresh=1.0)
+            app.title = "klined demo"
+            self.app = app
+            if not self.stop.is_set():
+                await app.run_async()
+        finally:
+            self.app = None
+            setup_logging("WARNING", None)
+        click.echo(
+            f"stopping: daemon (sealing and uploading parts), PostgreSQL, simulator "
+            f"(log: {log_path})",
+            err=True,
+        )
         self.request_stop()  # quitting the dashboard ends the demo
 
     async def _summary(
@@ -332,6 +357,7 @@ class Demo:
         exchanges = list(run_cfg.exchanges.enabled())
         pairs = {ex: [str(p) for p in run_cfg.pairs(ex)] for ex in exchanges}
         summary = Summary(self.workdir, ran_s, opts.seed, len(opts.pair_names), hours)
+        summary.temporary = opts.dir is None
         summary.streams = stream_lines(daemon.snapshot(), exchanges, self.connected)
         after = await anyio.to_thread.run_sync(local_parts, run_cfg.lake_root)
         new = {key: uploaded for key, uploaded in after.items() if key not in parts_before}
@@ -447,15 +473,19 @@ def run(options: DemoOptions, workdir: Path) -> tuple[int, Summary | None, Demo]
         return 130, None, demo
     except BaseException as exc:
         err = _plain(exc)
-        if isinstance(err, Exception) and not isinstance(err, DemoError):
-            from klined.errors import ConfigError, KlinedError, UsageError
-
-            if isinstance(err, ConfigError | UsageError):
-                raise err from None
-            if not isinstance(err, KlinedError):  # a bug: the traceback helps its report
-                logger.opt(exception=err).error("unexpected error while {}", demo.step)
-        elif not isinstance(err, Exception):
+        if not isinstance(err, Exception):
             raise
+        from klined.errors import ConfigError, KlinedError, UsageError
+
+        if isinstance(err, ConfigError | UsageError):
+            raise err from None
+        if demo.interrupted:
+            # Ctrl-C reaches the whole process group: a tool still starting (initdb, pg_ctl)
+            # fails with it; that is the interruption, not a separate failure
+            click.echo(f"demo stopped while {demo.step} ({err})", err=True)
+            return (1 if options.headless else 0), None, demo
+        if not isinstance(err, KlinedError):  # a bug: the traceback helps its report
+            logger.opt(exception=err).error("unexpected error while {}", demo.step)
         click.echo(f"error: {demo.step} failed: {err}", err=True)
         sys.stderr.flush()
         return 1, None, demo

@@ -69,6 +69,7 @@ class Summary:
     completeness: list[CompletenessLine] = field(default_factory=list)
     gold: dict[str, dict[str, int]] = field(default_factory=dict)  # exchange -> table -> rows
     problems: list[str] = field(default_factory=list)
+    temporary: bool = False  # the working directory is removed at exit
 
     @property
     def streams_ok(self) -> bool:
@@ -90,7 +91,7 @@ class Summary:
         out = [
             f"klined demo: ran {self.ran_s:.0f} s against the simulator (seed {self.seed}, "
             f"{self.pairs} pairs per exchange)",
-            f"data in {self.workdir}",
+            f"data in {self.workdir}" + (" (temporary: removed at exit)" if self.temporary else ""),
             "",
             f"{'streams':<14}{'connected':>9}{'pairs':>7}{'events':>10}{'reconnects':>12}"
             f"{'malformed':>11}",
@@ -108,10 +109,9 @@ class Summary:
             f"lake          {lake.parts_written:,} part(s) written this run under {lake.root}"
         )
         if lake.s3:
-            line = f"              {lake.parts_uploaded:,} uploaded and verified in {lake.s3}"
+            out.append(f"              {lake.parts_uploaded:,} uploaded and verified in {lake.s3}")
             if lake.s3_objects is not None:
-                line += f" ({lake.s3_objects:,} objects there)"
-            out.append(line)
+                out.append(f"              {lake.s3_objects:,} lake object(s) in the bucket")
             if lake.parts_pending:
                 out.append(f"              {lake.parts_pending:,} still waiting for upload")
             if lake.s3_error:
@@ -146,10 +146,8 @@ class Summary:
         out.extend(f"problem: {p}" for p in self.problems)
         if self.ok:
             names = " and ".join(s.exchange for s in self.streams)
-            out.append(
-                f"OK: streams connected on {names}; completeness computed for "
-                f"{len(self.hours)} seeded hour(s)"
-            )
+            out.append(f"OK: streams connected on {names}")
+            out.append(f"OK: completeness computed for {len(self.hours)} seeded hour(s)")
         else:
             why = []
             if not self.streams_ok:
