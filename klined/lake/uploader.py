@@ -294,7 +294,7 @@ class LakeUploader(LakeStore):
                     abort = abort or stop_on_error
                     return
             self._pending.pop(key, None)
-            if outcome == "gone":
+            if outcome == "gone" or key in self._uploaded:
                 return
             self._uploaded[key] = self._clock()
             self.uploaded_count += 1
@@ -344,10 +344,11 @@ class LakeUploader(LakeStore):
         keys = [k for k, p in self._pending.items() if hour_ms is None or p.hour_ms == hour_ms]
         total = UploadReport(parts=len(keys))
         for attempt in range(self.attempts):
-            keys = [k for k in keys if k in self._pending]
-            if not keys:
-                break
             async with self._lock:
+                # filtered under the lock: the loop's own pass may have just uploaded some
+                keys = [k for k in keys if k in self._pending]
+                if not keys:
+                    break
                 report = await self._upload_keys(sorted(keys), stop_on_error=False)
             total.uploaded += report.uploaded
             total.already_present += report.already_present
