@@ -13,6 +13,7 @@ so calling it before every insert costs nothing once the hour is known.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -416,6 +417,48 @@ async def _ensure_embedded_database(admin_dsn: str) -> str:
     finally:
         await conn.close(timeout=_CONNECT_TIMEOUT_S)
     return with_database(admin_dsn, EMBEDDED_DATABASE)
+
+
+def embedded_server_dsn(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str | None:
+    """The DSN of the embedded server running on ``pgdata``, or ``None`` when none runs there.
+
+    Found through ``postmaster.pid`` (port and socket directory; user ``postgres`` with trust
+    auth, as the wheel sets it up), so readers (``klined tui``, ``klined check``) can use the
+    daemon's server without ever starting one. :class:`DatabaseError` when the file exists but
+    cannot be read or understood.
+    """
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise DatabaseError(
+            f"cannot read {pidfile}: permission denied - run as the daemon's user"
+        ) from None
+    except OSError as exc:
+        raise DatabaseError(f"cannot read {pidfile}: {exc.strerror or exc}") from None
+    try:
+        pid, port, sockdir, host = int(lines[0]), int(lines[3]), lines[4].strip(), lines[5]
+    except (IndexError, ValueError):
+        raise DatabaseError(f"cannot read {pidfile}: unexpected contents") from None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # stale: left by a server that died
+    except PermissionError:
+        pass  # alive, owned by another user (the daemon's)
+    if sockdir:
+        return f"postgresql://postgres@/{database}?host={sockdir}&port={port}"
+    host = host.strip()
+    if not host or host in ("*", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"postgresql://postgres@{host.split(',')[0].strip()}:{port}/{database}"
+
+
+def running_embedded_dsn(cfg: Config) -> str | None:
+    """The DSN of the daemon's running embedded PostgreSQL (``<data_dir>/pgdata``), if any."""
+    return embedded_server_dsn(cfg.data_dir / "pgdata")
 
 
 @asynccontextmanager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from loguru import logger
 
-from klined.db import EMBEDDED_DATABASE, redact_dsn
+from klined.db import EMBEDDED_DATABASE, embedded_server_dsn, redact_dsn
 from klined.errors import DatabaseError, StatusError
 from klined.model import from_datetime, iso, to_datetime
 from klined.status import StatusSnapshot
@@ -332,32 +332,14 @@ def warehouse_dsn(cfg: Config) -> str:
 
 
 def embedded_dsn(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
-    """The running embedded server's DSN (user ``postgres``, trust auth, as the wheel sets up)."""
-    pidfile = pgdata / "postmaster.pid"
-    not_running = (
-        f"no database.dsn configured and the embedded PostgreSQL under {pgdata} is not"
-        " running - start the daemon with `klined run`"
-    )
-    try:
-        lines = pidfile.read_text().splitlines()
-    except OSError:
-        raise DatabaseError(not_running) from None
-    try:
-        pid, port, sockdir, host = int(lines[0]), int(lines[3]), lines[4].strip(), lines[5]
-    except (IndexError, ValueError):
-        raise DatabaseError(f"cannot read {pidfile}: unexpected contents") from None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        raise DatabaseError(not_running + " (stale postmaster.pid)") from None
-    except PermissionError:
-        pass  # alive, owned by another user (the daemon's)
-    if sockdir:
-        return f"postgresql://postgres@/{database}?host={sockdir}&port={port}"
-    host = host.strip()
-    if not host or host in ("*", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"postgresql://postgres@{host.split(',')[0].strip()}:{port}/{database}"
+    """The running embedded server's DSN (see :func:`klined.db.embedded_server_dsn`)."""
+    dsn = embedded_server_dsn(pgdata, database)
+    if dsn is None:
+        raise DatabaseError(
+            f"no database.dsn configured and the embedded PostgreSQL under {pgdata} is not"
+            " running - start the daemon with `klined run`"
+        )
+    return dsn
 
 
 # -- running the chain by hand ----------------------------------------------------------------
