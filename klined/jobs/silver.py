@@ -14,7 +14,7 @@ transaction (``ops.gold_dirty``), for :func:`klined.jobs.gold.refresh`.
 
 from __future__ import annotations
 
-from klined.db import SILVER_TABLE, Database, analyze_partition
+from klined.db import BRONZE_TABLE, SILVER_TABLE, Database, analyze_partition, partition_name
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, floor_hour, to_datetime
 
@@ -101,6 +101,21 @@ SELECT (SELECT count(*) FROM cand) AS candidates,
 """
 
 
+async def _analyze_bronze_if_stale(db: Database, hour: int) -> None:
+    """ANALYZE the hour's bronze partition when the ledger loaded far more rows than its
+    statistics know (a fresh partition reads as ~1000 rows and gets a poor plan)."""
+    row = await db.fetchrow(
+        "SELECT (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)) AS known,"
+        " (SELECT coalesce(sum(rows), 0) FROM ops.lake_parts WHERE hour_start = $2) AS loaded",
+        partition_name(BRONZE_TABLE, hour),
+        to_datetime(hour),
+    )
+    if row is None or row["known"] is None:
+        return
+    if row["loaded"] >= ANALYZE_AFTER_ROWS and row["loaded"] > 2 * max(row["known"], 0):
+        await analyze_partition(db, BRONZE_TABLE, hour)
+
+
 async def merge_hour(db: Database, hour_ms: int, exchange: str | None = None) -> StepResult:
     """Merge one hour of bronze into silver (one transaction); re-runnable and idempotent.
 
@@ -109,6 +124,7 @@ async def merge_hour(db: Database, hour_ms: int, exchange: str | None = None) ->
     """
     hour = floor_hour(hour_ms)
     await db.ensure_partitions([hour])
+    await _analyze_bronze_if_stale(db, hour)
     async with db.transaction() as conn:
         await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
         row = await conn.fetchrow(
