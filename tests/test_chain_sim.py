@@ -217,3 +217,111 @@ async def test_select_hours_and_scheduler_catch_up(sim_factory: Any, pg_dsn: str
                 assert status.next_run_ms is not None and status.next_run_ms > now
                 tg.cancel_scope.cancel()
             assert await select_hours(db, cfg, now) == []
+
+
+async def test_cancelled_chain_leaves_consistent_ops_and_reruns_cleanly(
+    sim_factory: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    from klined.sim import FaultPlan, FaultRule
+
+    slow = FaultPlan(rules=[FaultRule(kind="slow", exchange="kraken", duration_s=3, times=0)])
+    hours = [H0]
+    async with sim_factory(pairs=PAIRS, rate_limit_time_scale=60, faults=slow) as sim:
+        cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
+        await write_lake(sim, cfg.lake_root, hours)
+        lake = LakeStore(cfg.lake_root)
+        status = ChainStatus()
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            open_clients(
+                cfg, limiters=sim_limiters(sim), clock_ms=sim.clock.now_ms, retry=FAST_RETRY
+            ) as clients,
+        ):
+            await sync_configured_pairs(db, cfg)
+            async with anyio.create_task_group() as tg:
+
+                async def chain() -> None:
+                    await run_chain(
+                        db, cfg, hours, trigger="schedule", lake=lake, clients=clients,
+                        status=status, now_ms=sim.clock.now_ms(),
+                    )  # fmt: skip
+
+                tg.start_soon(chain)
+                with anyio.fail_after(20):
+                    await wait_for(lambda: status.current_step == "gapfill")
+                await anyio.sleep(0.5)  # Kraken answers take 3 s: the step is mid-flight
+                tg.cancel_scope.cancel()
+            runs = await db.fetch("SELECT step, status, error FROM ops.job_runs ORDER BY run_id")
+            assert [(r["step"], r["status"]) for r in runs][-1] == ("gapfill", "failed")
+            assert runs[-1]["error"] == "cancelled"
+            assert all(r["status"] != "running" for r in runs)
+            assert await db.fetch("SELECT 1 FROM ops.dirty_hours")  # the hour is still to do
+            async with chain_lock(db, wait_s=0):  # the lock was released
+                pass
+
+            now = sim.clock.now_ms()
+            assert H0 in await select_hours(db, cfg, now)
+            report = await run_chain(
+                db, cfg, hours, trigger="schedule", lake=lake, clients=clients, now_ms=now
+            )
+            assert report.ok, report.table()
+            for ex in ("binance", "kraken"):
+                await assert_silver_is_truth(db, sim, ex, PAIRS, H0, H0 + HOUR_MS)
+                await assert_gold_is_truth(db, sim, ex, PAIRS, H0, H0 + HOUR_MS)
+                await assert_completeness(db, ex, PAIRS, hours)
+            before = await table_hashes(db)
+            await run_chain(
+                db, cfg, hours, trigger="schedule", lake=lake, clients=clients,
+                now_ms=sim.clock.now_ms(),
+            )  # fmt: skip
+            assert await table_hashes(db) == before
+
+
+async def test_daemon_chain_and_backfill_share_one_warehouse(
+    sim_factory: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A backfill and the scheduler's chain at the same time: the lock serializes the merges,
+    bronze takes both writers, and the result is the truth."""
+    from klined.jobs.backfill import resolve_request, run_backfill
+    from klined.model import iso
+
+    hours = [H0 - HOUR_MS, H0, H0 + HOUR_MS]
+    async with sim_factory(pairs=PAIRS, rate_limit_time_scale=60) as sim:
+        cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
+        cfg.chain.catchup_hours = 3
+        await write_lake(sim, cfg.lake_root, hours)
+        lake = LakeStore(cfg.lake_root)
+        now = sim.clock.now_ms()
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            open_clients(
+                cfg, limiters=sim_limiters(sim), clock_ms=sim.clock.now_ms, retry=FAST_RETRY
+            ) as clients,
+        ):
+            await sync_configured_pairs(db, cfg)
+            sched = ChainScheduler(
+                db, cfg, lake=lake, clients=clients, clock_ms=sim.clock.now_ms, lock_wait_s=60
+            )
+            req = resolve_request(cfg, iso(H0 - 6 * HOUR_MS), iso(H0 + 2 * HOUR_MS), now_ms=now)
+            results: dict[str, Any] = {}
+
+            async def chain() -> None:
+                results["chain"] = await sched.run_once("catchup")
+
+            async def backfill() -> None:
+                results["backfill"] = await run_backfill(db, cfg, clients, req, now_ms=now)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(chain)
+                tg.start_soon(backfill)
+            assert results["chain"] is not None and results["chain"].ok
+            assert results["backfill"].ok and results["backfill"].merged_ok
+            # whatever one of them left dirty, one more chain run settles
+            final = await sched.run_once("schedule")
+            assert final is not None and final.ok
+            for ex in ("binance", "kraken"):
+                counts = await assert_silver_is_truth(db, sim, ex, PAIRS, req.start_ms, req.end_ms)
+                assert counts["ws_final"] > 0  # the captured finals survived the REST rows
+                await assert_gold_is_truth(db, sim, ex, PAIRS, req.start_ms, req.end_ms)
+            failed = await db.fetch("SELECT step, error FROM ops.job_runs WHERE status = 'failed'")
+            assert not failed, [dict(r) for r in failed]

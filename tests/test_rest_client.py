@@ -11,7 +11,6 @@ import httpx
 import pytest
 import respx
 
-import klined.jobs.ratelimit as rl
 from klined.errors import ExchangeError, RateLimited, RequestRejected, UnlistedPair
 from klined.exchanges import get_adapter
 from klined.jobs.ratelimit import DecayBudget, RateLimiter, WindowBudget
@@ -177,14 +176,8 @@ async def test_kraken_too_many_requests_and_trades_paging() -> None:
         )
         lim = RateLimiter("kraken", DecayBudget(15, 100.0))
         client = RestClient(get_adapter("kraken"), BASE, lim, http, timeout_s=2, retry=FAST)
-        # Kraken's "too many requests" carries no Retry-After: the limiter's default applies,
-        # which is too long for a test, so shorten it.
-        old = rl.DEFAULT_RETRY_AFTER_S
-        rl.DEFAULT_RETRY_AFTER_S = 0.05
-        try:
-            page = await client.fetch_trades(PAIR, str((now_s - 700) * 1_000_000_000))
-        finally:
-            rl.DEFAULT_RETRY_AFTER_S = old
+        # no Retry-After: the pause is one call's decay of the budget (10 ms here), not 5 s
+        page = await client.fetch_trades(PAIR, str((now_s - 700) * 1_000_000_000))
     assert route.call_count == 2
     assert lim.stats.throttled == 1
     assert [t.price for t in page.trades] == ["100.5"]

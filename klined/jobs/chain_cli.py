@@ -10,15 +10,18 @@ import click
 
 from klined.config import Config, load_config
 from klined.config_cli import config_option
+from klined.db import open_database
+from klined.errors import UsageError
 from klined.jobs.chain import STEPS, ChainReport, run_chain, select_hours
+from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.rest import open_clients
+from klined.lake import LakeUploader
 from klined.logs import setup_logging
-from klined.model import HOUR_MS, floor_hour, iso
+from klined.model import HOUR_MS, floor_hour, iso, parse_time
 
 
 def _hours_from_options(hour: str | None, start: str | None, end: str | None) -> list[int] | None:
     """Hours named on the command line, or ``None`` to let :func:`select_hours` decide."""
-    from klined.errors import UsageError
-    from klined.model import parse_time
 
     def parse(text: str, what: str) -> int:
         try:
@@ -43,11 +46,6 @@ def _hours_from_options(hour: str | None, start: str | None, end: str | None) ->
 async def _chain_main(
     cfg: Config, hours: list[int] | None, steps: Sequence[str], wait_s: float
 ) -> ChainReport:
-    from klined.db import open_database
-    from klined.jobs.gapfill import sync_configured_pairs
-    from klined.jobs.rest import open_clients
-    from klined.lake import LakeUploader
-
     lake = LakeUploader(cfg.lake_root, cfg.lake, cfg.s3)
     async with open_database(cfg, apply_schema=True) as db:
         await sync_configured_pairs(db, cfg)

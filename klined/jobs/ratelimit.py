@@ -28,7 +28,8 @@ from loguru import logger
 
 from klined.exchanges.base import RestBudget
 
-#: Retry-After to assume when a 429/418 carries none (seconds).
+#: Upper bound of the pause when a refusal carries no Retry-After (seconds); the budget's own
+#: cool-down (the rest of the window; one call's decay) is used when shorter.
 DEFAULT_RETRY_AFTER_S = 5.0
 
 
@@ -103,6 +104,10 @@ class WindowBudget:
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
 
+    def cooldown_s(self, now: float) -> float:
+        """How long a refusal without Retry-After should stop us: the rest of the window."""
+        return max(0.0, (math.floor(now / self.window_s) + 1) * self.window_s - now)
+
     def rate_per_s(self) -> float:
         return self.capacity / self.window_s
 
@@ -150,6 +155,11 @@ class DecayBudget:
 
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
+
+    def cooldown_s(self, now: float) -> float:
+        """How long a refusal without Retry-After should stop us: one call's worth of decay
+        (our counter is also set full, so calls then resume at the steady rate)."""
+        return 1.0 / self.decay_per_s
 
     def rate_per_s(self) -> float:
         return self.decay_per_s
@@ -273,8 +283,9 @@ class RateLimiter:
         if retry_after is not None and retry_after > 0:
             delay = retry_after  # the server knows when it will take calls again: believe it
         else:
-            delay = DEFAULT_RETRY_AFTER_S
-            self.budget.exhaust(now)  # no hint: assume our whole budget is spent
+            # no hint: assume our whole budget is spent and wait for it to come back
+            delay = min(DEFAULT_RETRY_AFTER_S, max(0.05, self.budget.cooldown_s(now)))
+            self.budget.exhaust(now)
         self.budget.pause(now + delay)
         if banned:
             self.stats.banned += 1
