@@ -2,18 +2,37 @@
 
 ``append`` runs on the hot path for every event, so it only encodes into an in-memory buffer of
 the event's open part (one per exchange / pair / hour): no syscall, no await. ``run`` flushes
-the buffers at least every ``flush_interval_s`` (write + fdatasync in a worker thread), so a
-crash loses at most the last interval, and seals parts (fsync, atomic rename of
-``<key>.open`` to ``<key>``) when they reach their size or age bound or when their hour is over
-plus the grace period. Sealed parts are immutable; a late event for a sealed hour opens a new
-part in the same folder. ``aclose`` seals everything that is open, so nothing buffered is lost on
-shutdown.
+the buffers at least every ``flush_interval_s`` (in a worker thread: write every part, then make
+them durable), so a crash loses at most the last interval, and seals parts (atomic rename of
+``<key>.open`` to ``<key>`` once their data is durable, then the rename made durable) when they
+reach their size or age bound or when their hour is over plus the grace period. Sealed parts are
+immutable; a late event for a sealed hour opens a new part in the same folder. ``aclose`` seals
+everything that is open, so nothing buffered is lost on shutdown.
+
+Durability, cheaply. A flush of a few parts syncs each one (``fdatasync``, and ``fsync`` of a
+new part's folder). A flush of many parts (2,000 at 1,000 pairs on two exchanges) instead
+writes them all and then calls Linux ``syncfs(2)`` once on the lake's filesystem: it writes back
+*every* dirty page and all metadata of that filesystem (file data, sizes, new directory entries,
+renames) and returns once they are on stable storage, a superset of what the per-file calls
+guarantee, for one journal commit instead of thousands (a flush of 2,000 parts took ~1 s of
+fdatasyncs, ~60 ms with ``syncfs``). Since Linux 5.8 ``syncfs`` reports writeback errors
+recorded on the filesystem since the descriptor it is called on was opened (the writer keeps
+one open on the root for its lifetime); on such an error the flush falls back to syncing its
+parts one by one, which reports per file as before. Parts found on another filesystem than
+the root (a mount inside the lake) are always synced one by one, and where ``syncfs`` does not
+exist (not Linux) every flush syncs per file. So "a crash loses at most the last flush
+interval" holds either way: a flush returns, and the data counts as written, only after its
+bytes are durable, and a part is only renamed to its sealed name once its content is durable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +50,11 @@ from klined.status import LakeStatus
 
 #: flush early when this many events wait in memory (bounds memory at high rates)
 FLUSH_AFTER_EVENTS = 20_000
-#: a flush with many parts spreads them over up to IO_THREADS threads
+#: a flush that syncs parts one by one spreads them over up to IO_THREADS threads
 IO_THREADS = 8
 JOBS_PER_THREAD = 32
+#: a flush of more parts than this makes them durable with one ``syncfs`` where available
+SYNC_EACH_MAX = 16
 LOCK_NAME = ".writer.lock"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -56,6 +77,62 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs(2)`` (Linux only; Python has no binding). ctypes releases the GIL
+    while it runs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+class _FsSync:
+    """One ``syncfs`` of the lake root's filesystem, through a descriptor kept open so that a
+    writeback error anywhere on the filesystem since the previous call is reported."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd: int | None = None
+        self.dev: int | None = None
+        self.usable = _syncfs is not None
+
+    def open(self) -> int:
+        """The root's descriptor (opened once), and its filesystem (``dev``)."""
+        if self.fd is None:
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            self.dev = os.fstat(fd).st_dev
+            self.fd = fd
+        return self.fd
+
+    def sync(self) -> OSError | None:
+        """Sync the filesystem; the error when it failed (``usable`` turns False when the
+        kernel has no ``syncfs``)."""
+        if _syncfs is None:
+            return OSError(errno.ENOSYS, "syncfs is not available")
+        try:
+            if _syncfs(self.open()) == 0:
+                return None
+            code = ctypes.get_errno()
+        except OSError as exc:
+            return exc
+        if code in (errno.ENOSYS, errno.EINVAL):
+            self.usable = False
+        return OSError(code, f"syncfs: {os.strerror(code)}")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def lock_root(root: Path) -> int:
@@ -119,6 +196,7 @@ class _Part:
     __slots__ = (
         "buf",
         "created",
+        "dev",
         "hour_end_ms",
         "key",
         "opened_ms",
@@ -136,6 +214,7 @@ class _Part:
         self.pending_events = 0
         self.written = 0
         self.created = False
+        self.dev: int | None = None  # the filesystem it lives on, once created
 
 
 class _Job:
@@ -152,8 +231,9 @@ class _Job:
         self.error: OSError | None = None
 
 
-def _write_jobs(jobs: list[_Job]) -> None:
-    """Append, fdatasync and (for closing parts) seal; errors are recorded per job."""
+def _write_jobs(jobs: list[_Job], *, sync: bool = True) -> None:
+    """Append each job's bytes; with ``sync``, also fdatasync each part (and fsync a new
+    part's folder) and seal the closing ones. Errors are recorded per job."""
     for job in jobs:
         part = job.part
         try:
@@ -165,17 +245,71 @@ def _write_jobs(jobs: list[_Job]) -> None:
                     view = memoryview(job.data)
                     while job.done < len(view):
                         job.done += os.write(fd, view[job.done :])
-                    _fdatasync(fd)
+                    if part.dev is None:
+                        part.dev = os.fstat(fd).st_dev
+                    if sync:
+                        _fdatasync(fd)
                 finally:
                     os.close(fd)
                 if not part.created:
                     part.created = True
-                    _fsync_dir(part.path.parent)
-            if job.close:
-                os.replace(part.path, part.path.with_name(part.path.name[: -len(OPEN_SUFFIX)]))
-                _fsync_dir(part.path.parent)
+                    if sync:
+                        _fsync_dir(part.path.parent)
+            if job.close and sync:
+                _seal(part.path)
         except OSError as exc:
             job.error = exc
+
+
+def _create_parts(jobs: list[_Job]) -> None:
+    _write_jobs(jobs, sync=False)
+
+
+def _seal(path: Path) -> None:
+    os.replace(path, path.with_name(path.name[: -len(OPEN_SUFFIX)]))
+
+
+def _seal_jobs(jobs: list[_Job]) -> None:
+    for job in jobs:
+        try:
+            _seal(job.part.path)
+        except OSError as exc:
+            job.error = exc
+
+
+def _sync_jobs(jobs: list[_Job]) -> None:
+    """Make written parts durable one by one (``fdatasync`` and their folder's ``fsync``)."""
+    for job in jobs:
+        if job.error is not None or not job.part.created:
+            continue
+        try:
+            fd = os.open(job.part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                _fdatasync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(job.part.path.parent)
+        except OSError as exc:
+            job.error = exc
+
+
+def _sync_written(jobs: list[_Job], fs: _FsSync) -> None:
+    """The durability barrier of a many-part flush: one ``syncfs`` (parts on another
+    filesystem, or all of them when it fails, synced one by one)."""
+    error = fs.sync()
+    if error is not None:
+        logger.error("lake: syncfs failed ({}); syncing {} parts one by one", error, len(jobs))
+    _sync_jobs([job for job in jobs if error is not None or job.part.dev != fs.dev])
+
+
+def _sync_sealed(jobs: list[_Job], fs: _FsSync) -> None:
+    """Make the seals (renames) of a many-part flush durable: one more ``syncfs``."""
+    error = fs.sync()
+    if error is not None:
+        logger.error("lake: syncfs failed ({}); syncing {} folders", error, len(jobs))
+    for job in jobs:
+        if error is not None or job.part.dev != fs.dev:
+            _fsync_dir(job.part.path.parent)
 
 
 class LakeWriter:
@@ -216,6 +350,7 @@ class LakeWriter:
         self._unflushed = 0
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
+        self._fs = _FsSync(self.root)
         self.events_written = 0
         self.parts_closed = 0
 
@@ -294,15 +429,50 @@ class LakeWriter:
                 self._status.events_written = self.events_written
 
     async def _write(self, jobs: list[_Job]) -> None:
-        """Run the jobs in worker threads; many parts are spread over a few threads, since
-        their fdatasyncs are independent and a disk serves them faster side by side."""
+        """Run the jobs in worker threads: many parts with one ``syncfs`` where the kernel has
+        it, else synced one by one, spread over a few threads (their fdatasyncs are
+        independent and a disk serves them faster side by side)."""
+        if len(jobs) > SYNC_EACH_MAX and self._fs.usable:
+            await self._write_many(jobs)
+        else:
+            await self._in_threads(_write_jobs, jobs)
+
+    async def _write_many(self, jobs: list[_Job]) -> None:
+        """Write many parts, make them durable with one ``syncfs`` in a worker thread, seal
+        the closing ones, and one more ``syncfs`` for the renames.
+
+        Appends to existing parts are copies into the page cache (microseconds each) and are
+        made right here: a worker thread would wait for the GIL after each of its thousands of
+        syscalls while the event loop is busy, which made a flush of 2,000 parts take seconds
+        and let buffered events pile up. Creating parts and sealing them are metadata
+        operations (a folder, an inode, a rename: a few hundred microseconds on a journaling
+        filesystem), so they run in worker threads, side by side.
+        """
+        fs = self._fs
+        with contextlib.suppress(OSError):
+            fs.open()  # when the root is gone, the writes fail and say so
+        _write_jobs([job for job in jobs if job.part.created], sync=False)
+        fresh = [job for job in jobs if not job.part.created]
+        if fresh:
+            await self._in_threads(_create_parts, fresh)
+        await anyio.to_thread.run_sync(_sync_written, jobs, fs)
+        sealing = [job for job in jobs if job.close and job.error is None]
+        if sealing:
+            await self._in_threads(_seal_jobs, sealing)
+            sealed = [job for job in sealing if job.error is None]
+            if sealed:
+                await anyio.to_thread.run_sync(_sync_sealed, sealed, fs)
+
+    @staticmethod
+    async def _in_threads(work: Callable[[list[_Job]], None], jobs: list[_Job]) -> None:
+        """``work`` over the jobs, spread over up to ``IO_THREADS`` worker threads."""
         chunks = min(IO_THREADS, -(-len(jobs) // JOBS_PER_THREAD))
         if chunks <= 1:
-            await anyio.to_thread.run_sync(_write_jobs, jobs)
+            await anyio.to_thread.run_sync(work, jobs)
             return
         async with anyio.create_task_group() as tg:
             for i in range(chunks):
-                tg.start_soon(anyio.to_thread.run_sync, _write_jobs, jobs[i::chunks])
+                tg.start_soon(anyio.to_thread.run_sync, work, jobs[i::chunks])
 
     @staticmethod
     def _take(part: _Part, *, close: bool) -> _Job:
@@ -368,6 +538,7 @@ class LakeWriter:
             finally:
                 await self.aclose()
         finally:
+            self._fs.close()
             os.close(lock_fd)  # closing the descriptor releases the lock
 
     async def aclose(self) -> None:
