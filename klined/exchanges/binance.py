@@ -44,7 +44,10 @@ from klined.exchanges.common import (
     compact_raw,
     distrust,
     header_float,
+    plain_numbers,
+    plain_of,
     retry_after_s,
+    sane_prices,
     scale,
     snippet,
     to_decimal,
@@ -165,17 +168,34 @@ class Binance:
         return self.symbols.native(pair) or f"{pair.base}{pair.quote}"
 
     def canonical(self, native: str) -> Pair | None:
-        """``BTCUSD`` -> ``BTC/USD``: overrides and listed names first, then a known quote."""
+        """``BTCUSD`` -> ``BTC/USD``: overrides, listed and subscribed names first, then a
+        guess by quote (memoized: every streamed event asks)."""
+        try:
+            return self.symbols.resolved[native]
+        except KeyError:
+            return self.symbols.remember(native, self._resolve(native))
+
+    def _resolve(self, native: str) -> Pair | None:
+        """A name nobody told us about is split at a known quote. ``REKTUSD`` reads as
+        ``REKT/USD`` or ``REK/TUSD``: a split into assets of the pairs the adapter knows
+        (configured, subscribed, listed) wins, then one into a known quote, then the longest
+        quote."""
         name = native.upper()
         pair = self.symbols.by_native(name)
         if pair is not None:
             return pair
+        guesses: list[Pair] = []
         for quote in KNOWN_QUOTES:
             if name.endswith(quote) and len(name) > len(quote):
                 base = name[: -len(quote)]
                 if base.isalnum() and base.isascii() and len(base) <= 20:
-                    return Pair(base, quote)
-        return None
+                    guesses.append(Pair(base, quote))
+        if len(guesses) <= 1:
+            return guesses[0] if guesses else None
+        known = self.symbols.known_pairs()
+        bases = {p.base for p in known}
+        quotes = {p.quote for p in known}
+        return max(guesses, key=lambda p: (p.base in bases) + (p.quote in quotes))
 
     def multiplier(self, pair: Pair) -> int:
         return self.symbols.multiplier(pair)
@@ -187,6 +207,11 @@ class Binance:
 
     def stream_name(self, pair: Pair) -> str:
         return f"{self.native(pair).lower()}@kline_1m"
+
+    def _streaming(self, pairs: list[Pair] | tuple[Pair, ...]) -> None:
+        """Remember what we subscribe to, so its events map back to these very pairs."""
+        for pair in pairs:
+            self.symbols.note_streamed(pair, self.native(pair))
 
     # ---------------------------------------------------------------------------- WebSocket
 
@@ -207,6 +232,7 @@ class Binance:
                 base = base[: -len(suffix)]
         if not pairs:
             return f"{base}/stream"
+        self._streaming(pairs)
         return f"{base}/stream?streams=" + "/".join(self.stream_name(p) for p in pairs)
 
     def subscribe_messages(self, pairs: list[Pair], req_id: int) -> list[str]:
@@ -218,6 +244,7 @@ class Binance:
         messages = []
         for i, start in enumerate(range(0, len(pairs), STREAMS_PER_SUBSCRIBE)):
             chunk = tuple(pairs[start : start + STREAMS_PER_SUBSCRIBE])
+            self._streaming(chunk)
             mid = req_id + i
             if len(self._pending) >= _MAX_PENDING:  # replies lost with their connection
                 self._pending.pop(next(iter(self._pending)))
@@ -241,9 +268,28 @@ class Binance:
         except Exception:  # pragma: no cover - only unencodable str subclasses
             return Frame(controls=[Malformed("frame is not text", snippet(repr(data)))])
         try:
+            frame = self._plain_frame(buf, session_id, received_ms)
+        except Exception:  # a bug here must not cost the event: the general path decides
+            frame = None
+        if frame is not None:
+            return frame
+        try:
             return distrust(self._parse(buf, session_id, received_ms))
         except Exception as exc:  # a parser bug must never take the stream down
             return Frame(controls=[Malformed(f"unexpected parser error: {exc!r}", snippet(buf))])
+
+    def _plain_frame(self, buf: bytes, session_id: str, received_ms: int) -> Frame | None:
+        """Nearly every frame: a combined-stream kline with plain numbers, in one pass. None
+        for anything else, which the general path (``_parse``) then reads from the start."""
+        try:
+            msg = _MSG.decode(buf)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        ev = msg.data
+        if ev is None or ev.e != "kline" or ev.k is None or ev.E is None:
+            return None
+        candle = self._plain_kline(ev.k, ev.E, buf, session_id, received_ms)
+        return None if candle is None else Frame([candle], [], ev.E)
 
     def _parse(self, buf: bytes, session_id: str, received_ms: int) -> Frame:
         if not buf.strip():
@@ -344,6 +390,46 @@ class Binance:
             )
         )
         return frame
+
+    def _plain_kline(
+        self, k: _Kline, stamp: int, buf: bytes, session_id: str, received_ms: int
+    ) -> Candle | None:
+        """The candle of a kline whose numbers are plain text and sane, without a ``Decimal``
+        round trip per number; None whenever anything is unusual (a multiplier, other number
+        text, any problem): the exact path then decides, so both paths always agree."""
+        start = k.t
+        if k.i != "1m" or start % MINUTE_MS or start <= 0 or k.n < 0:
+            return None
+        pair = self.canonical(k.s)
+        if pair is None or pair in self.symbols.scaled:
+            return None
+        nums = plain_numbers(k.o, k.h, k.l, k.c, k.v, k.q)
+        if nums is None:
+            return None
+        o, h, lo, c, v, q = nums
+        if not sane_prices(o, h, lo, c):
+            return None  # the exact path names the problem
+        return Candle(
+            exchange=NAME,
+            symbol=str(pair),
+            native_symbol=k.s,
+            interval_start=start,
+            open=o,
+            high=h,
+            low=lo,
+            close=c,
+            volume=v,
+            quote_volume=q,
+            # exactly as ``scale`` does it: the exchange's texts, one Decimal division
+            vwap=None if v == "0" else plain_of(Decimal(k.q) / Decimal(k.v)),
+            trade_count=k.n,
+            is_final=k.x,
+            origin=Origin.WS,
+            session_id=session_id,
+            event_ts=stamp,
+            ingestion_ts=received_ms,
+            raw=compact_raw(buf),
+        )
 
     @staticmethod
     def _kline_problem(k: _Kline) -> str | None:

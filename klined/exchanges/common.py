@@ -18,6 +18,23 @@ SNIPPET_CHARS = 200
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
 )
+#: What follows a UTC minute prefix the full parser has already validated (see
+#: ``parse_rfc3339_ms``): seconds, an optional fraction (its first three digits captured), ``Z``.
+#: ASCII digits only, so anything the full pattern reads differently (other digits, a trailing
+#: newline) takes the full path.
+_RFC3339_TAIL = re.compile(r":([0-5][0-9]|60)(?:\.([0-9]{1,3})[0-9]{0,6})?[Zz]")
+#: ``YYYY-MM-DDTHH:MM`` -> that minute in ms, for prefixes the full parser accepted in UTC
+_MINUTE_PREFIXES: dict[str, int] = {}
+#: whole texts that name a minute start (Kraken's ``interval_begin``) -> ms
+_MINUTE_TEXTS: dict[str, int] = {}
+_MAX_CACHED = 10_000
+
+#: Plain non-negative decimal text (no sign, exponent, spaces or superfluous leading zero):
+#: nearly every number either exchange sends. The group is that text without a fraction's
+#: trailing zeros, which is what ``plain_decimal`` makes of it.
+_PLAIN_NUMBER = r"((?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?)(?:\.0+|0*)"
+#: ``n`` plain numbers joined by single spaces (a space inside a value changes the count)
+_PLAIN_JOINED = {n: re.compile(" ".join([_PLAIN_NUMBER] * n)).fullmatch for n in (5, 6)}
 
 
 def as_bytes(data: str | bytes | bytearray | memoryview) -> bytes:
@@ -65,8 +82,30 @@ def parse_rfc3339_ms(text: str) -> int:
     """``2023-10-04T15:25:00.000000000Z`` -> ms since the epoch (fraction truncated, UTC).
 
     Kraken sends up to nine fractional digits, more than ``datetime`` keeps; this parser takes
-    the calendar fields directly and never goes through a float.
+    the calendar fields directly and never goes through a float. Kraken stamps every message
+    and every candle, so the calendar work is done once per minute: texts that name a minute
+    start are remembered whole, and so is a UTC minute prefix the full parser has accepted; a
+    text that continues such a prefix with plain seconds is read from there (the same result,
+    since ``timegm`` is linear in the seconds).
     """
+    ms = _MINUTE_TEXTS.get(text)
+    if ms is not None:
+        return ms
+    minute_ms = _MINUTE_PREFIXES.get(text[:16])
+    tail = None if minute_ms is None else _RFC3339_TAIL.fullmatch(text, 16)
+    if minute_ms is not None and tail is not None:
+        second, frac = tail.groups()
+        ms = minute_ms + int(second) * 1000 + (int((frac + "00")[:3]) if frac else 0)
+    else:
+        ms = _parse_rfc3339_full(text)
+    if ms % MINUTE_MS == 0:
+        if len(_MINUTE_TEXTS) >= _MAX_CACHED:
+            _MINUTE_TEXTS.clear()
+        _MINUTE_TEXTS[text] = ms
+    return ms
+
+
+def _parse_rfc3339_full(text: str) -> int:
     m = _RFC3339.match(text)
     if m is None:
         raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
@@ -80,6 +119,10 @@ def parse_rfc3339_ms(text: str) -> int:
     if tz not in ("Z", "z"):
         sign = 1 if tz[0] == "+" else -1
         seconds -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    elif m.end(5) == 16:
+        if len(_MINUTE_PREFIXES) >= _MAX_CACHED:
+            _MINUTE_PREFIXES.clear()
+        _MINUTE_PREFIXES[text[:16]] = (seconds - second) * 1000
     return seconds * 1000 + millis
 
 
@@ -130,6 +173,47 @@ def to_decimal(value: object, what: str) -> Decimal:
 def check_numbers(o: object, h: object, lo: object, c: object, v: object) -> str | None:
     """``check_ohlcv`` for raw exchange values (strings or Decimals)."""
     return check_ohlcv(str(o), str(h), str(lo), str(c), str(v))
+
+
+def plain_numbers(*texts: str) -> tuple[str, ...] | None:
+    """``plain_decimal`` of each of 5 or 6 texts when every one is plain non-negative decimal
+    text; None otherwise (the caller then takes the exact ``Decimal`` path).
+
+    For such text ``plain_decimal`` only drops a fraction's trailing zeros: one regular
+    expression checks all of them and yields the results, with no ``Decimal`` round trip.
+    """
+    m = _PLAIN_JOINED[len(texts)](" ".join(texts))
+    return None if m is None else m.groups()
+
+
+def sane_prices(o: str, h: str, lo: str, c: str) -> bool:
+    """``check_ohlcv``'s price rules (positive, ``lo <= o, c <= h``) on ``plain_numbers`` output.
+
+    Such text is canonical (no sign, no leading or trailing zeros), so numbers compare exactly
+    as (length of the integer part, text): no ``Decimal`` and no float is needed.
+    """
+    if lo == "0":
+        return False
+    if o == h == lo == c:
+        return True
+    i = o.find(".")
+    ko = (len(o) if i < 0 else i, o)
+    i = h.find(".")
+    kh = (len(h) if i < 0 else i, h)
+    i = lo.find(".")
+    kl = (len(lo) if i < 0 else i, lo)
+    i = c.find(".")
+    kc = (len(c) if i < 0 else i, c)
+    return kl <= ko <= kh and kl <= kc <= kh
+
+
+def plain_of(dec: Decimal) -> str:
+    """``plain_decimal`` of a finite non-negative Decimal, via ``str`` when that is already
+    plain notation (the same digits as ``format(dec, "f")``)."""
+    text = str(dec)
+    if "E" in text or text[0] == "-":
+        return plain_decimal(dec)
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class Scaled(msgspec.Struct, frozen=True):
@@ -190,15 +274,25 @@ class SymbolMap:
 
     ``native`` is the exchange's streaming name, ``rest`` its REST name (Kraken differs);
     ``multiplier`` scales prices and volumes. Explicit overrides always win over names
-    learned from a listing.
+    learned from a listing. ``resolved`` memoizes the adapter's ``canonical`` (every streamed
+    event asks it); it is emptied whenever a name is learned.
     """
+
+    #: bound of ``resolved`` (names nobody subscribed to must not grow it without limit)
+    MAX_RESOLVED = 20_000
 
     def __init__(self, overrides: dict[Pair, SymbolOverride] | None) -> None:
         self.overrides: dict[Pair, SymbolOverride] = dict(overrides or {})
+        self.resolved: dict[str, Pair | None] = {}
+        #: pairs whose native units differ from canonical ones (``multiplier != 1``)
+        self.scaled: frozenset[Pair] = frozenset(
+            p for p, ov in self.overrides.items() if ov.multiplier > 0 and ov.multiplier != 1
+        )
         self._native: dict[Pair, str] = {}
         self._rest: dict[Pair, str] = {}
         self._by_native: dict[str, Pair] = {}
         self._by_rest: dict[str, Pair] = {}
+        self._streamed: set[Pair] = set()
         for pair, ov in self.overrides.items():
             if ov.native:
                 self._native[pair] = ov.native
@@ -223,8 +317,27 @@ class SymbolMap:
         ov = self.overrides.get(pair)
         return ov.multiplier if ov is not None and ov.multiplier > 0 else 1
 
+    def remember(self, name: str, pair: Pair | None) -> Pair | None:
+        """Memoize ``canonical(name)``; return ``pair``."""
+        if len(self.resolved) >= self.MAX_RESOLVED:
+            self.resolved.clear()
+        self.resolved[name] = pair
+        return pair
+
+    def note_streamed(self, pair: Pair, native: str) -> None:
+        """Map a streamed name back to the pair it was subscribed for (names already known
+        from an override or a listing keep their pair)."""
+        if self._by_native.setdefault(native.upper(), pair) == pair:
+            self._streamed.add(pair)
+            self.resolved.clear()
+
+    def known_pairs(self) -> set[Pair]:
+        """Every pair the map has been told about (overrides, listing, subscriptions)."""
+        return {*self.overrides, *self._native, *self._streamed}
+
     def learn(self, pair: Pair, native: str, rest: str) -> None:
         """Record a listed pair's names unless the config overrides them."""
+        self.resolved.clear()
         ov = self.overrides.get(pair)
         if not (ov and ov.native) and native:
             self._native[pair] = native

@@ -15,6 +15,7 @@ Protocol as documented at docs.kraken.com:
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 
@@ -36,6 +37,7 @@ from klined.exchanges.common import (
     compact_raw,
     distrust,
     parse_rfc3339_ms,
+    sane_prices,
     scale,
     snippet,
     to_decimal,
@@ -101,6 +103,30 @@ class _Candle(msgspec.Struct):
     timestamp: str | None = None
 
 
+class _Number(str):
+    """The text of a JSON number literal with a fraction or exponent (``float_hook``): JSON's
+    grammar is already checked, unlike a JSON string's content."""
+
+    __slots__ = ()
+
+
+class _PlainCandle(msgspec.Struct, gc=False):
+    """``_Candle`` with its numbers untyped: a JSON number arrives as its own text
+    (``_Number``; an integer as ``int``), so plain numbers need no ``Decimal``."""
+
+    symbol: str
+    open: Any
+    high: Any
+    low: Any
+    close: Any
+    volume: Any
+    interval_begin: str
+    interval: int
+    trades: int | None = None
+    vwap: Any = None
+    timestamp: str | None = None
+
+
 class _Result(msgspec.Struct):
     channel: str | None = None
     symbol: str | None = None
@@ -127,6 +153,7 @@ class _Status(msgspec.Struct):
 
 _MSG = msgspec.json.Decoder(_Msg)
 _CANDLE = msgspec.json.Decoder(_Candle)
+_PLAIN_CANDLE = msgspec.json.Decoder(_PlainCandle, float_hook=_Number)
 _STATUS = msgspec.json.Decoder(_Status)
 _ENC = msgspec.json.Encoder()
 
@@ -171,9 +198,33 @@ class Kraken(KrakenRest):
         except Exception:  # pragma: no cover - only unencodable str subclasses
             return Frame(controls=[Malformed("frame is not text", snippet(repr(data)))])
         try:
+            frame = self._plain_frame(buf, session_id, received_ms)
+        except Exception:  # a bug here must not cost the event: the general path decides
+            frame = None
+        if frame is not None:
+            return frame
+        try:
             return distrust(self._parse(buf, session_id, received_ms))
         except Exception as exc:  # a parser bug must never take the stream down
             return Frame(controls=[Malformed(f"unexpected parser error: {exc!r}", snippet(buf))])
+
+    def _plain_frame(self, buf: bytes, session_id: str, received_ms: int) -> Frame | None:
+        """Nearly every frame: ``ohlc`` candles with plain numbers, in one pass. None for
+        anything else, which the general path (``_parse``) then reads from the start."""
+        try:
+            msg = _MSG.decode(buf)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if msg.channel != "ohlc" or not msg.data:
+            return None
+        stamp = _try_time(msg.timestamp)
+        candles = []
+        for raw in msg.data:
+            candle = self._plain_candle(bytes(raw), stamp, session_id, received_ms)
+            if candle is None:
+                return None
+            candles.append(candle)
+        return Frame(candles, [], stamp)
 
     def _parse(self, buf: bytes, session_id: str, received_ms: int) -> Frame:
         if not buf.strip():
@@ -244,13 +295,76 @@ class Kraken(KrakenRest):
             return frame
         for raw in msg.data:
             item = bytes(raw)
-            try:
-                candle = self._ws_candle(item, stamp, session_id, received_ms)
-            except ValueError as exc:
-                frame.controls.append(Malformed(str(exc), snippet(item)))
-                continue
+            candle = self._plain_candle(item, stamp, session_id, received_ms)
+            if candle is None:
+                try:
+                    candle = self._ws_candle(item, stamp, session_id, received_ms)
+                except ValueError as exc:
+                    frame.controls.append(Malformed(str(exc), snippet(item)))
+                    continue
             frame.candles.append(candle)
         return frame
+
+    def _plain_candle(
+        self, item: bytes, stamp: int | None, session_id: str, received_ms: int
+    ) -> Candle | None:
+        """``_ws_candle`` for a candle whose numbers are plain and sane, without a ``Decimal``
+        round trip per number; None whenever anything is unusual (a multiplier, number text
+        or types ``_plain`` does not take, any problem): ``_ws_candle`` then decides, so both
+        paths always agree."""
+        try:
+            c = _PLAIN_CANDLE.decode(item)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        o, h, lo, close, volume = (
+            _plain(c.open),
+            _plain(c.high),
+            _plain(c.low),
+            _plain(c.close),
+            _plain(c.volume),
+        )
+        if o is None or h is None or lo is None or close is None or volume is None:
+            return None
+        vwap = None
+        if c.vwap is not None:
+            vwap = _plain(c.vwap)
+            if vwap is None or (vwap == "0" and volume != "0"):
+                return None
+            if volume == "0":
+                vwap = None  # as ``_ws_candle``: no vwap without volume
+        if c.interval != 1 or (c.trades is not None and c.trades < 0):
+            return None
+        if not sane_prices(o, h, lo, close):
+            return None
+        pair = self.canonical(c.symbol)
+        if pair is None or pair in self.symbols.scaled:
+            return None
+        try:
+            start = parse_rfc3339_ms(c.interval_begin)
+        except ValueError:
+            return None
+        if start % MINUTE_MS:
+            return None
+        event_ts = stamp if stamp is not None else _try_time(c.timestamp)
+        return Candle(
+            exchange=NAME,
+            symbol=str(pair),
+            native_symbol=c.symbol,
+            interval_start=start,
+            open=o,
+            high=h,
+            low=lo,
+            close=close,
+            volume=volume,
+            vwap=vwap,
+            trade_count=c.trades,
+            is_final=False,
+            origin=Origin.WS,
+            session_id=session_id,
+            event_ts=event_ts if event_ts is not None else received_ms,
+            ingestion_ts=received_ms,
+            raw=compact_raw(item),
+        )
 
     def _ws_candle(
         self, item: bytes, stamp: int | None, session_id: str, received_ms: int
@@ -300,6 +414,21 @@ class Kraken(KrakenRest):
             ingestion_ts=received_ms,
             raw=compact_raw(item),
         )
+
+
+def _plain(value: object) -> str | None:
+    """``plain_decimal`` of a non-negative JSON number without an exponent, by string work:
+    a literal's text minus a fraction's trailing zeros, or an integer's digits. None for
+    anything else (negative, exponent, a JSON string, another type)."""
+    kind = type(value)
+    if kind is _Number:
+        text: str = value  # type: ignore[assignment]
+        if text[0] == "-" or "e" in text or "E" in text:
+            return None
+        return text.rstrip("0").rstrip(".")  # a literal without exponent has a fraction
+    if kind is int and value >= 0:  # type: ignore[operator]
+        return str(value)
+    return None
 
 
 def _try_time(text: str | None) -> int | None:

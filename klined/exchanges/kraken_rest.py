@@ -108,9 +108,14 @@ class KrakenRest:
         return _REST_ALIASES.get(base, base) + _REST_ALIASES.get(quote, quote)
 
     def canonical(self, native: str) -> Pair | None:
-        """A WS name (or a known REST name) -> the canonical pair."""
+        """A WS name (or a known REST name) -> the canonical pair (memoized: every streamed
+        event asks)."""
+        try:
+            return self.symbols.resolved[native]
+        except KeyError:
+            pass
         pair = self.symbols.by_native(native) or self.symbols.by_rest(native)
-        return pair if pair is not None else ws_name_to_pair(native)
+        return self.symbols.remember(native, pair if pair is not None else ws_name_to_pair(native))
 
     def multiplier(self, pair: Pair) -> int:
         return self.symbols.multiplier(pair)
