@@ -59,8 +59,8 @@ async def wait_for(condition: Any) -> None:
 
 
 def sim_options(**extra: Any) -> dict[str, Any]:
-    """Real limits, scaled: Binance 240 weight and Kraken 3 calls per second-long window."""
-    return {"pairs": PAIRS, "rate_limit_scale": 0.2, "rate_limit_time_scale": 60, **extra}
+    """Real limits, scaled: Binance 240 weight per half-second window, Kraken 3 calls decaying 40/s."""
+    return {"pairs": PAIRS, "rate_limit_scale": 0.2, "rate_limit_time_scale": 120, **extra}
 
 
 async def test_multi_day_backfill_equals_truth_and_rerun_changes_nothing(

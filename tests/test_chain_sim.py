@@ -224,7 +224,7 @@ async def test_cancelled_chain_leaves_consistent_ops_and_reruns_cleanly(
 ) -> None:
     from klined.sim import FaultPlan, FaultRule
 
-    slow = FaultPlan(rules=[FaultRule(kind="slow", exchange="kraken", duration_s=3, times=0)])
+    slow = FaultPlan(rules=[FaultRule(kind="slow", exchange="kraken", duration_s=3, times=2)])
     hours = [H0]
     async with sim_factory(pairs=PAIRS, rate_limit_time_scale=60, faults=slow) as sim:
         cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
