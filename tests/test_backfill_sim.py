@@ -59,7 +59,7 @@ async def wait_for(condition: Any) -> None:
 
 
 def sim_options(**extra: Any) -> dict[str, Any]:
-    """Real limits, scaled: Binance 240 weight per half-second window, Kraken 3 calls decaying 40/s."""
+    """Real limits, scaled: Binance 240 weight per 0.5 s window; Kraken 3 calls, decay 40/s."""
     return {"pairs": PAIRS, "rate_limit_scale": 0.2, "rate_limit_time_scale": 120, **extra}
 
 
