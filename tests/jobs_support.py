@@ -121,7 +121,8 @@ async def assert_silver_is_truth(
             counts[src] = counts.get(src, 0) + 1
             if sources is not None:
                 assert src in sources, f"{exchange} {pair} {m}: source {src}"
-            expect_src = {"no_trades", "ws_final"} if t.trades == 0 else {"rest", "trades", "ws_final"}
+            traded = {"rest", "trades", "ws_final"}
+            expect_src = {"no_trades", "ws_final"} if t.trades == 0 else traded
             if src not in expect_src:
                 problems.append(f"{exchange} {pair} {m}: source {src} for {t.trades} trades")
             for f in ("open", "high", "low", "close", "volume"):
