@@ -135,7 +135,8 @@ async def test_crash_mid_load_then_rerun_loads_exactly_once(wdb: Database, tmp_p
             await bronze.load_hour(wdb, H0, source, batch_parts=2)
 
         tg.start_soon(load)
-        await source.reached.wait()
+        with anyio.fail_after(30):
+            await source.reached.wait()
         await anyio.sleep(0.1)  # the batch holding w-3 is mid-COPY
         tg.cancel_scope.cancel()
     # batches 1 (w-0, w-1) committed; the cancelled batch (w-2, w-3) left nothing behind

@@ -46,8 +46,6 @@ BATCH_PARTS = 512
 #: parts read ahead of the COPY, and concurrent readers
 READ_AHEAD = 16
 READERS = 4
-#: local parts read per worker-thread call
-LOCAL_GROUP = 16
 #: bytes per COPY data message (fewer, larger writes wake the server less often)
 COPY_CHUNK = 512 * 1024
 #: bad line numbers kept per part in the ledger
@@ -309,58 +307,28 @@ class _Batch:
         self.outside_hours: set[int] = set()
 
 
-def _read_local_files(paths: Sequence[str]) -> list[bytes | None]:
-    """Read several local files in one worker-thread call; ``None`` where one is gone."""
-    out: list[bytes | None] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as fh:
-                out.append(fh.read())
-        except FileNotFoundError:
-            out.append(None)
-    return out
-
-
 async def _read_parts(
     source: PartSource,
     refs: Sequence[Any],
     send: MemoryObjectSendStream[tuple[Any, bytes | Exception]],
 ) -> None:
-    """Read parts with a few concurrent readers, in any order; a failure is sent as an item.
-
-    Refs that carry a ``local_path`` (the lake's refs for parts still in the local spool) are
-    read a group at a time in one worker-thread call, which costs far less than a thread
-    round trip per part; anything not found locally goes through ``source.read_part_bytes``.
-    """
-    groups = [refs[i : i + LOCAL_GROUP] for i in range(0, len(refs), LOCAL_GROUP)]
-    pending = iter(groups)
-
-    async def read(ref: Any, local: bytes | None) -> bytes:
-        if local is not None:
-            return local
-        data: bytes = await _maybe_await(source.read_part_bytes(ref))
-        return data
+    """Read parts with a few concurrent readers, in any order; a failure is sent as an item."""
+    pending = iter(refs)
 
     async def reader(out: MemoryObjectSendStream[tuple[Any, bytes | Exception]]) -> None:
         async with out:
-            for group in pending:
-                paths = [getattr(ref, "local_path", None) for ref in group]
-                locals_: list[bytes | None] = [None] * len(group)
-                local_paths = [p for p in paths if isinstance(p, str)]
-                if len(local_paths) == len(group):
-                    locals_ = await anyio.to_thread.run_sync(_read_local_files, local_paths)
-                for ref, local in zip(group, locals_, strict=True):
-                    try:
-                        data = await read(ref, local)
-                    except anyio.get_cancelled_exc_class():
-                        raise
-                    except Exception as exc:
-                        await out.send((ref, exc))
-                        return
-                    await out.send((ref, data))
+            for ref in pending:
+                try:
+                    data: bytes = await _maybe_await(source.read_part_bytes(ref))
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    await out.send((ref, exc))
+                    return
+                await out.send((ref, data))
 
     async with send, anyio.create_task_group() as tg:
-        for _ in range(min(READERS, len(groups))):
+        for _ in range(min(READERS, len(refs))):
             tg.start_soon(reader, send.clone())
 
 
