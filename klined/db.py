@@ -485,6 +485,10 @@ async def open_database(
                 server = await anyio.to_thread.run_sync(_start_embedded_sync, pgdata)
                 dsn = await _ensure_embedded_database(_embedded_dsn(server))
         except anyio.get_cancelled_exc_class():
+            # the worker thread is never abandoned, so a server that came up is known here:
+            # an interrupted start-up must not leave it running
+            if server is not None:
+                await _stop_embedded(server)
             raise
         except Exception as exc:
             if server is not None:
