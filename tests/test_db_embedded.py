@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import anyio.abc
 import anyio.from_thread
 import psutil
 import pytest
+from loguru import logger
 
 import klined.db as db_module
 from klined.config import Config, DaemonConfig
@@ -112,3 +114,52 @@ async def test_a_killed_process_does_not_keep_the_server_running_forever(
         assert json.loads(handles.read_text()) == [os.getpid()]
     assert not postgres_for(pgdata), "the last live user stops the server"
     assert json.loads(handles.read_text()) == []
+
+
+async def test_the_stop_log_says_whether_the_server_stopped_or_stays_for_another_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = embedded_config(tmp_path, monkeypatch)
+    pgdata = cfg.data_dir / "pgdata"
+    messages: list[str] = []
+    handler = logger.add(lambda m: messages.append(m.record["message"]), format="{message}")
+    try:
+        holder = await start_holder(cfg.data_dir)
+        async with holder:
+            async with open_database(cfg) as db:
+                assert await db.fetchval("SELECT 1") == 1
+            assert postgres_for(pgdata), "another process still uses it"
+            left = [m for m in messages if "embedded PostgreSQL" in m and "left running" in m]
+            assert len(left) == 1 and f"still used by process(es) {holder.pid}" in left[0]
+            assert "embedded PostgreSQL stopped" not in messages
+
+            holder.send_signal(signal.SIGINT)  # the holder exits cleanly: it stops the server
+            with anyio.fail_after(60):
+                await holder.wait()
+        assert not postgres_for(pgdata)
+
+        messages.clear()
+        async with open_database(cfg) as db:
+            assert await db.fetchval("SELECT 1") == 1
+        assert not postgres_for(pgdata)
+        assert "embedded PostgreSQL stopped" in messages
+        assert not [m for m in messages if "left running" in m or "still running" in m]
+    finally:
+        logger.remove(handler)
+
+
+async def test_nested_opens_in_one_process_share_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = embedded_config(tmp_path, monkeypatch)
+    pgdata = cfg.data_dir / "pgdata"
+    async with open_database(cfg) as outer:
+        async with open_database(cfg) as inner:
+            assert await inner.fetchval("SELECT 1") == 1
+        assert postgres_for(pgdata), "the outer context still uses it"
+        assert await outer.fetchval("SELECT 2") == 2
+    assert not postgres_for(pgdata)
+    # and a later open in this process starts it again
+    async with open_database(cfg) as again:
+        assert await again.fetchval("SELECT 3") == 3
+    assert not postgres_for(pgdata)

@@ -90,7 +90,8 @@ def demo_command(
     hours.
     """
     from klined.daemon import tune_process
-    from klined.demo.run import postgres_running, run
+    from klined.db import embedded_postmaster_pid
+    from klined.demo.run import run
     from klined.logs import setup_logging
 
     s3: S3Target | None = None
@@ -131,7 +132,7 @@ def demo_command(
     code, _summary, _demo = run(options, workdir)
 
     pgdata = workdir / "pgdata"
-    pid = postgres_running(pgdata)
+    pid = embedded_postmaster_pid(pgdata)
     if pid is not None:
         logger.error(
             "the embedded PostgreSQL (pid {}) under {} is still running; another klined "

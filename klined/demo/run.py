@@ -77,23 +77,6 @@ def with_dsn(cfg: Config, dsn: str) -> Config:
     return msgspec.structs.replace(cfg, database=msgspec.structs.replace(cfg.database, dsn=dsn))
 
 
-def postgres_running(pgdata: Path) -> int | None:
-    """The pid of a live postmaster for ``pgdata``, if any."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-            return pid
-    except psutil.Error:
-        return None
-    return None
-
-
 def local_parts(root: Path) -> dict[str, bool]:
     """Sealed local parts: key -> whether a verified upload marker sits next to it."""
     from klined.lake import UPLOADED_SUFFIX, iter_local_parts
