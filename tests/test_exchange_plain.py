@@ -19,13 +19,8 @@ from hypothesis import strategies as st
 from klined.config import SymbolOverride
 from klined.exchanges import Binance, Kraken
 from klined.exchanges.base import Frame, ListedPair
-from klined.exchanges.common import (
-    _parse_rfc3339_full,
-    parse_rfc3339_ms,
-    plain_numbers,
-    sane_prices,
-)
-from klined.model import Pair, check_ohlcv, plain_decimal
+from klined.exchanges.common import _parse_rfc3339_full, parse_rfc3339_ms, plain_number
+from klined.model import Pair, plain_decimal
 
 T0 = 1_672_515_780_000  # a minute boundary
 SESSION = "sess"
@@ -42,9 +37,6 @@ class GeneralBinance(Binance):
 
 class GeneralKraken(Kraken):
     def _plain_frame(self, buf: bytes, session_id: str, received_ms: int) -> Frame | None:
-        return None
-
-    def _plain_candle(self, *args: Any) -> None:
         return None
 
 
@@ -72,26 +64,17 @@ number_text = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(number_text, min_size=6, max_size=6))
-@example(["10.50", "100", "0.000", "10.000", "0.0001", "7"])
-def test_plain_numbers_are_plain_decimal(texts: list[str]) -> None:
-    out = plain_numbers(*texts)
-    if out is not None:
-        assert list(out) == [plain_decimal(t) for t in texts]
-        assert all(Decimal(t) >= 0 and "E" not in t and "e" not in t for t in texts)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.sampled_from([*near_one, "2", "0.5", "0", "100", "99.99", "1.5"]), min_size=4, max_size=4
-    )
-)
-def test_sane_prices_is_check_ohlcv(prices: list[str]) -> None:
-    nums = plain_numbers(*prices, "1")
-    if nums is not None:
-        o, h, lo, c = nums[:4]
-        assert sane_prices(o, h, lo, c) == (check_ohlcv(*prices, "1") is None)
+@given(st.one_of(number_text, st.integers(-5, 10**30), st.booleans(), st.none()))
+@example("10.50")
+@example("0.000")
+@example("100")
+def test_plain_number_is_plain_decimal(value: object) -> None:
+    for _ in range(2):  # the second time from the memo
+        got = plain_number(value)
+        if got is not None:
+            assert got == (plain_decimal(value), Decimal(str(value)))
+            assert got[1] >= 0 and isinstance(value, str | int) and not isinstance(value, bool)
+            assert "E" not in got[0] and "e" not in got[0]
 
 
 @settings(max_examples=300, deadline=None)

@@ -37,6 +37,7 @@ from klined.exchanges.base import (
     SubscribeFailed,
 )
 from klined.exchanges.common import (
+    PLAIN,
     SymbolMap,
     as_bytes,
     ceil_minute,
@@ -44,10 +45,10 @@ from klined.exchanges.common import (
     compact_raw,
     distrust,
     header_float,
-    plain_numbers,
+    plain_match,
+    plain_number,
     plain_of,
     retry_after_s,
-    sane_prices,
     scale,
     snippet,
     to_decimal,
@@ -400,35 +401,46 @@ class Binance:
         start = k.t
         if k.i != "1m" or start % MINUTE_MS or start <= 0 or k.n < 0:
             return None
-        pair = self.canonical(k.s)
-        if pair is None or pair in self.symbols.scaled:
+        symbol = self.symbols.plain_names.get(k.s)
+        if symbol is None:
+            symbol = self.symbols.plain_name(k.s, self.canonical(k.s))
+            if symbol is None:
+                return None
+        known = PLAIN.get
+        o = known(k.o) or plain_number(k.o)
+        h = known(k.h) or plain_number(k.h)
+        lo = known(k.l) or plain_number(k.l)
+        c = known(k.c) or plain_number(k.c)
+        mv = plain_match(k.v)  # volumes rarely repeat: no memo
+        mq = plain_match(k.q)
+        if o is None or h is None or lo is None or c is None or mv is None or mq is None:
             return None
-        nums = plain_numbers(k.o, k.h, k.l, k.c, k.v, k.q)
-        if nums is None:
-            return None
-        o, h, lo, c, v, q = nums
-        if not sane_prices(o, h, lo, c):
+        v = mv.group(1)
+        # ``check_ohlcv``'s price rules, on the exact values (the volumes are non-negative)
+        dlo = lo[1]
+        if not (dlo > 0 and dlo <= o[1] <= h[1] and dlo <= c[1] <= h[1]):
             return None  # the exact path names the problem
-        return Candle(
-            exchange=NAME,
-            symbol=str(pair),
-            native_symbol=k.s,
-            interval_start=start,
-            open=o,
-            high=h,
-            low=lo,
-            close=c,
-            volume=v,
-            quote_volume=q,
-            # exactly as ``scale`` does it: the exchange's texts, one Decimal division
-            vwap=None if v == "0" else plain_of(Decimal(k.q) / Decimal(k.v)),
-            trade_count=k.n,
-            is_final=k.x,
-            origin=Origin.WS,
-            session_id=session_id,
-            event_ts=stamp,
-            ingestion_ts=received_ms,
-            raw=compact_raw(buf),
+        return Candle(  # positionally, in field order (see ``Candle``)
+            NAME,  # exchange
+            symbol,
+            k.s,  # native_symbol
+            start,  # interval_start
+            o[0],  # open
+            h[0],  # high
+            lo[0],  # low
+            c[0],  # close
+            v,  # volume
+            mq.group(1),  # quote_volume
+            # vwap exactly as ``scale`` makes it: the exchange's texts, one Decimal division
+            None if v == "0" else plain_of(Decimal(k.q) / Decimal(k.v)),
+            k.n,  # trade_count
+            k.x,  # is_final
+            Origin.WS,
+            session_id,
+            stamp,  # event_ts
+            received_ms,  # ingestion_ts
+            60,  # interval_seconds
+            compact_raw(buf),  # raw
         )
 
     @staticmethod

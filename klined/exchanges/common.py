@@ -32,9 +32,13 @@ _MAX_CACHED = 10_000
 #: Plain non-negative decimal text (no sign, exponent, spaces or superfluous leading zero):
 #: nearly every number either exchange sends. The group is that text without a fraction's
 #: trailing zeros, which is what ``plain_decimal`` makes of it.
-_PLAIN_NUMBER = r"((?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?)(?:\.0+|0*)"
-#: ``n`` plain numbers joined by single spaces (a space inside a value changes the count)
-_PLAIN_JOINED = {n: re.compile(" ".join([_PLAIN_NUMBER] * n)).fullmatch for n in (5, 6)}
+_PLAIN_NUMBER = re.compile(r"((?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?)(?:\.0+|0*)").fullmatch
+#: ``match.group(1)`` of this is ``plain_decimal(text)`` for plain non-negative decimal text
+#: (None: anything else); for values that rarely repeat (volumes), where a memo would not pay
+plain_match = _PLAIN_NUMBER
+#: number text -> (``plain_decimal`` of it, its value), for plain text (see ``plain_number``)
+PLAIN: dict[str, tuple[str, Decimal]] = {}
+_MAX_PLAIN = 16_384
 
 
 def as_bytes(data: str | bytes | bytearray | memoryview) -> bytes:
@@ -73,7 +77,8 @@ def compact_raw(buf: bytes) -> msgspec.Raw:
     whitespace and replacing it with a space keeps the document byte-for-byte equivalent.
     """
     buf = buf.strip()
-    if b"\n" in buf or b"\r" in buf:
+    # find(10): ``in`` first tries its operand as an int and builds a TypeError each time
+    if buf.find(10) >= 0 or buf.find(13) >= 0:
         buf = buf.replace(b"\r", b" ").replace(b"\n", b" ")
     return msgspec.Raw(buf)
 
@@ -175,36 +180,26 @@ def check_numbers(o: object, h: object, lo: object, c: object, v: object) -> str
     return check_ohlcv(str(o), str(h), str(lo), str(c), str(v))
 
 
-def plain_numbers(*texts: str) -> tuple[str, ...] | None:
-    """``plain_decimal`` of each of 5 or 6 texts when every one is plain non-negative decimal
-    text; None otherwise (the caller then takes the exact ``Decimal`` path).
+def plain_number(value: object) -> tuple[str, Decimal] | None:
+    """``(plain_decimal(value), Decimal(value))`` for plain non-negative decimal text or a
+    non-negative int; None for anything else (the caller then takes the exact path).
 
-    For such text ``plain_decimal`` only drops a fraction's trailing zeros: one regular
-    expression checks all of them and yields the results, with no ``Decimal`` round trip.
+    For such text ``plain_decimal`` only drops a fraction's trailing zeros: string work, no
+    ``Decimal`` round trip. Texts are memoized in ``PLAIN`` (prices repeat from one update to
+    the next), so hot callers look there first: ``PLAIN.get(x) or plain_number(x)``.
     """
-    m = _PLAIN_JOINED[len(texts)](" ".join(texts))
-    return None if m is None else m.groups()
-
-
-def sane_prices(o: str, h: str, lo: str, c: str) -> bool:
-    """``check_ohlcv``'s price rules (positive, ``lo <= o, c <= h``) on ``plain_numbers`` output.
-
-    Such text is canonical (no sign, no leading or trailing zeros), so numbers compare exactly
-    as (length of the integer part, text): no ``Decimal`` and no float is needed.
-    """
-    if lo == "0":
-        return False
-    if o == h == lo == c:
-        return True
-    i = o.find(".")
-    ko = (len(o) if i < 0 else i, o)
-    i = h.find(".")
-    kh = (len(h) if i < 0 else i, h)
-    i = lo.find(".")
-    kl = (len(lo) if i < 0 else i, lo)
-    i = c.find(".")
-    kc = (len(c) if i < 0 else i, c)
-    return kl <= ko <= kh and kl <= kc <= kh
+    if type(value) is int:  # not bool: True is no number here
+        return (str(value), Decimal(value)) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    m = _PLAIN_NUMBER(value)
+    if m is None:
+        return None
+    text = m.group(1)
+    if len(PLAIN) >= _MAX_PLAIN:
+        PLAIN.clear()
+    known = PLAIN[value] = (text, Decimal(text))
+    return known
 
 
 def plain_of(dec: Decimal) -> str:
@@ -284,6 +279,8 @@ class SymbolMap:
     def __init__(self, overrides: dict[Pair, SymbolOverride] | None) -> None:
         self.overrides: dict[Pair, SymbolOverride] = dict(overrides or {})
         self.resolved: dict[str, Pair | None] = {}
+        #: native name -> canonical text, for pairs without a multiplier (the fast paths')
+        self.plain_names: dict[str, str] = {}
         #: pairs whose native units differ from canonical ones (``multiplier != 1``)
         self.scaled: frozenset[Pair] = frozenset(
             p for p, ov in self.overrides.items() if ov.multiplier > 0 and ov.multiplier != 1
@@ -324,12 +321,26 @@ class SymbolMap:
         self.resolved[name] = pair
         return pair
 
+    def plain_name(self, name: str, pair: Pair | None) -> str | None:
+        """The canonical text of ``pair`` (``canonical(name)``) when it has no multiplier,
+        memoized; None otherwise."""
+        if pair is None or pair in self.scaled:
+            return None
+        if len(self.plain_names) >= self.MAX_RESOLVED:
+            self.plain_names.clear()
+        text = self.plain_names[name] = str(pair)
+        return text
+
+    def _forget(self) -> None:
+        self.resolved.clear()
+        self.plain_names.clear()
+
     def note_streamed(self, pair: Pair, native: str) -> None:
         """Map a streamed name back to the pair it was subscribed for (names already known
         from an override or a listing keep their pair)."""
         if self._by_native.setdefault(native.upper(), pair) == pair:
             self._streamed.add(pair)
-            self.resolved.clear()
+            self._forget()
 
     def known_pairs(self) -> set[Pair]:
         """Every pair the map has been told about (overrides, listing, subscriptions)."""
@@ -337,7 +348,7 @@ class SymbolMap:
 
     def learn(self, pair: Pair, native: str, rest: str) -> None:
         """Record a listed pair's names unless the config overrides them."""
-        self.resolved.clear()
+        self._forget()
         ov = self.overrides.get(pair)
         if not (ov and ov.native) and native:
             self._native[pair] = native

@@ -32,12 +32,13 @@ from klined.exchanges.base import (
     SubscribeFailed,
 )
 from klined.exchanges.common import (
+    PLAIN,
     as_bytes,
     check_numbers,
     compact_raw,
     distrust,
     parse_rfc3339_ms,
-    sane_prices,
+    plain_number,
     scale,
     snippet,
     to_decimal,
@@ -103,16 +104,11 @@ class _Candle(msgspec.Struct):
     timestamp: str | None = None
 
 
-class _Number(str):
-    """The text of a JSON number literal with a fraction or exponent (``float_hook``): JSON's
-    grammar is already checked, unlike a JSON string's content."""
-
-    __slots__ = ()
-
-
 class _PlainCandle(msgspec.Struct, gc=False):
-    """``_Candle`` with its numbers untyped: a JSON number arrives as its own text
-    (``_Number``; an integer as ``int``), so plain numbers need no ``Decimal``."""
+    """``_Candle`` with its numbers untyped: decoded with ``float_hook=str``, a JSON number
+    arrives as its own text (an integer as ``int``), so plain numbers need no ``Decimal``. A
+    JSON string arrives as text too; for plain text ``_Candle`` reads the same value from
+    either."""
 
     symbol: str
     open: Any
@@ -153,7 +149,7 @@ class _Status(msgspec.Struct):
 
 _MSG = msgspec.json.Decoder(_Msg)
 _CANDLE = msgspec.json.Decoder(_Candle)
-_PLAIN_CANDLE = msgspec.json.Decoder(_PlainCandle, float_hook=_Number)
+_PLAIN_CANDLE = msgspec.json.Decoder(_PlainCandle, float_hook=str)
 _STATUS = msgspec.json.Decoder(_Status)
 _ENC = msgspec.json.Encoder()
 
@@ -295,13 +291,11 @@ class Kraken(KrakenRest):
             return frame
         for raw in msg.data:
             item = bytes(raw)
-            candle = self._plain_candle(item, stamp, session_id, received_ms)
-            if candle is None:
-                try:
-                    candle = self._ws_candle(item, stamp, session_id, received_ms)
-                except ValueError as exc:
-                    frame.controls.append(Malformed(str(exc), snippet(item)))
-                    continue
+            try:
+                candle = self._ws_candle(item, stamp, session_id, received_ms)
+            except ValueError as exc:
+                frame.controls.append(Malformed(str(exc), snippet(item)))
+                continue
             frame.candles.append(candle)
         return frame
 
@@ -309,36 +303,41 @@ class Kraken(KrakenRest):
         self, item: bytes, stamp: int | None, session_id: str, received_ms: int
     ) -> Candle | None:
         """``_ws_candle`` for a candle whose numbers are plain and sane, without a ``Decimal``
-        round trip per number; None whenever anything is unusual (a multiplier, number text
-        or types ``_plain`` does not take, any problem): ``_ws_candle`` then decides, so both
+        round trip per number; None whenever anything is unusual (a multiplier, numbers
+        ``plain_number`` does not take, any problem): ``_ws_candle`` then decides, so both
         paths always agree."""
         try:
             c = _PLAIN_CANDLE.decode(item)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        o, h, lo, close, volume = (
-            _plain(c.open),
-            _plain(c.high),
-            _plain(c.low),
-            _plain(c.close),
-            _plain(c.volume),
-        )
+        # numbers: text, an int, or anything else (an unhashable value raises, and
+        # ``parse_frame`` then takes the general path)
+        known = PLAIN.get
+        o = known(c.open) or plain_number(c.open)
+        h = known(c.high) or plain_number(c.high)
+        lo = known(c.low) or plain_number(c.low)
+        close = known(c.close) or plain_number(c.close)
+        volume = known(c.volume) or plain_number(c.volume)
         if o is None or h is None or lo is None or close is None or volume is None:
             return None
         vwap = None
         if c.vwap is not None:
-            vwap = _plain(c.vwap)
-            if vwap is None or (vwap == "0" and volume != "0"):
+            w = known(c.vwap) or plain_number(c.vwap)
+            if w is None or (w[0] == "0" and volume[0] != "0"):
                 return None
-            if volume == "0":
-                vwap = None  # as ``_ws_candle``: no vwap without volume
+            if volume[0] != "0":  # as ``_ws_candle``: no vwap without volume
+                vwap = w[0]
         if c.interval != 1 or (c.trades is not None and c.trades < 0):
             return None
-        if not sane_prices(o, h, lo, close):
+        # ``check_ohlcv``'s price rules, on the exact values (the volume is non-negative)
+        dlo = lo[1]
+        if not (dlo > 0 and dlo <= o[1] <= h[1] and dlo <= close[1] <= h[1]):
             return None
-        pair = self.canonical(c.symbol)
-        if pair is None or pair in self.symbols.scaled:
-            return None
+        symbol = self.symbols.plain_names.get(c.symbol)
+        if symbol is None:
+            symbol = self.symbols.plain_name(c.symbol, self.canonical(c.symbol))
+            if symbol is None:
+                return None
         try:
             start = parse_rfc3339_ms(c.interval_begin)
         except ValueError:
@@ -346,24 +345,26 @@ class Kraken(KrakenRest):
         if start % MINUTE_MS:
             return None
         event_ts = stamp if stamp is not None else _try_time(c.timestamp)
-        return Candle(
-            exchange=NAME,
-            symbol=str(pair),
-            native_symbol=c.symbol,
-            interval_start=start,
-            open=o,
-            high=h,
-            low=lo,
-            close=close,
-            volume=volume,
-            vwap=vwap,
-            trade_count=c.trades,
-            is_final=False,
-            origin=Origin.WS,
-            session_id=session_id,
-            event_ts=event_ts if event_ts is not None else received_ms,
-            ingestion_ts=received_ms,
-            raw=compact_raw(item),
+        return Candle(  # positionally, in field order (see ``Candle``)
+            NAME,  # exchange
+            symbol,
+            c.symbol,  # native_symbol
+            start,  # interval_start
+            o[0],  # open
+            h[0],  # high
+            lo[0],  # low
+            close[0],
+            volume[0],
+            None,  # quote_volume: Kraken sends none
+            vwap,
+            c.trades,  # trade_count
+            False,  # is_final: Kraken has no final flag; the stream runtime decides
+            Origin.WS,
+            session_id,
+            event_ts if event_ts is not None else received_ms,
+            received_ms,  # ingestion_ts
+            60,  # interval_seconds
+            compact_raw(item),  # raw
         )
 
     def _ws_candle(
@@ -414,21 +415,6 @@ class Kraken(KrakenRest):
             ingestion_ts=received_ms,
             raw=compact_raw(item),
         )
-
-
-def _plain(value: object) -> str | None:
-    """``plain_decimal`` of a non-negative JSON number without an exponent, by string work:
-    a literal's text minus a fraction's trailing zeros, or an integer's digits. None for
-    anything else (negative, exponent, a JSON string, another type)."""
-    kind = type(value)
-    if kind is _Number:
-        text: str = value  # type: ignore[assignment]
-        if text[0] == "-" or "e" in text or "E" in text:
-            return None
-        return text.rstrip("0").rstrip(".")  # a literal without exponent has a fraction
-    if kind is int and value >= 0:  # type: ignore[operator]
-        return str(value)
-    return None
 
 
 def _try_time(text: str | None) -> int | None:
