@@ -196,32 +196,31 @@ class Database:
     async def ensure_partitions(self, hours: Iterable[int]) -> int:
         """Make sure bronze and silver have the partitions of these hours (ms); return created.
 
-        Cheap when they exist (a per-process cache). Creation runs in its own short transaction,
-        never inside a caller's load, and tolerates another session creating the same partition.
+        Cheap when they exist (a per-process cache). Creation runs in short transactions of its
+        own, never inside a caller's load, and tolerates another session creating the same
+        partition. One transaction per table: creating a partition locks its parent until
+        commit, so holding bronze's lock while waiting for silver's would deadlock with a reader
+        that holds silver and then reads bronze (one statement joining both does).
         """
         wanted = {floor_hour(h) for h in hours}
         if self._known is not None and all(wanted <= self._known[t] for t in PARTITIONED_TABLES):
             return 0
+        created = 0
         async with self._partition_lock, self.acquire() as conn:
             if self._known is None:
                 self._known = await self._load_known(conn)
-            missing = [
-                (table, hour)
-                for table in PARTITIONED_TABLES
-                for hour in sorted(wanted - self._known[table])
-            ]
-            if not missing:
-                return 0
-            rows = await conn.fetch(
-                "SELECT t.tbl, t.h, ops.ensure_hour_partition(t.tbl, t.h) AS created"
-                " FROM unnest($1::text[], $2::timestamptz[]) WITH ORDINALITY AS t(tbl, h, n)"
-                " ORDER BY t.n",
-                [m[0] for m in missing],
-                [to_datetime(m[1]) for m in missing],
-            )
-            created = sum(1 for r in rows if r["created"])
-            for table, hour in missing:
-                self._known[table].add(hour)
+            for table in PARTITIONED_TABLES:
+                missing = sorted(wanted - self._known[table])
+                if not missing:
+                    continue
+                rows = await conn.fetch(  # autocommit: the parent's lock ends with it
+                    "SELECT ops.ensure_hour_partition($1, t.h) AS created"
+                    " FROM unnest($2::timestamptz[]) WITH ORDINALITY AS t(h, n) ORDER BY t.n",
+                    table,
+                    [to_datetime(h) for h in missing],
+                )
+                created += sum(1 for r in rows if r["created"])
+                self._known[table].update(missing)
         if created:
             logger.debug("created {} hourly partitions", created)
         return created

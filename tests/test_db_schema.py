@@ -215,6 +215,40 @@ async def test_concurrent_partition_creation(db: Database) -> None:
         assert results == [False]
 
 
+async def _until_a_session_waits_for_a_lock(db: Database) -> None:
+    with anyio.fail_after(30):
+        while not await db.fetchval(  # noqa: ASYNC110 - polling the server's view
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize("order", [(SILVER_TABLE, BRONZE_TABLE), (BRONZE_TABLE, SILVER_TABLE)])
+async def test_partition_creation_never_deadlocks_a_reader(
+    db: Database, order: tuple[str, str]
+) -> None:
+    """A reader holding one partitioned table and then reading the other (what one statement
+    over silver and bronze does) must not deadlock with partitions being created."""
+    await db.apply_schema()
+    await db.ensure_partitions([H0])
+    hours = [H0 + i * HOUR_MS for i in range(1, 4)]
+    created: list[int] = []
+
+    async def create() -> None:
+        created.append(await db.ensure_partitions(hours))
+
+    # the transaction ends (commit) before the task group waits for the creator
+    async with db.acquire() as reader, anyio.create_task_group() as tg, reader.transaction():
+        await reader.fetchval(f"SELECT count(*) FROM {order[0]}")  # holds the first table
+        tg.start_soon(create)
+        await _until_a_session_waits_for_a_lock(db)  # the creator waits for the reader
+        assert await reader.fetchval(f"SELECT count(*) FROM {order[1]}") == 0
+    assert created == [2 * len(hours)]
+    assert set(hours) <= await _partition_hours(db, BRONZE_TABLE)
+    assert set(hours) <= await _partition_hours(db, SILVER_TABLE)
+
+
 async def test_partition_bounds_ignore_session_time_zone(pg_dsn: str) -> None:
     cfg = config_for(pg_dsn)
     async with open_database(cfg, session_settings={"timezone": "Asia/Kathmandu"}) as ktm:
