@@ -20,6 +20,7 @@ from klined.jobs.backfill import (
     run_backfill,
 )
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.interrupt import run_interruptible
 from klined.jobs.progress import Progress, fmt_duration, summary_table
 from klined.jobs.rest import open_clients
 from klined.logs import setup_logging
@@ -75,7 +76,7 @@ def backfill_command(
 
     Resumable (re-run the same command after an interruption) and idempotent (re-running a
     finished range fetches nothing). Exit code 0 when done, 1 when minutes stay missing for a
-    reason a later run may fix, 2 for bad arguments.
+    reason a later run may fix, 2 for bad arguments, 130/143 when stopped by SIGINT/SIGTERM.
     """
     cfg = load_config(config_path)
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_json)
@@ -84,7 +85,19 @@ def backfill_command(
         click.echo(f"note: {req.note}", err=True)
     what = ", ".join(f"{ex} ({len(ps)} pairs)" for ex, ps in req.pairs.items())
     click.echo(f"backfill {iso(req.start_ms)} .. {iso(req.end_ms)}: {what}", err=True)
-    result = anyio.run(lambda: _main(cfg, req, dry=dry, refetch=refetch, concurrency=concurrency))
+    outcome = anyio.run(
+        run_interruptible,
+        lambda: _main(cfg, req, dry=dry, refetch=refetch, concurrency=concurrency),
+        "the backfill",
+    )
+    if outcome.interrupted:
+        click.echo(
+            f"backfill stopped by {outcome.signal_name}: progress is saved; run the same "
+            "command again to resume",
+            err=True,
+        )
+        return outcome.exit_code
+    result = outcome.result
     if result is None:
         return 0
     click.echo(summary_table(result.reports))

@@ -14,6 +14,7 @@ from klined.db import open_database
 from klined.errors import UsageError
 from klined.jobs.chain import STEPS, ChainReport, run_chain, select_hours
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.interrupt import run_interruptible
 from klined.jobs.rest import open_clients
 from klined.lake import LakeUploader
 from klined.logs import setup_logging
@@ -91,12 +92,24 @@ def chain_command(
     """Run the hourly chain by hand: every hour that needs it, or the hours you name.
 
     Prints one line per hour with each step's result; exits 1 if a step failed or
-    another chain held the lock.
+    another chain held the lock, 130/143 when stopped by SIGINT/SIGTERM (the step in progress
+    is recorded as failed and the next run redoes its hour).
     """
     cfg = load_config(config_path)
     setup_logging(cfg.daemon.log_level, cfg.daemon.log_json)
     hours = _hours_from_options(hour, start, end)
-    report = anyio.run(_chain_main, cfg, hours, steps or STEPS, wait_s)
+    outcome = anyio.run(
+        run_interruptible, lambda: _chain_main(cfg, hours, steps or STEPS, wait_s), "the chain"
+    )
+    if outcome.interrupted:
+        click.echo(
+            f"chain stopped by {outcome.signal_name}: the step in progress is recorded as "
+            "failed (cancelled); the next run redoes its hour",
+            err=True,
+        )
+        return outcome.exit_code
+    report = outcome.result
+    assert report is not None
     if report.skipped:
         click.echo(f"chain skipped: {report.skipped}", err=True)
         return 1
