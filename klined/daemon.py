@@ -456,11 +456,11 @@ def _klined_error(exc: BaseException) -> KlinedError | None:
 @config_option
 def run_command(config_path: str | None) -> int:
     """Run the daemon: streams, lake, status, hourly chain (until SIGTERM/SIGINT)."""
-    from klined.logs import setup_logging
+    from klined.logs import setup_config_logging
     from klined.systemd import Notifier
 
     cfg = load_config(config_path)  # ConfigError: the CLI prints it and exits 2
-    setup_logging(cfg.daemon.log_level, True if cfg.daemon.log_json else None)
+    setup_config_logging(cfg.daemon)
     notifier = Notifier.from_env()
     tune_process()
     pairs = {name: [str(p) for p in cfg.pairs(name)] for name in cfg.exchanges.enabled()}

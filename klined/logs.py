@@ -36,7 +36,9 @@ from loguru import logger
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-__all__ = ["redact", "running_under_systemd", "setup_logging"]
+    from klined.config import DaemonConfig
+
+__all__ = ["redact", "running_under_systemd", "setup_config_logging", "setup_logging"]
 
 # -- redaction --------------------------------------------------------------------------------
 
@@ -306,3 +308,12 @@ def setup_logging(
     for name in _NOISY:
         logging.getLogger(name).setLevel(std_level)
     return handler_id
+
+
+def setup_config_logging(daemon: DaemonConfig) -> int:
+    """:func:`setup_logging` as ``[daemon]`` asks, for every command that reads the config.
+
+    ``log_json = true`` forces JSON; ``false`` is the default, not a demand for human lines:
+    the format is then picked from the environment (JSON under systemd, human elsewhere).
+    """
+    return setup_logging(daemon.log_level, True if daemon.log_json else None)

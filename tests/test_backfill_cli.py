@@ -3,6 +3,11 @@ dry run, a real run against a real-time simulator, and re-running it."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,3 +104,33 @@ async def test_cli_dry_run_then_real_run_then_rerun(
         )  # fmt: skip
         out = capsys.readouterr().out
         assert code == 0 and "completeness" in out and "ok 0" in out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["chain", "backfill"])
+def test_logs_are_json_under_systemd_unless_configured_otherwise(
+    tmp_path: Path, pg_dsn: str, command: str
+) -> None:
+    """``log_json = false`` is the default, not a demand for human lines: under systemd the
+    commands log JSON, as ``klined run`` does."""
+    cfg = write_config(tmp_path / "klined.toml", pg_dsn)
+    cfg.write_text('[daemon]\nlog_level = "DEBUG"\n' + cfg.read_text().replace("[daemon]\n", ""))
+    end = floor_hour(int(time.time() * 1000)) - 20 * HOUR_MS
+    args = {
+        "chain": ["--hour", iso(end), "--step", "completeness"],
+        "backfill": ["--from", iso(end - HOUR_MS), "--to", iso(end), "--dry-run"],
+    }[command]
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "KLINED_DSN")}
+    env["INVOCATION_ID"] = "0123456789abcdef"  # what systemd sets for a service
+    proc = subprocess.run(
+        [sys.executable, "-m", "klined.cli", command, "-c", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    human = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z ")
+    assert not [line for line in proc.stderr.splitlines() if human.match(line)], proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert records and all({"level", "message"} <= set(r) for r in records), proc.stderr

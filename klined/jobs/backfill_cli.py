@@ -23,7 +23,7 @@ from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.interrupt import run_interruptible
 from klined.jobs.progress import Progress, fmt_duration, summary_table
 from klined.jobs.rest import open_clients
-from klined.logs import setup_logging
+from klined.logs import setup_config_logging
 from klined.model import iso
 
 
@@ -79,7 +79,7 @@ def backfill_command(
     reason a later run may fix, 2 for bad arguments, 130/143 when stopped by SIGINT/SIGTERM.
     """
     cfg = load_config(config_path)
-    setup_logging(cfg.daemon.log_level, cfg.daemon.log_json)
+    setup_config_logging(cfg.daemon)
     req = resolve_request(cfg, start, end, exchanges, pairs, now_ms=int(time.time() * 1000))
     if req.note:
         click.echo(f"note: {req.note}", err=True)

@@ -17,7 +17,7 @@ from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.interrupt import run_interruptible
 from klined.jobs.rest import open_clients
 from klined.lake import LakeUploader
-from klined.logs import setup_logging
+from klined.logs import setup_config_logging
 from klined.model import HOUR_MS, floor_hour, iso, parse_time
 
 
@@ -96,7 +96,7 @@ def chain_command(
     is recorded as failed and the next run redoes its hour).
     """
     cfg = load_config(config_path)
-    setup_logging(cfg.daemon.log_level, cfg.daemon.log_json)
+    setup_config_logging(cfg.daemon)
     hours = _hours_from_options(hour, start, end)
     outcome = anyio.run(
         run_interruptible, lambda: _chain_main(cfg, hours, steps or STEPS, wait_s), "the chain"
