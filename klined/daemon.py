@@ -273,7 +273,8 @@ class Daemon:
     async def _serve_status(self, *, task_status: TaskStatus[None]) -> None:
         from klined.status_server import StatusServer
 
-        server = StatusServer(self.cfg.status_socket, self.snapshot)
+        group = self.cfg.daemon.status_socket_group or None
+        server = StatusServer(self.cfg.status_socket, self.snapshot, group=group)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve)
             task_status.started()

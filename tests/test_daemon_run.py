@@ -7,8 +7,10 @@ runs the real command and stops it with SIGTERM mid-hour.
 
 from __future__ import annotations
 
+import grp
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -408,3 +410,21 @@ async def test_a_second_daemon_on_the_same_data_exits_with_a_clear_error(
     # the lake's writer lock or the status socket refuses it, whichever it meets first
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(b"error:") and (b"another klined" in last or b"k.sock" in last)
+
+
+async def test_status_socket_group_makes_the_socket_group_readable(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    async with sim_factory() as sim:
+        path = write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD"]})
+        path.write_text(
+            path.read_text().replace("[daemon]\n", f'[daemon]\nstatus_socket_group = "{group}"\n')
+        )
+        cfg = load_config(path)
+        async with running(cfg):
+            info = os.stat(cfg.status_socket)
+            snap = await fetch_status(cfg.status_socket)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
+    assert snap.pid == os.getpid()
