@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -44,12 +44,56 @@ from klined.streams import ExchangeStreams, StreamSettings, streams_status
 from klined.streams.backoff import Backoff
 from klined.streams.connection import now_ms
 
+if TYPE_CHECKING:
+    from klined.db import Database
+    from klined.jobs.chain import ChainReport, ChainScheduler
+
 #: how long stopping the streams may take before the lake is sealed anyway
 STREAMS_STOP_S = 5.0
 #: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
 LISTING_ATTEMPTS = 3
+#: how often the chain follower looks for a finished chain run
+FOLLOW_INTERVAL_S = 1.0
 
 __all__ = ["Daemon", "run_command", "run_daemon"]
+
+
+class ChainFigures:
+    """The chain's figures on the metrics endpoint, cached so that a scrape never queries the
+    database: the seconds each step took in the last chain run that processed hours (summed
+    over its hours), and the completion ratio per exchange of the last closed hour
+    (``monitoring.exchange_hourly_completeness``), refreshed after each chain run."""
+
+    def __init__(self) -> None:
+        self.step_seconds: dict[str, float] = {}
+        self.completeness: dict[str, float] = {}
+        self.completeness_hour_ms: int | None = None
+
+    def note_report(self, report: ChainReport | None) -> None:
+        if report is None or not report.hours:
+            return  # an empty or skipped run says nothing about the steps
+        totals: dict[str, float] = {}
+        for hour in report.hours:
+            for step in hour.steps:
+                totals[step.step] = totals.get(step.step, 0.0) + step.duration_s
+        self.step_seconds = totals
+
+    async def refresh_completeness(self, db: Database, cfg: Config, now: int) -> None:
+        """Completion ratios of the last hour the chain considers closed (its end plus the
+        lake's grace period is past); an exchange without figures for it is left out."""
+        from klined.model import HOUR_MS, floor_hour, to_datetime
+
+        hour = floor_hour(now - int(cfg.lake.hour_grace_s * 1000)) - HOUR_MS
+        rows = await db.fetch(
+            "SELECT exchange, completion_rate FROM monitoring.exchange_hourly_completeness"
+            " WHERE hour_start = $1 AND completion_rate IS NOT NULL",
+            to_datetime(hour),
+        )
+        enabled = cfg.exchanges.enabled()
+        self.completeness = {
+            r["exchange"]: float(r["completion_rate"]) for r in rows if r["exchange"] in enabled
+        }
+        self.completeness_hour_ms = hour
 
 
 class Daemon:
@@ -90,6 +134,7 @@ class Daemon:
         self._chain_scope = anyio.CancelScope()
         self._final_scope: anyio.CancelScope | None = None
         self._process: Any = None
+        self.chain_figures = ChainFigures()
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -282,7 +327,13 @@ class Daemon:
     async def _serve_metrics(self, *, task_status: TaskStatus[None]) -> None:
         from klined.metrics import MetricsServer
 
-        server = MetricsServer(self.cfg.daemon.metrics_port, self.snapshot)
+        figures = self.chain_figures
+        server = MetricsServer(
+            self.cfg.daemon.metrics_port,
+            self.snapshot,
+            chain_steps=lambda: figures.step_seconds,
+            completeness=lambda: figures.completeness,
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve)
             task_status.started()
@@ -416,9 +467,36 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
         async def run() -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(scheduler.run)
+                tg.start_soon(_follow_chain, daemon, db, scheduler, name="chain follower")
                 daemon.chain_up.set()
 
         yield run
+
+
+async def _follow_chain(daemon: Daemon, db: Database, scheduler: ChainScheduler) -> None:
+    """After each chain run, refresh the figures the metrics endpoint serves. A database
+    hiccup is logged once and retried every second until it works; it never stops the
+    scheduler."""
+    status = daemon.chain_status
+    seen: int | None = None
+    failing = False
+    while True:
+        await anyio.sleep(FOLLOW_INTERVAL_S)
+        if status.running or status.last_run_ms is None or status.last_run_ms == seen:
+            continue
+        try:
+            daemon.chain_figures.note_report(scheduler.last_report)
+            with anyio.fail_after(30):
+                await daemon.chain_figures.refresh_completeness(db, daemon.cfg, now_ms())
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if not failing:
+                logger.warning("cannot refresh the completeness figures: {}", exc)
+            failing = True
+            continue
+        seen = status.last_run_ms
+        failing = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -428,3 +428,54 @@ async def test_status_socket_group_makes_the_socket_group_readable(
     assert stat.S_ISSOCK(info.st_mode)
     assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
     assert snap.pid == os.getpid()
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """``{label value: number}`` of a one-label metric family in the exposition text."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+            found[labels.split('"')[1]] = float(value)
+    return found
+
+
+async def test_metrics_serve_chain_step_durations_and_completeness(
+    sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
+) -> None:
+    import asyncpg
+    import httpx
+
+    port = free_port()
+    async with sim_factory(clock=SimClock.realtime()) as sim:
+        pairs = {"binance": ["BTC/USD"], "kraken": ["BTC/USD", "ETH/USD"]}
+        path = write_config(tmp_path, sim, pairs=pairs, chain=True, dsn=pg_dsn)
+        text = path.read_text().replace("catchup_hours = 0", "catchup_hours = 2")
+        path.write_text(text.replace("[daemon]\n", f"[daemon]\nmetrics_port = {port}\n"))
+        cfg = load_config(path)
+        async with running(cfg) as daemon, httpx.AsyncClient(timeout=5) as client:
+            figures = daemon.chain_figures
+            await until(lambda: set(figures.completeness) == {"binance", "kraken"}, 60)
+            body = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            hour = figures.completeness_hour_ms
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                rows = await conn.fetch(
+                    "SELECT exchange, completion_rate FROM monitoring.exchange_hourly_completeness"
+                    " WHERE hour_start = to_timestamp($1::bigint / 1000.0)",
+                    hour,
+                )
+                steps = await conn.fetch(
+                    "SELECT DISTINCT step FROM ops.job_runs WHERE hour_start IS NOT NULL"
+                )
+            finally:
+                await conn.close()
+    assert hour is not None and hour == floor_hour(int(time.time() * 1000) - 120_000) - HOUR_MS
+    ratios = metric_samples(body, "klined_completeness_ratio")
+    assert ratios == {r["exchange"]: float(r["completion_rate"]) for r in rows}
+    assert ratios["binance"] == 1.0  # the simulator's REST history filled the hour
+    durations = metric_samples(body, "klined_chain_step_seconds")
+    assert set(durations) == {r["step"] for r in steps} == {
+        "flush", "bronze", "gapfill", "silver", "gold", "completeness"
+    }  # fmt: skip
+    assert all(v >= 0 for v in durations.values()) and durations["gapfill"] > 0
