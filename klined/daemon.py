@@ -106,8 +106,12 @@ class Daemon:
         notifier: Any = None,
         chain_factory: Callable[[Daemon], Awaitable[None]] | None = None,
         uploader_options: dict[str, Any] | None = None,
+        handle_signals: bool = True,
     ) -> None:
+        """``handle_signals=False`` leaves SIGTERM/SIGINT to the host program (the demo owns
+        them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`)."""
         self.cfg = cfg
+        self.handle_signals = handle_signals
         self.started_ms = now_ms()
         self._t0 = time.monotonic()
         self.lake_status = LakeStatus()
@@ -173,7 +177,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             self._build_streams(await self._listing_clients(stack))
             async with anyio.create_task_group() as root:
-                root.start_soon(self._watch_signals, name="signals")
+                if self.handle_signals:
+                    root.start_soon(self._watch_signals, name="signals")
                 await root.start(self.writer.run)
                 await root.start(self.uploader.run)
                 await root.start(self._serve_status)

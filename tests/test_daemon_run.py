@@ -479,3 +479,21 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
         "flush", "bronze", "gapfill", "silver", "gold", "completeness"
     }  # fmt: skip
     assert all(v >= 0 for v in durations.values()) and durations["gapfill"] > 0
+
+
+async def test_a_daemon_without_signal_handling_leaves_the_signals_to_its_host(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    async with sim_factory() as sim:
+        cfg = load_config(write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD"]}))
+        with anyio.open_signal_receiver(signal.SIGTERM) as host:
+            async with running(cfg, handle_signals=False) as daemon:
+                os.kill(os.getpid(), signal.SIGTERM)
+                # a daemon handling signals would have taken SIGTERM over: the host never
+                # sees it and the wait fails
+                with anyio.fail_after(10):
+                    received = await host.__anext__()
+                assert received == signal.SIGTERM
+                assert not daemon.stop_requested.is_set()
+                assert daemon.ready.is_set()
+        assert daemon.stop_requested.is_set()  # stopped by the host, gracefully

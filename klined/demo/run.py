@@ -64,14 +64,6 @@ class _Discard(io.StringIO):
         return len(text)
 
 
-class DemoDaemon(Daemon):
-    """The daemon without its own signal handling: the demo owns the signals for the whole
-    run (set-up, daemon, shutdown), so one Ctrl-C stops everything in order."""
-
-    async def _watch_signals(self) -> None:
-        await anyio.sleep_forever()
-
-
 def with_dsn(cfg: Config, dsn: str) -> Config:
     """The same config, connecting to an already running PostgreSQL by DSN."""
     return msgspec.structs.replace(cfg, database=msgspec.structs.replace(cfg.database, dsn=dsn))
@@ -231,7 +223,9 @@ class Demo:
 
     async def _run_daemon(self, run_cfg: Config, config_path: Path) -> Daemon:
         """The daemon until the duration is over, the dashboard is closed, or a signal."""
-        daemon = DemoDaemon(run_cfg)
+        # no signal handling of its own: the demo owns the signals for the whole run (set-up,
+        # daemon, shutdown), so one Ctrl-C stops everything in order
+        daemon = Daemon(run_cfg, handle_signals=False)
         self.daemon = daemon
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
