@@ -8,7 +8,8 @@ Start-up order (each step is up before the next starts):
 4. per exchange, concurrently: listing check over REST (bounded; an unreachable exchange is
    streamed with every configured pair and checked again later), then its connections;
 5. the hourly chain scheduler, when ``[chain] enabled`` and the chain module is present (it
-   needs the database; the daemon runs without one when the chain is disabled);
+   needs the database; the daemon runs without one when the chain is disabled); see
+   :mod:`klined.daemon_chain` (listing results and metrics figures follow its runs);
 6. ``READY=1`` to systemd, then watchdog pings from the main loop's 1 Hz tick.
 
 Shutdown on SIGTERM/SIGINT, in order: streams and the scheduler are cancelled (sockets closed,
@@ -21,14 +22,13 @@ are already sealed on disk and the next start uploads them.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 import click
@@ -37,6 +37,7 @@ from loguru import logger
 
 from klined.config import Config, load_config
 from klined.config_cli import config_option
+from klined.daemon_chain import ChainFigures, default_chain
 from klined.errors import KlinedError
 from klined.lake import LakeUploader, LakeWriter
 from klined.status import ChainStatus, LakeStatus, StatusSnapshot
@@ -44,56 +45,12 @@ from klined.streams import ExchangeStreams, StreamSettings, streams_status
 from klined.streams.backoff import Backoff
 from klined.streams.connection import now_ms
 
-if TYPE_CHECKING:
-    from klined.db import Database
-    from klined.jobs.chain import ChainReport, ChainScheduler
-
 #: how long stopping the streams may take before the lake is sealed anyway
 STREAMS_STOP_S = 5.0
 #: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
 LISTING_ATTEMPTS = 3
-#: how often the chain follower looks for a finished chain run
-FOLLOW_INTERVAL_S = 1.0
 
 __all__ = ["Daemon", "run_command", "run_daemon"]
-
-
-class ChainFigures:
-    """The chain's figures on the metrics endpoint, cached so that a scrape never queries the
-    database: the seconds each step took in the last chain run that processed hours (summed
-    over its hours), and the completion ratio per exchange of the last closed hour
-    (``monitoring.exchange_hourly_completeness``), refreshed after each chain run."""
-
-    def __init__(self) -> None:
-        self.step_seconds: dict[str, float] = {}
-        self.completeness: dict[str, float] = {}
-        self.completeness_hour_ms: int | None = None
-
-    def note_report(self, report: ChainReport | None) -> None:
-        if report is None or not report.hours:
-            return  # an empty or skipped run says nothing about the steps
-        totals: dict[str, float] = {}
-        for hour in report.hours:
-            for step in hour.steps:
-                totals[step.step] = totals.get(step.step, 0.0) + step.duration_s
-        self.step_seconds = totals
-
-    async def refresh_completeness(self, db: Database, cfg: Config, now: int) -> None:
-        """Completion ratios of the last hour the chain considers closed (its end plus the
-        lake's grace period is past); an exchange without figures for it is left out."""
-        from klined.model import HOUR_MS, floor_hour, to_datetime
-
-        hour = floor_hour(now - int(cfg.lake.hour_grace_s * 1000)) - HOUR_MS
-        rows = await db.fetch(
-            "SELECT exchange, completion_rate FROM monitoring.exchange_hourly_completeness"
-            " WHERE hour_start = $1 AND completion_rate IS NOT NULL",
-            to_datetime(hour),
-        )
-        enabled = cfg.exchanges.enabled()
-        self.completeness = {
-            r["exchange"]: float(r["completion_rate"]) for r in rows if r["exchange"] in enabled
-        }
-        self.completeness_hour_ms = hour
 
 
 class Daemon:
@@ -106,10 +63,13 @@ class Daemon:
         notifier: Any = None,
         chain_factory: Callable[[Daemon], Awaitable[None]] | None = None,
         uploader_options: dict[str, Any] | None = None,
+        stream_options: dict[str, Any] | None = None,
         handle_signals: bool = True,
     ) -> None:
         """``handle_signals=False`` leaves SIGTERM/SIGINT to the host program (the demo owns
-        them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`)."""
+        them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`).
+        ``uploader_options`` / ``stream_options`` tune the uploader / every exchange's
+        :class:`ExchangeStreams` (tests shorten their timers)."""
         self.cfg = cfg
         self.handle_signals = handle_signals
         self.started_ms = now_ms()
@@ -128,6 +88,7 @@ class Daemon:
         self.streams: list[ExchangeStreams] = []
         self.notifier = notifier
         self.chain_factory = chain_factory
+        self.stream_options = dict(stream_options or {})
         self.stop_requested = anyio.Event()
         self.streams_up = anyio.Event()
         self.chain_up = anyio.Event()
@@ -317,6 +278,7 @@ class Daemon:
                     self.writer.append,
                     fetch_listing=client.fetch_listing,
                     listing_attempts=1,  # the REST client retries with backoff itself
+                    **self.stream_options,
                 )
             )
 
@@ -408,100 +370,6 @@ class Daemon:
                     es.refresh(t - last)
                 last = t
                 heartbeat.beat()
-
-
-# ---------------------------------------------------------------------------------------------
-# the chain plug-in
-
-
-async def default_chain(daemon: Daemon) -> None:
-    """Run the hourly chain scheduler when it is enabled and installed; needs the database.
-
-    A database that cannot be opened is retried with backoff; capture goes on meanwhile (the
-    lake is the source of truth and the chain catches up on missed hours when it starts).
-    """
-    cfg = daemon.cfg
-    if not cfg.chain.enabled:
-        logger.info("chain disabled ([chain] enabled = false): running without a database")
-        daemon.chain_status.last_result = "disabled"
-        return
-    if importlib.util.find_spec("klined.jobs.chain") is None:
-        logger.warning("chain module not installed: capturing only")
-        daemon.chain_status.last_result = "not installed"
-        return
-    backoff = Backoff(5.0, 300.0)
-    while True:
-        try:
-            async with _chain_scheduler(daemon) as run:
-                await run()
-            return
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            delay = backoff.next()
-            logger.error("chain unavailable ({}); retrying in {:.0f} s", exc, delay)
-            daemon.chain_status.last_result = f"error: {exc}"[:300]
-            daemon.chain_up.set()  # ready without it: capture does not wait for a database
-            await anyio.sleep(delay)
-
-
-@asynccontextmanager
-async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    from klined.db import open_database, set_pair_listing
-    from klined.jobs.chain import ChainScheduler
-    from klined.jobs.gapfill import sync_configured_pairs
-    from klined.jobs.rest import open_clients
-
-    cfg = daemon.cfg
-    async with open_database(cfg, apply_schema=True) as db, open_clients(cfg) as clients:
-        await sync_configured_pairs(db, cfg)
-        for es in daemon.streams:
-            if es.listing_checked:
-                for pair in es.pairs:
-                    note = es.unlisted.get(pair, "")
-                    await set_pair_listing(db, es.name, pair, not note, note)
-        scheduler = ChainScheduler(
-            db,
-            cfg,
-            lake=daemon.uploader,
-            clients=clients,
-            status=daemon.chain_status,
-            seal_hour=daemon.writer.seal_hour,
-        )
-
-        async def run() -> None:
-            async with anyio.create_task_group() as tg:
-                await tg.start(scheduler.run)
-                tg.start_soon(_follow_chain, daemon, db, scheduler, name="chain follower")
-                daemon.chain_up.set()
-
-        yield run
-
-
-async def _follow_chain(daemon: Daemon, db: Database, scheduler: ChainScheduler) -> None:
-    """After each chain run, refresh the figures the metrics endpoint serves. A database
-    hiccup is logged once and retried every second until it works; it never stops the
-    scheduler."""
-    status = daemon.chain_status
-    seen: int | None = None
-    failing = False
-    while True:
-        await anyio.sleep(FOLLOW_INTERVAL_S)
-        if status.running or status.last_run_ms is None or status.last_run_ms == seen:
-            continue
-        try:
-            daemon.chain_figures.note_report(scheduler.last_report)
-            with anyio.fail_after(30):
-                await daemon.chain_figures.refresh_completeness(db, daemon.cfg, now_ms())
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            if not failing:
-                logger.warning("cannot refresh the completeness figures: {}", exc)
-            failing = True
-            continue
-        seen = status.last_run_ms
-        failing = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -497,3 +497,51 @@ async def test_a_daemon_without_signal_handling_leaves_the_signals_to_its_host(
                 assert not daemon.stop_requested.is_set()
                 assert daemon.ready.is_set()
         assert daemon.stop_requested.is_set()  # stopped by the host, gracefully
+
+
+async def test_a_later_listing_check_updates_ops_pairs(
+    sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
+) -> None:
+    """Kraken's REST API is down at start: every pair streams, ``ops.pairs`` cannot say what is
+    listed. When the background re-check gets an answer, the unlisted pair is written there
+    too (completeness must stop expecting it), not only in the daemon's status."""
+    import asyncpg
+
+    async def listing() -> dict[str, tuple[bool | None, str]]:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT symbol, listed, note FROM ops.pairs WHERE exchange = 'kraken'"
+            )
+        finally:
+            await conn.close()
+        return {r["symbol"]: (r["listed"], r["note"]) for r in rows}
+
+    async def until_listing(pred: Any) -> dict[str, tuple[bool | None, str]]:
+        with anyio.fail_after(30):
+            while not pred(found := await listing()):  # noqa: ASYNC110 - polling the table
+                await anyio.sleep(0.1)
+        return found
+
+    async with sim_factory(listed={"kraken": ["BTC/USD"]}) as sim, anyio.create_task_group() as tg:
+        proxy = S3Proxy(sim.ports["kraken"])  # a TCP proxy: REST through it, WS direct
+        proxy.up = False
+        await tg.start(proxy.serve)
+        path = write_config(
+            tmp_path, sim, pairs={"kraken": ["BTC/USD", "ETH/USD"]}, chain=True, dsn=pg_dsn
+        )
+        path.write_text(path.read_text().replace(sim.kraken_rest_url, proxy.url))
+        cfg = load_config(path)
+        options = {"recheck_interval_s": 0.2}
+        async with running(cfg, stream_options=options) as daemon:
+            es = daemon.streams[0]
+            assert not es.listing_checked
+            before = await until_listing(lambda found: len(found) == 2)
+            assert before == {"BTC/USD": (None, ""), "ETH/USD": (None, "")}
+
+            proxy.up = True  # the exchange answers again: the re-check finds ETH/USD unlisted
+            await until(lambda: es.listing_checked, 30)
+            after = await until_listing(lambda found: found["ETH/USD"][0] is not None)
+        tg.cancel_scope.cancel()
+    assert after["BTC/USD"] == (True, "")
+    assert after["ETH/USD"][0] is False and "not listed" in after["ETH/USD"][1]
