@@ -91,10 +91,11 @@ _RETRYABLE_CODES = {-1000, -1001, -1006, -1007, -1008, -1016}
 
 
 # --------------------------------------------------------------------------------------------
-# wire types (decoded once per frame with Decoder instances built at import)
+# wire types (decoded once per frame with Decoder instances built at import). ``gc=False``:
+# decoded values are trees (no reference cycles), so the collector need not track one per frame.
 
 
-class _Kline(msgspec.Struct):
+class _Kline(msgspec.Struct, gc=False):
     t: int
     T: int
     s: str
@@ -109,12 +110,12 @@ class _Kline(msgspec.Struct):
     q: str
 
 
-class _Err(msgspec.Struct):
+class _Err(msgspec.Struct, gc=False):
     code: int | None = None
     msg: str | None = None
 
 
-class _Msg(msgspec.Struct):
+class _Msg(msgspec.Struct, gc=False):
     """Every shape a Binance stream connection sends, as one struct of optional fields."""
 
     e: str | None = None

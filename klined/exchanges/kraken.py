@@ -87,7 +87,7 @@ _TRANSIENT = ("rate", "limit", "busy", "unavailable", "timeout", "try again", "e
 
 
 # --------------------------------------------------------------------------------------------
-# wire types
+# wire types (``gc=False``: decoded values are trees, never cycles; nothing for the collector)
 
 
 class _Candle(msgspec.Struct):
@@ -123,12 +123,12 @@ class _PlainCandle(msgspec.Struct, gc=False):
     timestamp: str | None = None
 
 
-class _Result(msgspec.Struct):
+class _Result(msgspec.Struct, gc=False):
     channel: str | None = None
     symbol: str | None = None
 
 
-class _Msg(msgspec.Struct):
+class _Msg(msgspec.Struct, gc=False):
     channel: str | None = None
     type: str | None = None
     timestamp: str | None = None
