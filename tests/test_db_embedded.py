@@ -18,7 +18,7 @@ import psutil
 import pytest
 from loguru import logger
 
-import klined.db as db_module
+import klined.embedded_pg as embedded_pg
 from klined.config import Config, DaemonConfig
 from klined.db import open_database
 
@@ -50,7 +50,7 @@ async def test_cancelled_during_start_up_stops_the_server(
 ) -> None:
     cfg = embedded_config(tmp_path, monkeypatch)
     pgdata = cfg.data_dir / "pgdata"
-    real_start = db_module._start_embedded_sync
+    real_start = embedded_pg.start_server_sync
     with anyio.CancelScope() as scope:
 
         def start_then_interrupt(path: Path) -> Any:
@@ -60,7 +60,7 @@ async def test_cancelled_during_start_up_stops_the_server(
             anyio.from_thread.run_sync(scope.cancel)
             return server
 
-        monkeypatch.setattr(db_module, "_start_embedded_sync", start_then_interrupt)
+        monkeypatch.setattr(embedded_pg, "start_server_sync", start_then_interrupt)
         async with open_database(cfg):
             pytest.fail("open_database went on after its start-up was cancelled")
     assert scope.cancelled_caught

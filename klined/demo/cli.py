@@ -89,8 +89,8 @@ def demo_command(
     hours.
     """
     from klined.daemon import tune_process
-    from klined.db import embedded_postmaster_pid
     from klined.demo.run import run
+    from klined.embedded_pg import postmaster_pid
     from klined.logs import setup_logging
 
     s3: S3Target | None = None
@@ -128,7 +128,7 @@ def demo_command(
     code, _summary, _demo = run(options, workdir)
 
     pgdata = workdir / "pgdata"
-    pid = embedded_postmaster_pid(pgdata)
+    pid = postmaster_pid(pgdata)
     if pid is not None:
         logger.error(
             "the embedded PostgreSQL (pid {}) under {} is still running; another klined "
