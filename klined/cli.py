@@ -2,8 +2,9 @@
 
 Each command lives beside the code it drives (``klined.daemon``, ``klined.sim.server``, ...)
 and is imported only when invoked, so ``klined status`` does not pay for Textual and the
-simulator does not import asyncpg. Errors a user can fix exit with code 2 and one clear line;
-nothing else is caught here.
+simulator does not import asyncpg. Errors a user can fix (config, arguments) exit with code 2
+and one clear line; any other klined error (database unreachable, exchange down) prints one
+line and exits 1. Unexpected exceptions keep their traceback: those are bugs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from klined import __version__
-from klined.errors import ConfigError, UsageError
+from klined.errors import ConfigError, KlinedError, UsageError
 
 #: command name -> ("module", "attribute", one-line help shown by ``klined --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> Any:
     except (ConfigError, UsageError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KlinedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 
