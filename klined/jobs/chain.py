@@ -94,7 +94,11 @@ class ChainReport:
         return text if failed else text.replace(", 0 failed", "")
 
     def table(self, steps: Sequence[str] = STEPS) -> str:
-        """One line per hour, one column per step: ``ok 1,234`` / ``skipped`` / ``FAILED``."""
+        """One line per hour, one column per step: ``ok 1,234`` / ``skipped`` / ``FAILED``.
+
+        A gap-fill that could not fetch everything says how many minutes are still missing
+        (they are retried by later runs; the reasons are in ``ops.gapfill_attempts``).
+        """
         cols = [s for s in steps if any(o.step == s for h in self.hours for o in h.steps)]
         head = ["hour", *cols]
         rows = []
@@ -106,7 +110,8 @@ class ChainReport:
                 if o is None:
                     cells.append("-")
                 elif o.status == "ok":
-                    cells.append(f"ok {o.rows:,}")
+                    missing = o.details.get("missing") or 0
+                    cells.append(f"ok {o.rows:,}" + (f" ({missing:,} missing)" if missing else ""))
                 elif o.status == "failed":
                     cells.append("FAILED")
                 else:
