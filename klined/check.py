@@ -41,6 +41,7 @@ from klined.config_cli import config_option
 from klined.errors import DatabaseError, ExchangeError, StatusError
 from klined.logs import redact, setup_logging
 from klined.model import EXCHANGES
+from klined.status_cli import format_duration
 
 __all__ = ["CheckResult", "Outcome", "check_command", "exit_code", "render_table", "run_checks"]
 
@@ -464,7 +465,7 @@ async def check_status_socket(cfg: Config) -> CheckResult:
     return CheckResult(
         row,
         Outcome.OK,
-        f"klined pid {snap.pid} answers on {path}: up {_duration(snap.uptime_s)}, "
+        f"klined pid {snap.pid} answers on {path}: up {format_duration(snap.uptime_s)}, "
         f"{connected}/{len(snap.connections)} connection(s) connected{extra}",
     )
 
@@ -526,17 +527,6 @@ def _bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TB"  # pragma: no cover - the loop always returns
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 _COLOURS = {Outcome.OK: "green", Outcome.WARN: "yellow", Outcome.FAIL: "red", Outcome.SKIP: None}

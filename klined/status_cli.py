@@ -25,10 +25,11 @@ def _age(now_ms: int, then_ms: int | None) -> str:
     """Compact elapsed time: ``0.4s``, ``12s``, ``3m05s``, ``2h10m``, ``4d03h``."""
     if then_ms is None:
         return "-"
-    return _duration(max(0, now_ms - then_ms) / 1000)
+    return format_duration(max(0, now_ms - then_ms) / 1000)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``4.2s``, ``3m07s``, ``2h05m``, ``3d04h``: the one way status and check print a span."""
     if seconds < 10:
         return f"{seconds:.1f}s"
     s = int(seconds)
@@ -80,7 +81,7 @@ def render_status(s: StatusSnapshot) -> str:
     """The human view: connections, pair summary and problem pairs, lake, chain, process."""
     now = s.now_ms
     out = [
-        f"klined pid {s.pid} · up {_duration(s.uptime_s)} · RSS {_bytes(s.rss_bytes)}"
+        f"klined pid {s.pid} · up {format_duration(s.uptime_s)} · RSS {_bytes(s.rss_bytes)}"
         f" · at {datetime.fromtimestamp(now / 1000, UTC):%Y-%m-%d %H:%M:%S}Z",
         "",
     ]
@@ -91,7 +92,7 @@ def render_status(s: StatusSnapshot) -> str:
         for c in sorted(s.connections, key=lambda c: (c.exchange, c.conn_id)):
             err = _one_line(c.last_error) if c.last_error else "-"
             if c.state == StreamState.BACKOFF and c.next_retry_ms is not None:
-                err = f"{err} (retry in {_duration(max(0, c.next_retry_ms - now) / 1000)})"
+                err = f"{err} (retry in {format_duration(max(0, c.next_retry_ms - now) / 1000)})"
             rows.append(
                 [
                     c.conn_id,
