@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -187,8 +188,9 @@ async def test_json_output_and_klined_dsn(
 ) -> None:
     await apply_schema(pg_dsn, tmp_path)
     # the test server trusts local connections: the password is ignored, but must never show
-    with_password = pg_dsn.replace("postgresql://postgres:@", "postgresql://postgres:sekrit@")
-    assert "sekrit" in with_password
+    parts = urlsplit(pg_dsn)
+    host = parts.netloc.rpartition("@")[2]
+    with_password = urlunsplit(parts._replace(netloc=f"{parts.username}:sekrit@{host}"))
     monkeypatch.setenv("KLINED_DSN", with_password)
     async with running(tmp_path, sim_factory) as sim:
         config = write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD"]})
@@ -199,7 +201,9 @@ async def test_json_output_and_klined_dsn(
     assert doc["ok"] is True
     assert doc["config"] == str(config)
     by_name = {c["name"]: c for c in doc["checks"]}
-    assert by_name["postgresql"]["reason"].startswith("postgresql://postgres:***@/t_")
+    assert by_name["postgresql"]["reason"].startswith(
+        f"postgresql://{parts.username}:***@{host}/t_"
+    )
     assert "(KLINED_DSN; PostgreSQL " in by_name["postgresql"]["reason"]
     assert by_name["s3"]["outcome"] == "SKIP"
     assert by_name["s3"]["reason"] == "no bucket configured (the lake is local only)"
