@@ -42,6 +42,8 @@ LOOKBACK_PAGES = 5
 
 #: Rows are written (and progress checkpointed) at least this often during a long pass.
 FLUSH_EVERY_S = 1.0
+#: The longest one write of rows may hold off a cancellation.
+WRITE_TIMEOUT_S = 30.0
 
 #: Why a minute stays missing -> the ``ops.gapfill_attempts`` outcome recorded for it.
 NO_PREVIOUS_CLOSE = "no previous close"
@@ -212,9 +214,13 @@ class PairFetcher:
     async def _flush(self) -> None:
         self._flush_due = time.monotonic() + FLUSH_EVERY_S
         if self._buffer:
-            # cleared only once written: a write cut short (cancelled) is retried by the final
-            # shielded flush, and the progress frontier never passes rows not in bronze
-            await self.sink.rows(self._buffer)
+            # Cleared only once written, so a failed write is retried by the final flush and
+            # the progress frontier never passes rows not in bronze. The write is shielded: a
+            # cancellation landing after its commit (before the buffer is cleared) made that
+            # final flush write the same rows twice. Bounded, so a hung database still lets
+            # Ctrl-C through.
+            with anyio.fail_after(WRITE_TIMEOUT_S, shield=True):
+                await self.sink.rows(self._buffer)
             self._buffer = []
         through = min(self._wanted) if self._wanted else self._end
         if through > self.report.through:

@@ -249,11 +249,13 @@ class DbSink:
         self._attempts: list[tuple[str, int, int, str, int, str]] = []
 
     async def rows(self, candles: list[Candle]) -> None:
+        """Attempts first, rows last: once the rows commit nothing can fail, so the caller
+        never sees an error for rows that are in bronze (and never writes them again)."""
+        await self.flush_attempts()
         if self.known is not None:
             candles = [c for c in candles if self.known.get(c.interval_start) != _values(c)]
         if candles:
             self.written += await bronze.insert_candles(self.db, candles, reason=self.reason)
-        await self.flush_attempts()
 
     async def attempt(
         self, pair: Pair, start_ms: int, end_ms: int, outcome: str, rows: int, detail: str
