@@ -17,6 +17,7 @@ Prints ONE JSON line: seconds per step, rows/s, and the bronze load against each
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
 import io
 import json
@@ -30,6 +31,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import psutil
 
 from klined.config import Config, DaemonConfig, DatabaseConfig
 from klined.db import Database, open_database, sync_pairs
@@ -140,6 +142,50 @@ def baseline_rows(root: Path) -> tuple[list[tuple[Any, ...]], bytes]:
     return records, buf.getvalue().encode()
 
 
+class CpuMeter:
+    """CPU seconds of this process and of the server's processes (backends and helpers).
+
+    The load overlaps Python decoding with the backend parsing the COPY on another core, so
+    its time is about the larger of the two: these say which side bounds it.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.me = psutil.Process()
+        self.server: dict[int, psutil.Process] = {}
+        self.start: tuple[float, float] = (0.0, 0.0)
+
+    async def _server_cpu(self) -> float:
+        for row in await self.db.fetch("SELECT pid FROM pg_stat_activity"):
+            pid = row["pid"]
+            if pid not in self.server:
+                try:
+                    self.server[pid] = psutil.Process(pid)
+                    self.server[pid].cpu_times()
+                except psutil.Error:
+                    continue
+        total = 0.0
+        for proc in self.server.values():
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
+
+    def _client_cpu(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system
+
+    async def __aenter__(self) -> CpuMeter:
+        self.start = (self._client_cpu(), await self._server_cpu())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.client_s = self._client_cpu() - self.start[0]
+        self.server_s = await self._server_cpu() - self.start[1]
+
+
 async def _baseline_table(db: Database, name: str) -> None:
     await db.execute(
         f"DROP TABLE IF EXISTS bench.{name};"
@@ -190,7 +236,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 db, {ex: [(p, f"{p.base}{p.quote}") for p in pairs] for ex in EXCHANGES}
             )
             await db.ensure_partitions([HOUR])
-            csv_s = await copy_csv(db, csv_data)
+            cpu: dict[str, dict[str, float]] = {}
+            async with CpuMeter(db) as meter:
+                csv_s = await copy_csv(db, csv_data)
+            cpu["copy_csv"] = {"client": meter.client_s, "server": meter.server_s}
             steps: dict[str, float] = {}
             rows: dict[str, int] = {}
             source = LakeStore(lake)
@@ -200,9 +249,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("gold", lambda: gold.refresh(db, HOUR)),
                 ("completeness", lambda: completeness.refresh_hour(db, HOUR)),
             ):
-                t0 = time.perf_counter()
-                result = await call()
-                steps[name] = time.perf_counter() - t0
+                profile = cProfile.Profile() if args.profile and name == "bronze" else None
+                async with CpuMeter(db) as meter:
+                    t0 = time.perf_counter()
+                    if profile is not None:
+                        profile.enable()
+                    result = await call()
+                    if profile is not None:
+                        profile.disable()
+                        profile.dump_stats(args.profile)
+                    steps[name] = time.perf_counter() - t0
+                if name == "bronze":
+                    cpu["bronze"] = {"client": meter.client_s, "server": meter.server_s}
                 rows[name] = result.rows
             records_s = await copy_records(db, records)
             bronze_rows = await db.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native")
@@ -233,6 +291,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "copy_csv": round(csv_s / load_s, 3),
                 "copy_records": round(records_s / load_s, 3),
             },
+            "cpu_seconds": {k: {s: round(v, 3) for s, v in d.items()} for k, d in cpu.items()},
             "lake_generation_seconds": round(gen_s, 1),
             "server_version": server,
         }
@@ -247,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=5, help="partial updates per minute")
     parser.add_argument("--parts", type=int, default=4, help="parts per pair-hour (divides 60)")
     parser.add_argument("--dsn", default="", help="use this server instead of the embedded one")
+    parser.add_argument("--profile", default="", help="write a cProfile of the bronze step here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary lake/pgdata")
     args = parser.parse_args(argv)
     if 60 % args.parts:
