@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from klined.config import Config
@@ -245,3 +246,20 @@ def test_csv_encoding_round_trips_awkward_text() -> None:
     )
     fast = bronze.encode_csv([("a", None, True, 5, "plain")], "key/1").decode()
     assert fast == '"a",null,true,5,"plain","key/1"\n'
+
+
+class _MovedLakeStore(LakeStore):
+    """A LakeStore whose listing names local copies that are gone by the time they are read."""
+
+    async def list_parts(self, hour_ms: int, exchange: str | None = None) -> Any:
+        refs = await super().list_parts(hour_ms, exchange)
+        return [msgspec.structs.replace(r, local_path=f"{r.local_path}.gone") for r in refs]
+
+
+async def test_local_parts_that_vanish_are_read_through_the_source(
+    wdb: Database, tmp_path: Path
+) -> None:
+    lines = _lake(tmp_path, symbols=2)
+    result = await bronze.load_hour(wdb, H0, _MovedLakeStore(tmp_path))
+    assert result.rows == lines and result.details["parts_loaded"] == 2
+    assert await _bronze_count(wdb) == lines

@@ -9,9 +9,12 @@ Speed: asyncpg's binary COPY encodes ``numeric`` from Python at ~60k rows/s on t
 machine, far below what the server ingests, so rows go in as CSV. Lines are decoded with
 msgspec (:func:`klined.lake.read_part`), timestamps rendered from a per-second cache, and each
 part re-encoded as JSON arrays in C; when that is byte-for-byte valid CSV (no backslash escape,
-the row separator unambiguous) it is streamed as is, otherwise rows are quoted by hand. Parts are
-read a group at a time concurrently, and encoding the next part overlaps with the server
-parsing the previous one.
+the row separator unambiguous) it is streamed as is, otherwise rows are quoted by hand. Encoding
+the next part overlaps with the server parsing the previous one (on the other core), so COPY
+messages stay well under the socket buffer. Parts on the local disk (a :class:`LakeStore`
+ref's ``local_path``) are read in place: a few tens of KB from the page cache take microseconds,
+while a worker-thread hop per part, fighting the busy loop for the GIL, cost more than decoding
+the part. Other parts are fetched a few at a time concurrently, ahead of the COPY.
 
 Torn or malformed lines are skipped and counted per part. A value the server refuses (a
 non-numeric price, NaN) fails the batch, which is then re-done in careful mode: every line is
@@ -29,6 +32,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -36,18 +40,20 @@ from loguru import logger
 
 from klined.db import BRONZE_TABLE, PARTITIONED_TABLES, Database
 from klined.jobs.ops import StepResult, mark_dirty_hours
-from klined.lake import read_part
+from klined.lake import LakeStore, read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
 
 STEP = "bronze"
 
 #: parts per transaction (a part is one pair's slice of an hour, typically a few hundred rows)
 BATCH_PARTS = 512
-#: parts read ahead of the COPY, and concurrent readers
+#: parts fetched ahead of the COPY, and concurrent fetchers (parts not on the local disk)
 READ_AHEAD = 16
 READERS = 4
-#: bytes per COPY data message (fewer, larger writes wake the server less often)
-COPY_CHUNK = 512 * 1024
+#: bytes per COPY data message: well under the socket's send buffer (~200 KiB for a local
+#: socket), so the server always has the previous message to parse while the next is encoded;
+#: a message larger than the buffer stalls the loader until the server has drained it
+COPY_CHUNK = 64 * 1024
 #: bad line numbers kept per part in the ledger
 BAD_LINE_SAMPLE = 100
 
@@ -332,6 +338,28 @@ async def _read_parts(
             tg.start_soon(reader, send.clone())
 
 
+def _local_path(source: PartSource, ref: Any) -> str | None:
+    """A local copy of the part that can be read in place, skipping a worker-thread hop."""
+    path = getattr(ref, "local_path", None)
+    if isinstance(source, LakeStore) and isinstance(path, str) and path:
+        return path
+    return None
+
+
+async def _read_one(source: PartSource, ref: Any) -> bytes:
+    data: bytes = await _maybe_await(source.read_part_bytes(ref))
+    return data
+
+
+def _read_local(path: str) -> bytes | None:
+    """The file's bytes, or ``None`` to let the source read it (gone, unreadable...)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 async def _load_batch(
     db: Database, hour: int, refs: Sequence[Any], source: PartSource, careful: bool
 ) -> _Batch:
@@ -353,14 +381,27 @@ async def _load_batch(
         if not claimed:
             return batch
 
+        paths = [_local_path(source, r) for r in claimed]
+        local = [(r, p) for r, p in zip(claimed, paths, strict=True) if p is not None]
+        remote = [r for r, p in zip(claimed, paths, strict=True) if p is None]
+
+        async def parts_data(
+            fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
+        ) -> AsyncIterator[tuple[Any, bytes]]:
+            for ref, path in local:
+                data = _read_local(path)
+                yield ref, (data if data is not None else await _read_one(source, ref))
+            async for ref, item in fetched:
+                if isinstance(item, Exception):
+                    raise item
+                yield ref, item
+
         async def chunks(
             parts: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
         ) -> AsyncIterator[bytes]:
             pending: list[bytes] = []
             pending_size = 0
-            async for ref, data in parts:
-                if isinstance(data, Exception):
-                    raise data
+            async for ref, data in parts_data(parts):
                 st = batch.stats[ref.key] = _PartStats()
                 st.size = len(data)
                 if careful:
@@ -386,6 +427,8 @@ async def _load_batch(
                         yield b"".join(pending)
                         pending.clear()
                         pending_size = 0
+                        # let the loop flush the socket (and other tasks run)
+                        await anyio.lowlevel.checkpoint()
             if pending:
                 yield b"".join(pending)
 
@@ -394,7 +437,7 @@ async def _load_batch(
         failure: Exception | None = None
         send, receive = anyio.create_memory_object_stream[tuple[Any, bytes | Exception]](READ_AHEAD)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_read_parts, source, claimed, send)
+            tg.start_soon(_read_parts, source, remote, send)
             async with receive:
                 try:
                     await _copy(conn, chunks(receive))
