@@ -64,6 +64,10 @@ class RequestRejected(ExchangeError):
     """The exchange refused a request as invalid (HTTP 4xx); sending it again cannot help."""
 
 
+class ExchangeUnreachable(ExchangeError):
+    """The exchange could not be connected to at all; requests fail at once for a while."""
+
+
 class LakeError(KlinedError):
     """Local spool or S3 mirror trouble."""
 

@@ -11,7 +11,13 @@ import httpx
 import pytest
 import respx
 
-from klined.errors import ExchangeError, RateLimited, RequestRejected, UnlistedPair
+from klined.errors import (
+    ExchangeError,
+    ExchangeUnreachable,
+    RateLimited,
+    RequestRejected,
+    UnlistedPair,
+)
 from klined.exchanges import get_adapter
 from klined.jobs.ratelimit import DecayBudget, RateLimiter, WindowBudget
 from klined.jobs.rest import RestClient, RetryPolicy
@@ -182,3 +188,50 @@ async def test_kraken_too_many_requests_and_trades_paging() -> None:
     assert lim.stats.throttled == 1
     assert [t.price for t in page.trades] == ["100.5"]
     assert page.server_last_ms == (now_s - 600) * 1000
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_exchange_fails_fast_then_is_tried_again(start: int) -> None:
+    async with respx.mock(base_url=BASE) as mock, httpx.AsyncClient() as http:
+        route = mock.get("/api/v3/klines").mock(
+            side_effect=[httpx.ConnectError("Name or service not known")] * FAST.attempts
+            + [httpx.Response(200, json=kline_rows(start, 2))]
+        )
+        lim = RateLimiter("binance", WindowBudget(1000, 60))
+        client = RestClient(
+            get_adapter("binance"), BASE, lim, http, retry=FAST, unreachable_pause_s=0.3
+        )
+        with pytest.raises(ExchangeError, match="ConnectError"):
+            await client.fetch_candles(PAIR, start, start + 2 * MINUTE_MS)
+        assert route.call_count == FAST.attempts
+        # every other pair's request now fails at once, without a connection attempt
+        for _ in range(3):
+            with pytest.raises(ExchangeUnreachable, match="binance unreachable"):
+                await client.fetch_candles(PAIR, start, start + 2 * MINUTE_MS)
+        assert route.call_count == FAST.attempts and client.errors == 4
+        # after the pause the exchange is asked again
+        await anyio.sleep(0.35)
+        page = await client.fetch_candles(PAIR, start, start + 2 * MINUTE_MS)
+    assert [c.interval_start for c in page.candles] == [start, start + MINUTE_MS]
+    assert route.call_count == FAST.attempts + 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_stop_together_when_nothing_connects(start: int) -> None:
+    async with respx.mock(base_url=BASE) as mock, httpx.AsyncClient() as http:
+        route = mock.get("/api/v3/klines").mock(side_effect=httpx.ConnectError("refused"))
+        client = binance_client(http)
+        failures: list[ExchangeError] = []
+
+        async def one() -> None:
+            try:
+                await client.fetch_candles(PAIR, start, start + MINUTE_MS)
+            except ExchangeError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+    # the attempts in a row that one request may make, shared: not 8 x attempts
+    assert len(failures) == 8 and route.call_count <= FAST.attempts + 8
+    assert sum(isinstance(f, ExchangeUnreachable) for f in failures) >= 8 - 1

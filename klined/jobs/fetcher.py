@@ -28,11 +28,11 @@ import anyio
 import msgspec
 from loguru import logger
 
-from klined.errors import ExchangeError, RateLimited, UnlistedPair
+from klined.errors import ExchangeError, ExchangeUnreachable, RateLimited, UnlistedPair
 from klined.exchanges.base import CandlePage, Trade
 from klined.jobs.gapplan import Window, ohlc_oldest, plan_windows, runs, trade_windows
 from klined.jobs.rest import RestClient
-from klined.model import MINUTE_MS, Candle, Origin, Pair, floor_minute
+from klined.model import MINUTE_MS, Candle, Origin, Pair, floor_minute, iso
 
 #: How far back the Trades endpoint is searched for the close before a quiet first minute
 #: (minutes; tried in turn until a trade is found).
@@ -391,11 +391,20 @@ class PairFetcher:
         elif isinstance(exc, UnlistedPair):
             reason, outcome = "pair not listed", "error"
             self._stopped, self._stop_outcome = reason, outcome
+        elif isinstance(exc, ExchangeUnreachable):
+            reason, outcome = "exchange unreachable", "error"
         else:
             reason, outcome = "exchange error", "error"
         n = await self._give_up(start, end, reason, outcome, str(exc)[:500])
-        logger.warning(
-            "{} {}: {} minutes from {} left missing: {}", self.exchange, self.pair, n, start, exc
+        # an unreachable exchange was reported once by its client, not once per pair and window
+        logger.log(
+            "DEBUG" if isinstance(exc, ExchangeUnreachable) else "WARNING",
+            "{} {}: {} minutes from {} left missing: {}",
+            self.exchange,
+            self.pair,
+            n,
+            iso(start),
+            exc,
         )
 
     # ------------------------------------------------------------------------------- trades

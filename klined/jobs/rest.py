@@ -28,6 +28,7 @@ from loguru import logger
 from klined.config import Config
 from klined.errors import (
     ExchangeError,
+    ExchangeUnreachable,
     RateLimited,
     RequestRejected,
     UnlistedPair,
@@ -41,6 +42,10 @@ T = TypeVar("T")
 
 #: 429s in a row for one request before giving up on it (the exchange stays paused meanwhile).
 MAX_THROTTLES = 8
+#: Once as many attempts in a row as a request may make (over all requests) could not connect
+#: at all (DNS, refused), every request fails at once for this long instead of each pair
+#: spending its own retries: a chain run on a machine cut off from an exchange took minutes.
+UNREACHABLE_PAUSE_S = 60.0
 
 
 @dataclass(slots=True)
@@ -64,6 +69,7 @@ class RestClient:
         retry: RetryPolicy | None = None,
         clock_ms: Callable[[], int] | None = None,
         rng: random.Random | None = None,
+        unreachable_pause_s: float = UNREACHABLE_PAUSE_S,
     ) -> None:
         self.adapter = adapter
         self.exchange: str = adapter.name
@@ -75,6 +81,10 @@ class RestClient:
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.rng = rng or random.Random()
         self.errors = 0  # requests finally given up on
+        self.unreachable_pause_s = unreachable_pause_s
+        self._refused = 0  # attempts in a row that could not connect
+        self._unreachable_until = 0.0  # monotonic
+        self._unreachable_why = ""
 
     @property
     def limits(self) -> Any:
@@ -114,9 +124,13 @@ class RestClient:
         what = f"{self.exchange} {req.kind}" + (f" {req.pair}" if req.pair else "")
         while True:
             problem: Exception
+            self._check_reachable(what)
             async with self.limiter.slot(req.cost) as slot:
+                # again: the exchange may have been found unreachable while this waited
+                self._check_reachable(what)
                 try:
                     status, headers, body = await self._send(req)
+                    self._refused = 0
                     result = parse(status, headers, body, self.clock_ms())
                 except RateLimited as exc:
                     self.limiter.throttle(exc.retry_after, banned=exc.banned, why=what)
@@ -135,9 +149,12 @@ class RestClient:
                     problem = exc
                 else:
                     slot.used_weight = getattr(result, "used_weight", None)
+                    self._unreachable_until = 0.0
                     return result
             failures += 1
             self.limiter.stats.retries += 1
+            if isinstance(problem, httpx.ConnectError):
+                self._note_refused(problem)
             if failures >= self.retry.attempts:
                 self.errors += 1
                 if isinstance(problem, ExchangeError):
@@ -153,6 +170,26 @@ class RestClient:
                 delay,
             )
             await anyio.sleep(delay)
+
+    def _note_refused(self, problem: Exception) -> None:
+        """Count attempts in a row, over all requests, that could not connect at all."""
+        self._refused += 1
+        if self._refused >= self.retry.attempts and time.monotonic() >= self._unreachable_until:
+            self._unreachable_until = time.monotonic() + self.unreachable_pause_s
+            self._unreachable_why = f"{type(problem).__name__}: {problem}"
+            logger.warning(
+                "{} unreachable ({}); its requests fail at once for {:.0f} s",
+                self.exchange,
+                problem,
+                self.unreachable_pause_s,
+            )
+
+    def _check_reachable(self, what: str) -> None:
+        if time.monotonic() < self._unreachable_until:
+            self.errors += 1
+            raise ExchangeUnreachable(
+                f"{what}: {self.exchange} unreachable ({self._unreachable_why})"
+            )
 
     async def _send(self, req: RestRequest) -> tuple[int, dict[str, str], bytes]:
         url = self.base_url + req.path
