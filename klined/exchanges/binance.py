@@ -37,7 +37,6 @@ from klined.exchanges.base import (
     SubscribeFailed,
 )
 from klined.exchanges.common import (
-    PLAIN,
     SymbolMap,
     as_bytes,
     ceil_minute,
@@ -45,8 +44,6 @@ from klined.exchanges.common import (
     compact_raw,
     distrust,
     header_float,
-    plain_match,
-    plain_number,
     plain_of,
     retry_after_s,
     scale,
@@ -88,6 +85,24 @@ KNOWN_QUOTES = (
 
 #: Error codes that mean "the exchange could not serve this right now" (retry with backoff).
 _RETRYABLE_CODES = {-1000, -1001, -1006, -1007, -1008, -1016}
+
+
+#: price text -> (``plain_decimal`` of it, its value); prices repeat from one update to the next
+_PRICES: dict[str, tuple[str, Decimal]] = {}
+_MAX_PRICES = 16_384
+
+
+def _price(text: str) -> tuple[str, Decimal] | None:
+    """``(plain_decimal(text), Decimal(text))`` for text the exact path reads as a finite
+    non-negative number (memoized in ``_PRICES``), None for other numbers; raises for text
+    ``Decimal`` cannot read."""
+    value = Decimal(text)
+    if not (value.is_finite() and value >= 0):
+        return None
+    if len(_PRICES) >= _MAX_PRICES:
+        _PRICES.clear()
+    known = _PRICES[text] = (plain_of(value), value)
+    return known
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,9 +411,10 @@ class Binance:
     def _plain_kline(
         self, k: _Kline, stamp: int, buf: bytes, session_id: str, received_ms: int
     ) -> Candle | None:
-        """The candle of a kline whose numbers are plain text and sane, without a ``Decimal``
-        round trip per number; None whenever anything is unusual (a multiplier, other number
-        text, any problem): the exact path then decides, so both paths always agree."""
+        """The candle of a kline whose numbers are sane, reading each number as the exact path
+        does (``Decimal(text)``) but rendering it with ``plain_of`` and prices memoized; None
+        whenever anything is unusual (a multiplier, any problem; text ``Decimal`` refuses
+        raises): the exact path then decides, so both paths always agree."""
         start = k.t
         if k.i != "1m" or start % MINUTE_MS or start <= 0 or k.n < 0:
             return None
@@ -407,19 +423,26 @@ class Binance:
             symbol = self.symbols.plain_name(k.s, self.canonical(k.s))
             if symbol is None:
                 return None
-        known = PLAIN.get
-        o = known(k.o) or plain_number(k.o)
-        h = known(k.h) or plain_number(k.h)
-        lo = known(k.l) or plain_number(k.l)
-        c = known(k.c) or plain_number(k.c)
-        mv = plain_match(k.v)  # volumes rarely repeat: no memo
-        mq = plain_match(k.q)
-        if o is None or h is None or lo is None or c is None or mv is None or mq is None:
+        known = _PRICES.get
+        o = known(k.o) or _price(k.o)
+        h = known(k.h) or _price(k.h)
+        lo = known(k.l) or _price(k.l)
+        c = known(k.c) or _price(k.c)
+        if o is None or h is None or lo is None or c is None:
             return None
-        v = mv.group(1)
-        # ``check_ohlcv``'s price rules, on the exact values (the volumes are non-negative)
+        v = Decimal(k.v)  # volumes rarely repeat: no memo
+        q = Decimal(k.q)
+        # ``check_ohlcv``'s rules and the quote volume's, on the exact values
         dlo = lo[1]
-        if not (dlo > 0 and dlo <= o[1] <= h[1] and dlo <= c[1] <= h[1]):
+        if not (
+            dlo > 0
+            and dlo <= o[1] <= h[1]
+            and dlo <= c[1] <= h[1]
+            and v.is_finite()
+            and v >= 0
+            and q.is_finite()
+            and q >= 0
+        ):
             return None  # the exact path names the problem
         return Candle(  # positionally, in field order (see ``Candle``)
             NAME,  # exchange
@@ -430,10 +453,9 @@ class Binance:
             h[0],  # high
             lo[0],  # low
             c[0],  # close
-            v,  # volume
-            mq.group(1),  # quote_volume
-            # vwap exactly as ``scale`` makes it: the exchange's texts, one Decimal division
-            None if v == "0" else plain_of(Decimal(k.q) / Decimal(k.v)),
+            plain_of(v),  # volume
+            plain_of(q),  # quote_volume
+            plain_of(q / v) if v else None,  # vwap, exactly as ``scale`` makes it
             k.n,  # trade_count
             k.x,  # is_final
             Origin.WS,

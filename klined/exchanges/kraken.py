@@ -39,6 +39,7 @@ from klined.exchanges.common import (
     distrust,
     parse_rfc3339_ms,
     plain_number,
+    plain_text,
     scale,
     snippet,
     to_decimal,
@@ -317,16 +318,16 @@ class Kraken(KrakenRest):
         h = known(c.high) or plain_number(c.high)
         lo = known(c.low) or plain_number(c.low)
         close = known(c.close) or plain_number(c.close)
-        volume = known(c.volume) or plain_number(c.volume)
+        volume = plain_text(c.volume)  # volumes and vwaps rarely repeat: no memo
         if o is None or h is None or lo is None or close is None or volume is None:
             return None
         vwap = None
         if c.vwap is not None:
-            w = known(c.vwap) or plain_number(c.vwap)
-            if w is None or (w[0] == "0" and volume[0] != "0"):
+            w = plain_text(c.vwap)
+            if w is None or (w == "0" and volume != "0"):
                 return None
-            if volume[0] != "0":  # as ``_ws_candle``: no vwap without volume
-                vwap = w[0]
+            if volume != "0":  # as ``_ws_candle``: no vwap without volume
+                vwap = w
         if c.interval != 1 or (c.trades is not None and c.trades < 0):
             return None
         # ``check_ohlcv``'s price rules, on the exact values (the volume is non-negative)
@@ -354,7 +355,7 @@ class Kraken(KrakenRest):
             h[0],  # high
             lo[0],  # low
             close[0],
-            volume[0],
+            volume,
             None,  # quote_volume: Kraken sends none
             vwap,
             c.trades,  # trade_count
