@@ -96,18 +96,15 @@ class Pair(msgspec.Struct, frozen=True, order=True):
         return f"{self.base}-{self.quote}"
 
 
-class Candle(msgspec.Struct, omit_defaults=True, gc=False):
-    """One normalized 1-minute candle event, as captured, fetched or rebuilt.
+class CandleRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """A candle without its raw payload: what lake readers decode (cheaper), and the fields
+    every candle has.
 
-    Build it with keywords; the adapters' hot paths pass the fields positionally, in this
-    order, since a keyword call of a 19-field struct costs several times more. Its fields are
-    all atomic (no cycles possible), so the garbage collector does not track it (``gc=False``).
-
-    ``origin`` says how it was obtained; ``is_final`` carries the finality evidence
-    (Binance ``k.x``; Kraken a newer ``interval_begin`` or a later message on the same
+    Its fields are all atomic (no cycles possible), so the garbage collector does not track
+    it (``gc=False``). ``origin`` says how it was obtained; ``is_final`` carries the finality
+    evidence (Binance ``k.x``; Kraken a newer ``interval_begin`` or a later message on the same
     connection; REST rows only ever for closed minutes). ``event_ts`` is the exchange's time
     for the event (for REST, the time it was fetched), ``ingestion_ts`` when klined received it.
-    ``raw`` is the exchange's own JSON for this candle, kept verbatim in the lake.
     """
 
     exchange: str
@@ -128,7 +125,6 @@ class Candle(msgspec.Struct, omit_defaults=True, gc=False):
     event_ts: int = 0
     ingestion_ts: int = 0
     interval_seconds: int = 60
-    raw: msgspec.Raw = msgspec.Raw(b"null")
 
     @property
     def interval_end(self) -> int:
@@ -139,27 +135,15 @@ class Candle(msgspec.Struct, omit_defaults=True, gc=False):
         return silver_source(self.origin, self.is_final)
 
 
-class CandleRecord(msgspec.Struct, kw_only=True):
-    """A lake line as readers decode it: the candle without its raw payload (cheaper)."""
+class Candle(CandleRecord, omit_defaults=True, gc=False):
+    """One normalized 1-minute candle event, as captured, fetched or rebuilt: a
+    :class:`CandleRecord` plus ``raw``, the exchange's own JSON for it, kept verbatim in the lake.
 
-    exchange: str
-    symbol: str
-    native_symbol: str
-    interval_start: int
-    open: str
-    high: str
-    low: str
-    close: str
-    volume: str
-    quote_volume: str | None = None
-    vwap: str | None = None
-    trade_count: int | None = None
-    is_final: bool = False
-    origin: str = Origin.WS
-    session_id: str | None = None
-    event_ts: int = 0
-    ingestion_ts: int = 0
-    interval_seconds: int = 60
+    Build it with keywords; the adapters' hot paths pass the fields positionally, in the
+    record's order, since a keyword call of a 19-field struct costs several times more.
+    """
+
+    raw: msgspec.Raw = msgspec.Raw(b"null")
 
 
 # ---------------------------------------------------------------------------------------------
