@@ -214,10 +214,17 @@ class Kraken(KrakenRest):
             return None
         if msg.channel != "ohlc" or not msg.data:
             return None
+        if buf.find(10) >= 0 or buf.find(13) >= 0:
+            return None  # line breaks: the general path puts each candle's JSON on one line
         stamp = _try_time(msg.timestamp)
+        # A lone candle keeps its slice of the frame as its raw JSON (no copy; the frame is
+        # hardly bigger); candles of a bigger frame (a snapshot) get their own copy, so a
+        # candle held for finality does not keep the whole snapshot alive.
+        lone = len(msg.data) == 1
         candles = []
         for raw in msg.data:
-            candle = self._plain_candle(bytes(raw), stamp, session_id, received_ms)
+            item = raw if lone else msgspec.Raw(bytes(raw))
+            candle = self._plain_candle(item, stamp, session_id, received_ms)
             if candle is None:
                 return None
             candles.append(candle)
@@ -301,7 +308,7 @@ class Kraken(KrakenRest):
         return frame
 
     def _plain_candle(
-        self, item: bytes, stamp: int | None, session_id: str, received_ms: int
+        self, item: msgspec.Raw, stamp: int | None, session_id: str, received_ms: int
     ) -> Candle | None:
         """``_ws_candle`` for a candle whose numbers are plain and sane, without a ``Decimal``
         round trip per number; None whenever anything is unusual (a multiplier, numbers
@@ -365,7 +372,7 @@ class Kraken(KrakenRest):
             event_ts if event_ts is not None else received_ms,
             received_ms,  # ingestion_ts
             60,  # interval_seconds
-            compact_raw(item),  # raw
+            item,  # raw: exact JSON of one candle, without line breaks (see ``_plain_frame``)
         )
 
     def _ws_candle(
