@@ -45,8 +45,10 @@ from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso,
 
 STEP = "bronze"
 
-#: parts per transaction (a part is one pair's slice of an hour, typically a few hundred rows)
-BATCH_PARTS = 512
+#: parts per transaction (a part is one pair's slice of an hour, typically a few hundred rows);
+#: each transaction costs a claim, a ledger update and a commit while the COPY pipeline is
+#: drained, some 30-70 ms on this class of machine, so batches are large
+BATCH_PARTS = 2048
 #: parts fetched ahead of the COPY, and concurrent fetchers (parts not on the local disk)
 READ_AHEAD = 16
 READERS = 4
