@@ -56,6 +56,8 @@ READERS = 4
 #: socket), so the server always has the previous message to parse while the next is encoded;
 #: a message larger than the buffer stalls the loader until the server has drained it
 COPY_CHUNK = 64 * 1024
+#: parts read in place between two passes of the event loop, at most
+YIELD_PARTS = 8
 #: bad line numbers kept per part in the ledger
 BAD_LINE_SAMPLE = 100
 
@@ -390,9 +392,12 @@ async def _load_batch(
         async def parts_data(
             fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
         ) -> AsyncIterator[tuple[Any, bytes]]:
-            for ref, path in local:
+            for n, (ref, path) in enumerate(local, 1):
                 data = _read_local(path)
                 yield ref, (data if data is not None else await _read_one(source, ref))
+                if n % YIELD_PARTS == 0:
+                    # a run of parts with no rows for the COPY never reaches its checkpoint
+                    await anyio.lowlevel.checkpoint()
             async for ref, item in fetched:
                 if isinstance(item, Exception):
                     raise item
