@@ -18,13 +18,13 @@ SNIPPET_CHARS = 200
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
 )
-#: What follows a UTC second prefix the full parser has already validated (see
-#: ``parse_rfc3339_ms``): an optional fraction (its first three digits captured), ``Z``. ASCII
-#: digits only, so anything the full pattern reads differently (other digits, a trailing
+#: What follows a UTC minute prefix the full parser has already validated (see
+#: ``parse_rfc3339_ms``): seconds, an optional fraction (its first three digits captured), ``Z``.
+#: ASCII digits only, so anything the full pattern reads differently (other digits, a trailing
 #: newline) takes the full path.
-_RFC3339_TAIL = re.compile(r"(?:\.([0-9]{1,3})[0-9]{0,6})?[Zz]")
-#: ``YYYY-MM-DDTHH:MM:SS`` -> that second in ms, for prefixes the full parser accepted in UTC
-_SECOND_PREFIXES: dict[str, int] = {}
+_RFC3339_TAIL = re.compile(r":([0-5][0-9]|60)(?:\.([0-9]{1,3})[0-9]{0,6})?[Zz]")
+#: ``YYYY-MM-DDTHH:MM`` -> that minute in ms, for prefixes the full parser accepted in UTC
+_MINUTE_PREFIXES: dict[str, int] = {}
 #: whole texts that name a minute start (Kraken's ``interval_begin``) -> ms
 _MINUTE_TEXTS: dict[str, int] = {}
 _MAX_CACHED = 10_000
@@ -85,18 +85,19 @@ def parse_rfc3339_ms(text: str) -> int:
 
     Kraken sends up to nine fractional digits, more than ``datetime`` keeps; this parser takes
     the calendar fields directly and never goes through a float. Kraken stamps every message
-    and every candle, so the calendar work is done once per second: texts that name a minute
-    start are remembered whole, and so is a UTC second prefix the full parser has accepted; a
-    text that continues such a prefix with a plain fraction is read from there.
+    and every candle, so the calendar work is done once per minute: texts that name a minute
+    start are remembered whole, and so is a UTC minute prefix the full parser has accepted; a
+    text that continues such a prefix with plain seconds is read from there (the same result,
+    since ``timegm`` is linear in the seconds).
     """
     ms = _MINUTE_TEXTS.get(text)
     if ms is not None:
         return ms
-    second_ms = _SECOND_PREFIXES.get(text[:19])
-    tail = None if second_ms is None else _RFC3339_TAIL.fullmatch(text, 19)
-    if second_ms is not None and tail is not None:
-        frac = tail.group(1)
-        ms = second_ms + (int((frac + "00")[:3]) if frac else 0)
+    minute_ms = _MINUTE_PREFIXES.get(text[:16])
+    tail = None if minute_ms is None else _RFC3339_TAIL.fullmatch(text, 16)
+    if minute_ms is not None and tail is not None:
+        second, frac = tail.groups()
+        ms = minute_ms + int(second) * 1000 + (int((frac + "00")[:3]) if frac else 0)
     else:
         ms = _parse_rfc3339_full(text)
     if ms % MINUTE_MS == 0:
@@ -120,10 +121,10 @@ def _parse_rfc3339_full(text: str) -> int:
     if tz not in ("Z", "z"):
         sign = 1 if tz[0] == "+" else -1
         seconds -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
-    elif m.end(6) == 19:
-        if len(_SECOND_PREFIXES) >= _MAX_CACHED:
-            _SECOND_PREFIXES.clear()
-        _SECOND_PREFIXES[text[:19]] = seconds * 1000
+    elif m.end(5) == 16:
+        if len(_MINUTE_PREFIXES) >= _MAX_CACHED:
+            _MINUTE_PREFIXES.clear()
+        _MINUTE_PREFIXES[text[:16]] = (seconds - second) * 1000
     return seconds * 1000 + millis
 
 
