@@ -517,9 +517,10 @@ class LakeWriter:
                     self._notify_closed(part.key, part.written)
                 continue
             rest = job.data[job.done :]
+            unwritten = rest.count(b"\n")
             part.written -= len(rest)
-            self.events_written += job.events - rest.count(b"\n")
-            part.pending_events += rest.count(b"\n")
+            self.events_written += job.events - unwritten
+            part.pending_events += unwritten
             part.carry = rest + part.carry
             part.pending_bytes += len(rest)
             if job.close and part not in self._closing:
