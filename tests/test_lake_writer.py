@@ -251,6 +251,28 @@ async def test_run_flushes_periodically_and_seals_on_cancel(tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
+async def test_run_flushes_early_every_so_many_events(tmp_path: Path) -> None:
+    """Between timed flushes (an hour apart here), every ``flush_after_events`` buffered
+    events wake the writer once, and the count starts over after each flush."""
+    writer = LakeWriter(tmp_path, config(flush_interval_s=3600.0), flush_after_events=5)
+    now_hour = floor_hour(writer._clock())
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for round_ in range(3):
+            for i in range(5):
+                writer.append(candle(round_ * 10 + i, now_hour))
+            await wait_until(lambda r=round_: writer.events_written == 5 * (r + 1))
+        for i in range(4):  # under the threshold: stays in memory until the next flush
+            writer.append(candle(100 + i, now_hour))
+        await anyio.sleep(0.1)
+        assert writer.events_written == 15
+        tg.cancel_scope.cancel()
+    assert writer.events_written == 19
+    seen, bad = read_all(tmp_path)
+    assert bad == 0 and sum(seen.values()) == 19 and set(seen.values()) == {1}
+
+
+@pytest.mark.anyio
 async def test_torn_line_after_crash_is_sealed_skipped_and_reported(tmp_path: Path) -> None:
     writer = LakeWriter(tmp_path, config(), clock=FakeClock(HOUR))
     for i in range(10):

@@ -378,8 +378,8 @@ class LakeWriter:
             del self._open[slot]
             self._closing.append(part)
             self._wake.set()
-        elif self._unflushed >= self._flush_after_events:
-            self._wake.set()
+        elif self._unflushed == self._flush_after_events:
+            self._wake.set()  # once: the flush resets the count
 
     def _new_part(self, slot: tuple[str, str, int], candle: Candle) -> _Part:
         exchange, symbol, hour_ms = slot
