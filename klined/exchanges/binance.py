@@ -310,18 +310,11 @@ class Binance(BinanceRest):
             frame.controls.append(Malformed(str(exc), snippet(buf)))
             return frame
         frame.candles.append(
-            Candle(
-                exchange=NAME,
-                symbol=str(pair),
-                native_symbol=k.s,
-                interval_start=k.t,
-                open=nums.open,
-                high=nums.high,
-                low=nums.low,
-                close=nums.close,
-                volume=nums.volume,
-                quote_volume=nums.quote_volume,
-                vwap=nums.vwap,
+            nums.candle(
+                NAME,
+                pair,
+                k.s,
+                k.t,
                 trade_count=k.n,
                 is_final=k.x,
                 origin=Origin.WS,

@@ -229,18 +229,11 @@ class BinanceRest:
             except (ValueError, ArithmeticError) as exc:
                 raise ParseError(f"binance kline row for {pair}: {exc}", snippet(raw_row)) from None
             candles.append(
-                Candle(
-                    exchange=NAME,
-                    symbol=str(pair),
-                    native_symbol=native,
-                    interval_start=open_time,
-                    open=nums.open,
-                    high=nums.high,
-                    low=nums.low,
-                    close=nums.close,
-                    volume=nums.volume,
-                    quote_volume=nums.quote_volume,
-                    vwap=nums.vwap,
+                nums.candle(
+                    NAME,
+                    pair,
+                    native,
+                    open_time,
                     trade_count=n,
                     is_final=True,
                     origin=Origin.NO_TRADES if n == 0 else Origin.REST,

@@ -11,7 +11,7 @@ import msgspec
 
 from klined.config import SymbolOverride
 from klined.exchanges.base import Frame, Malformed
-from klined.model import MINUTE_MS, Pair, check_ohlcv, plain_decimal
+from klined.model import MINUTE_MS, Candle, Pair, check_ohlcv, plain_decimal
 
 SNIPPET_CHARS = 200
 
@@ -229,6 +229,43 @@ class Scaled(msgspec.Struct, frozen=True):
     volume: str
     quote_volume: str | None
     vwap: str | None
+
+    def candle(
+        self,
+        exchange: str,
+        pair: Pair,
+        native_symbol: str,
+        interval_start: int,
+        *,
+        trade_count: int | None,
+        is_final: bool,
+        origin: str,
+        event_ts: int,
+        ingestion_ts: int,
+        raw: msgspec.Raw,
+        session_id: str | None = None,
+    ) -> Candle:
+        """The candle with these numbers: how the exact WS paths and REST build theirs."""
+        return Candle(
+            exchange=exchange,
+            symbol=str(pair),
+            native_symbol=native_symbol,
+            interval_start=interval_start,
+            open=self.open,
+            high=self.high,
+            low=self.low,
+            close=self.close,
+            volume=self.volume,
+            quote_volume=self.quote_volume,
+            vwap=self.vwap,
+            trade_count=trade_count,
+            is_final=is_final,
+            origin=origin,
+            session_id=session_id,
+            event_ts=event_ts,
+            ingestion_ts=ingestion_ts,
+            raw=raw,
+        )
 
 
 def scale(

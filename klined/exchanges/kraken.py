@@ -404,17 +404,11 @@ class Kraken(KrakenRest):
             c.open, c.high, c.low, c.close, c.volume, multiplier=self.multiplier(pair), vwap=vwap
         )
         event_ts = stamp if stamp is not None else _try_time(c.timestamp)
-        return Candle(
-            exchange=NAME,
-            symbol=str(pair),
-            native_symbol=c.symbol,
-            interval_start=start,
-            open=nums.open,
-            high=nums.high,
-            low=nums.low,
-            close=nums.close,
-            volume=nums.volume,
-            vwap=nums.vwap,
+        return nums.candle(
+            NAME,
+            pair,
+            c.symbol,
+            start,
             trade_count=c.trades,
             is_final=False,  # Kraken has no final flag; the stream runtime decides
             origin=Origin.WS,

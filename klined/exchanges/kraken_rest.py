@@ -239,17 +239,11 @@ class KrakenRest:
             except (ValueError, ArithmeticError) as exc:
                 raise ParseError(f"kraken OHLC row for {pair}: {exc}", snippet(item)) from None
             candles.append(
-                Candle(
-                    exchange=NAME,
-                    symbol=str(pair),
-                    native_symbol=native,
-                    interval_start=t_ms,
-                    open=nums.open,
-                    high=nums.high,
-                    low=nums.low,
-                    close=nums.close,
-                    volume=nums.volume,
-                    vwap=nums.vwap,
+                nums.candle(
+                    NAME,
+                    pair,
+                    native,
+                    t_ms,
                     trade_count=count,
                     is_final=True,
                     origin=Origin.NO_TRADES if count == 0 else Origin.REST,
