@@ -45,15 +45,15 @@ from klined.config import (
     ExchangeConfig,
     ExchangesConfig,
 )
-from klined.db import open_database
 from klined.exchanges import get_adapter
 from klined.exchanges.base import RestBudget
 from klined.jobs.backfill import resolve_request, run_backfill
 from klined.jobs.gapfill import sync_configured_pairs
-from klined.jobs.ratelimit import RateLimiter, make_budget
-from klined.jobs.rest import open_clients
 from klined.model import DAY_MS, iso
+from klined.rest.client import open_clients
+from klined.rest.ratelimit import RateLimiter, make_budget
 from klined.sim.market import DEFAULT_PAIRS, synthetic_pairs
+from klined.warehouse.database import open_database
 
 
 def _sim_child(

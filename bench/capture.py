@@ -67,12 +67,12 @@ async def _klined(
     import httpx
 
     from klined.config import LakeConfig
-    from klined.daemon import tune_process
+    from klined.daemon.process import tune_process
     from klined.exchanges import get_adapter
-    from klined.jobs.ratelimit import RateLimiter
-    from klined.jobs.rest import RestClient
     from klined.lake import LakeWriter
     from klined.model import Candle, Pair
+    from klined.rest.client import RestClient
+    from klined.rest.ratelimit import RateLimiter
     from klined.sim import synthetic_pairs
     from klined.streams import ExchangeStreams, StreamSettings
 

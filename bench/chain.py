@@ -34,10 +34,10 @@ import msgspec
 import psutil
 
 from klined.config import Config, DaemonConfig, DatabaseConfig
-from klined.db import Database, open_database, sync_pairs
 from klined.jobs import bronze, completeness, gold, silver
 from klined.lake import LakeStore, part_key, read_part
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Pair
+from klined.warehouse.database import Database, open_database, sync_pairs
 
 HOUR = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # a fixed hour in 2026
 EXCHANGES = ("binance", "kraken")

@@ -1,10 +1,10 @@
 """The ``klined`` command line.
 
-Each command lives beside the code it drives (``klined.daemon``, ``klined.sim.server``, ...)
-and is imported only when invoked, so ``klined status`` does not pay for Textual and the
-simulator does not import asyncpg. Errors a user can fix (config, arguments) exit with code 2
-and one clear line; any other klined error (database unreachable, exchange down) prints one
-line and exits 1. Unexpected exceptions keep their traceback: those are bugs.
+Each command is a module of :mod:`klined.commands` (arguments, output, exit codes) that drives
+the code of its concept package, imported only when invoked, so ``klined status`` does not pay
+for Textual and the simulator does not import asyncpg. Errors a user can fix (config,
+arguments) exit with code 2 and one clear line; any other klined error (database unreachable,
+exchange down) prints one line and exits 1. Unexpected exceptions keep their traceback: bugs.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import click
 from klined import __version__
 from klined.errors import ConfigError, KlinedError, UsageError
 
-#: command name -> ("module", "attribute", one-line help shown by ``klined --help``)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "run": ("klined.daemon", "run_command", "Run the daemon: streams, lake, status, hourly chain."),
-    "status": ("klined.status_cli", "status_command", "Print the running daemon's status."),
-    "chain": ("klined.jobs.chain", "chain_command", "Run the hourly chain by hand."),
-    "backfill": ("klined.jobs.backfill", "backfill_command", "Repair or seed a time range."),
-    "tui": ("klined.tui.app", "tui_command", "Open the dashboard (streams, completeness, jobs)."),
-    "sim": ("klined.sim.server", "sim_command", "Run the Binance US / Kraken exchange simulator."),
-    "demo": ("klined.demo", "demo_command", "Run everything against the simulator, no internet."),
-    "check": ("klined.check", "check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
-    "config": ("klined.config_cli", "config_command", "Validate a config file and print it."),
+#: command name -> (attribute of ``klined.commands.<name>``, one-line help for ``klined --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run_command", "Run the daemon: streams, lake, status, hourly chain."),
+    "status": ("status_command", "Print the running daemon's status."),
+    "chain": ("chain_command", "Run the hourly chain by hand."),
+    "backfill": ("backfill_command", "Repair or seed a time range."),
+    "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
+    "sim": ("sim_command", "Run the Binance US / Kraken exchange simulator."),
+    "demo": ("demo_command", "Run everything against the simulator, no internet."),
+    "check": ("check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
+    "config": ("config_command", "Validate a config file and print it."),
 }
 
 
@@ -40,20 +40,19 @@ class LazyGroup(click.Group):
         return [name for name in COMMANDS if self._available(name)]
 
     def _available(self, name: str) -> bool:
-        module = COMMANDS[name][0]
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(f"klined.commands.{name}") is not None
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = COMMANDS.get(cmd_name)
         if entry is None or not self._available(cmd_name):
             return None
-        module, attr, _ = entry
-        command = getattr(importlib.import_module(module), attr)
+        attr, _ = entry
+        command = getattr(importlib.import_module(f"klined.commands.{cmd_name}"), attr)
         assert isinstance(command, click.Command)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)

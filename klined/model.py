@@ -35,7 +35,7 @@ class Source(enum.StrEnum):
 
 
 #: Lower is better. A row is only ever replaced by a row of a better (lower) rank, or of the
-#: same rank with a later exchange event time / ingestion time (DESIGN.md, precedence).
+#: same rank with a later exchange event time / ingestion time (docs/architecture.md, silver).
 SOURCE_RANK: dict[Source, int] = {
     Source.WS_FINAL: 1,
     Source.REST: 2,
@@ -244,3 +244,17 @@ def parse_time(text: str) -> int:
             f"{text!r} is not a date or timestamp; use e.g. 2026-10-01 or 2026-10-01T13:00:00Z"
         ) from exc
     return from_datetime(dt)
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2s``, ``3m07s``, ``2h05m``, ``3d04h``: the one way status and check print a span."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-# Tests must never depend on the machine's time zone (DESIGN.md: all times are UTC).
+# Tests must never depend on the machine's time zone (all times are UTC).
 os.environ.setdefault("TZ", "UTC")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

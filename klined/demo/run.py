@@ -38,7 +38,7 @@ import msgspec
 from loguru import logger
 
 from klined.config import Config, load_config
-from klined.daemon import Daemon
+from klined.daemon.process import Daemon
 from klined.demo.prepare import (
     SIM_RATE_SCALE,
     DemoError,
@@ -171,7 +171,7 @@ class Demo:
             if self.stop.is_set():
                 return None
             self.step = f"starting the embedded PostgreSQL under {cfg.data_dir / 'pgdata'}"
-            from klined.db import open_database
+            from klined.warehouse.database import open_database
 
             with anyio.CancelScope(shield=True):
                 db = await stack.enter_async_context(open_database(cfg, apply_schema=True))
@@ -375,9 +375,9 @@ async def seed(db: Any, cfg: Config, sim: Simulator, hours: list[int]) -> None:
     from klined.jobs.chain import run_chain
     from klined.jobs.gapfill import sync_configured_pairs
     from klined.jobs.progress import summary_table
-    from klined.jobs.ratelimit import RateLimiter, make_budget
-    from klined.jobs.rest import RetryPolicy, open_clients
     from klined.lake import LakeUploader
+    from klined.rest.client import RetryPolicy, open_clients
+    from klined.rest.ratelimit import RateLimiter, make_budget
 
     await sync_configured_pairs(db, cfg)
     limiters = {}

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klined.db import Database
 from klined.model import HOUR_MS, iso, to_datetime
 from klined.status import StatusSnapshot
+from klined.warehouse.database import Database
 
 GOLD_TABLES = ("5m", "15m", "30m", "1h")
 SOURCES = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")

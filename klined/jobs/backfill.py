@@ -24,7 +24,6 @@ import anyio
 from loguru import logger
 
 from klined.config import Config
-from klined.db import Database
 from klined.errors import UsageError
 from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
 from klined.jobs.fetcher import LOOKBACK_FAILED, PairReport
@@ -37,7 +36,6 @@ from klined.jobs.gapfill import (
 )
 from klined.jobs.gapplan import Estimate, estimate, plan_windows
 from klined.jobs.progress import Progress
-from klined.jobs.rest import RestClient
 from klined.model import (
     EXCHANGES,
     HOUR_MS,
@@ -49,6 +47,8 @@ from klined.model import (
     parse_time,
     to_datetime,
 )
+from klined.rest.client import RestClient
+from klined.warehouse.database import Database
 
 #: Hours merged per chain-lock hold (the lock is released between batches so the daemon's
 #: hourly chain is never starved by a long backfill).
@@ -454,12 +454,3 @@ def dry_run_table(lines: list[DryRunLine]) -> str:
     if any(ln.estimate.trades_requests for ln in lines):
         out.append("* includes Trades pages, estimated (their number depends on market activity)")
     return "\n".join(line.rstrip() for line in out)
-
-
-def __getattr__(name: str) -> object:
-    """``backfill_command`` lives in :mod:`klined.jobs.backfill_cli` (click only there)."""
-    if name == "backfill_command":
-        from klined.jobs.backfill_cli import backfill_command
-
-        return backfill_command
-    raise AttributeError(name)

@@ -38,10 +38,10 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from loguru import logger
 
-from klined.db import BRONZE_TABLE, PARTITIONED_TABLES, Database
 from klined.jobs.ops import StepResult, mark_dirty_hours
 from klined.lake import LakeStore, read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
+from klined.warehouse.database import BRONZE_TABLE, PARTITIONED_TABLES, Database
 
 STEP = "bronze"
 

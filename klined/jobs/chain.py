@@ -6,7 +6,7 @@ Each step is recorded in ``ops.job_runs``; a failing step stops its hour (later 
 run) and the hour is picked again by the next run, because it is still dirty or was never
 completed. :func:`select_hours` decides which hours a run takes; :class:`ChainScheduler` runs
 it from the embedded cron inside ``klined run``; ``klined chain`` runs it by hand
-(:mod:`klined.jobs.chain_cli`).
+(:mod:`klined.commands.chain`).
 
 Idempotent by construction: every step is (see each step module), and a dirty mark is only
 cleared when the hour's silver, gold and completeness succeeded after the mark was made.
@@ -27,12 +27,12 @@ from cronsim import CronSim, CronSimError
 from loguru import logger
 
 from klined.config import Config
-from klined.db import Database
 from klined.errors import ChainError, ConfigError
 from klined.jobs import ops
-from klined.jobs.rest import RestClient
 from klined.model import HOUR_MS, floor_hour, from_datetime, iso, to_datetime
+from klined.rest.client import RestClient
 from klined.status import ChainStatus
+from klined.warehouse.database import Database
 
 #: The steps of one hour, in order.
 STEPS = ("flush", "bronze", "gapfill", "silver", "gold", "completeness")
@@ -563,12 +563,3 @@ class ChainScheduler:
                 return None
             self.last_report = report
             return report
-
-
-def __getattr__(name: str) -> Any:
-    """``chain_command`` lives in :mod:`klined.jobs.chain_cli` (click is imported only there)."""
-    if name == "chain_command":
-        from klined.jobs.chain_cli import chain_command
-
-        return chain_command
-    raise AttributeError(name)

@@ -11,9 +11,9 @@ in ``monitoring`` roll these rows up.
 
 from __future__ import annotations
 
-from klined.db import Database
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, floor_hour, to_datetime
+from klined.warehouse.database import Database
 
 STEP = "completeness"
 

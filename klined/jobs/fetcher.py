@@ -31,8 +31,8 @@ from loguru import logger
 from klined.errors import ExchangeError, ExchangeUnreachable, RateLimited, UnlistedPair
 from klined.exchanges.base import CandlePage, Trade
 from klined.jobs.gapplan import Window, ohlc_oldest, plan_windows, runs, trade_windows
-from klined.jobs.rest import RestClient
 from klined.model import MINUTE_MS, Candle, Origin, Pair, floor_minute, iso
+from klined.rest.client import RestClient
 
 #: How far back the Trades endpoint is searched for the close before a quiet first minute
 #: (minutes; tried in turn until a trade is found).

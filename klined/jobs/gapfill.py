@@ -23,13 +23,13 @@ import anyio
 from loguru import logger
 
 from klined.config import Config
-from klined.db import Database
 from klined.jobs import bronze
 from klined.jobs.fetcher import PairFetcher, PairReport
 from klined.jobs.gapplan import SETTLED, SETTLED_REFETCH, closed_range
 from klined.jobs.ops import StepResult
-from klined.jobs.rest import RestClient
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Pair, floor_hour, plain_decimal, to_datetime
+from klined.rest.client import RestClient
+from klined.warehouse.database import Database
 
 STEP = "gapfill"
 
@@ -294,8 +294,8 @@ class DbSink:
 async def sync_configured_pairs(db: Database, cfg: Config) -> int:
     """Make ``ops.pairs`` match the config (as the daemon does at start), so completeness
     expects the configured pairs when a chain or backfill runs on its own."""
-    from klined.db import sync_pairs
-    from klined.jobs.rest import build_adapter
+    from klined.rest.client import build_adapter
+    from klined.warehouse.database import sync_pairs
 
     mapping = {}
     for ex in cfg.exchanges.enabled():

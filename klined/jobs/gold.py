@@ -1,6 +1,6 @@
 """Gold: 5m, 15m, 30m and 1h candles derived strictly from silver, only where silver changed.
 
-Rules (DESIGN.md, Gold): a minute *trades* unless its source is ``no_trades`` or its
+Rules (docs/architecture.md, gold): a minute *trades* unless its source is ``no_trades`` or its
 ``trade_count`` is 0. open = first traded minute's open, close = last traded minute's close,
 high/low over traded minutes; volume, quote_volume and trade_count are sums over every minute
 (a traded minute with an unknown quote_volume / trade_count makes the bucket's unknown too);
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from klined.db import Database
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, from_datetime, to_datetime
+from klined.warehouse.database import Database
 
 STEP = "gold"
 

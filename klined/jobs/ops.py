@@ -19,8 +19,8 @@ import asyncpg
 import msgspec
 from loguru import logger
 
-from klined.db import Database
 from klined.model import floor_hour, from_datetime, to_datetime
+from klined.warehouse.database import Database
 
 _CLEANUP_TIMEOUT_S = 10.0
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from klined.db import Database
 from klined.jobs.ops import StepResult
 from klined.model import floor_hour
+from klined.warehouse.database import Database
 
 STEP = "partitions"
 

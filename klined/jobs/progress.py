@@ -12,7 +12,7 @@ import anyio
 from loguru import logger
 
 from klined.jobs.fetcher import PairReport
-from klined.jobs.ratelimit import LimiterStats
+from klined.rest.ratelimit import LimiterStats
 
 
 def fmt_duration(seconds: float) -> str:

@@ -14,9 +14,15 @@ transaction (``ops.gold_dirty``), for :func:`klined.jobs.gold.refresh`.
 
 from __future__ import annotations
 
-from klined.db import BRONZE_TABLE, SILVER_TABLE, Database, analyze_partition, partition_name
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, floor_hour, to_datetime
+from klined.warehouse.database import (
+    BRONZE_TABLE,
+    SILVER_TABLE,
+    Database,
+    analyze_partition,
+    partition_name,
+)
 
 STEP = "silver"
 

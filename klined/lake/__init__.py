@@ -1,6 +1,6 @@
 """The lake: an append-only local JSONL spool of every captured event, mirrored to S3.
 
-Layout and format are fixed by DESIGN.md (see :mod:`klined.lake.layout`). Writers use
+Layout and format are fixed (docs/architecture.md) (see :mod:`klined.lake.layout`). Writers use
 :class:`LakeWriter`; the daemon runs :class:`LakeUploader`; the bronze loader lists and reads
 parts with :meth:`LakeStore.list_parts` / :meth:`LakeStore.read_part_bytes` and decodes them
 with :func:`read_part`.

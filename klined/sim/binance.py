@@ -496,17 +496,3 @@ def _weight(request: web.Request) -> int:
 def _pair_param(sim: Simulator, request: web.Request) -> str | None:
     symbol = request.query.get("symbol")
     return sim.native_index[NAME].get(symbol) if symbol else None
-
-
-def rate_limit_body(status: int, limiter_capacity: int, banned_until_ms: int) -> dict[str, Any]:
-    if status == 418:
-        return {
-            "code": -1003,
-            "msg": f"Way too many requests; IP(127.0.0.1) banned until {banned_until_ms}. "
-            "Please use the websocket for live updates to avoid bans.",
-        }
-    return {
-        "code": -1003,
-        "msg": f"Too many requests; current limit of IP(127.0.0.1) is {limiter_capacity} requests "
-        "per minute. Please use the websocket for live updates to avoid polling the API.",
-    }

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 BINANCE_WEIGHT_PER_MINUTE = 1200
 BINANCE_WEIGHTS = {
@@ -115,3 +116,17 @@ class KrakenCounterLimiter:
             return Verdict(False, 200, 0, max(1, math.ceil(wait)))
         self.level += cost
         return Verdict(True)
+
+
+def rate_limit_body(status: int, limiter_capacity: int, banned_until_ms: int) -> dict[str, Any]:
+    if status == 418:
+        return {
+            "code": -1003,
+            "msg": f"Way too many requests; IP(127.0.0.1) banned until {banned_until_ms}. "
+            "Please use the websocket for live updates to avoid bans.",
+        }
+    return {
+        "code": -1003,
+        "msg": f"Too many requests; current limit of IP(127.0.0.1) is {limiter_capacity} requests "
+        "per minute. Please use the websocket for live updates to avoid polling the API.",
+    }

@@ -14,6 +14,7 @@ from loguru import logger
 
 from klined.sim.clock import wall_ms
 from klined.sim.conn import abort_transport
+from klined.sim.ratelimit import rate_limit_body
 
 if TYPE_CHECKING:
     from klined.sim.faults import FaultRule
@@ -97,8 +98,6 @@ def _rate_limit(sim: Simulator, exchange: str, weight: int) -> web.Response | No
 def _binance_refusal(
     sim: Simulator, status: int, retry_after_s: float, headers: dict[str, str]
 ) -> web.Response:
-    from klined.sim.binance import rate_limit_body
-
     if status == 418:
         sim.stats.http_418 += 1
     else:

@@ -1,4 +1,4 @@
-"""Running the simulator: :func:`run_simulator` for tests and the demo, ``klined sim`` for people.
+"""Running the simulator: :func:`run_simulator` for tests, the demo and ``klined sim``.
 
 Each exchange is one aiohttp application (its WebSocket and REST paths together) on its own
 loopback port; both run on the current asyncio event loop.
@@ -7,25 +7,20 @@ loopback port; both run on the current asyncio event loop.
 from __future__ import annotations
 
 import contextlib
-import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import click
-import msgspec
 from aiohttp import web
 from loguru import logger
 
-from klined.model import MINUTE_MS, Pair, floor_minute, iso, parse_time
 from klined.sim import binance, kraken
 from klined.sim.clock import SimClock, wall_ms
 from klined.sim.config import SIM_EXCHANGES, SimConfig
 from klined.sim.conn import WsConnection
-from klined.sim.faults import FaultEngine, FaultPlan
+from klined.sim.faults import FaultEngine
 from klined.sim.log import SimLog, SimStats
-from klined.sim.market import DEFAULT_PAIRS, Market, synthetic_pairs
+from klined.sim.market import Market
 from klined.sim.ratelimit import (
     BINANCE_BAN_S,
     BINANCE_WEIGHT_PER_MINUTE,
@@ -179,143 +174,3 @@ async def run_simulator(config: SimConfig | None = None) -> AsyncIterator[Simula
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await sim.stop()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _pairs_option(value: str | None) -> list[str]:
-    if not value:
-        return list(DEFAULT_PAIRS)
-    if value.isdigit():
-        return synthetic_pairs(int(value))
-    try:
-        return [str(Pair.parse(p)) for p in value.split(",") if p.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _time_option(value: str | None, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=name) from exc
-
-
-@click.group("sim", invoke_without_command=True)
-@click.option("--seed", type=int, default=1, show_default=True, help="Market seed.")
-@click.option(
-    "--speed", type=float, default=1.0, show_default=True, help="Sim seconds per wall second."
-)
-@click.option("--start", "start", default=None, help="Sim start time (ISO or date; default now).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option(
-    "--binance-port", type=int, default=8901, show_default=True, help="0: pick a free port."
-)
-@click.option(
-    "--kraken-port", type=int, default=8902, show_default=True, help="0: pick a free port."
-)
-@click.option("--faults", "faults_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Fault plan (JSON or TOML with [[rules]]).")  # fmt: skip
-@click.option("--pairs", default=None, help="Comma-separated pairs, or N for N synthetic pairs.")
-@click.option(
-    "--mode", type=click.Choice(["realtime", "replay"]), default="realtime", show_default=True
-)
-@click.option("--from", "from_", default=None, help="Replay range start (replay mode).")
-@click.option("--to", "to", default=None, help="Replay range end, exclusive (replay mode).")
-@click.option(
-    "--replay-end",
-    type=click.Choice(["close", "idle"]),
-    default="idle",
-    show_default=True,
-    help="After the replay range: close connections or keep them idle.",
-)
-@click.option("--rate-limit-scale", type=float, default=1.0, show_default=True)
-@click.pass_context
-def sim_command(
-    ctx: click.Context,
-    seed: int,
-    speed: float,
-    start: str | None,
-    host: str,
-    binance_port: int,
-    kraken_port: int,
-    faults_path: str | None,
-    pairs: str | None,
-    mode: str,
-    from_: str | None,
-    to: str | None,
-    replay_end: str,
-    rate_limit_scale: float,
-) -> None:
-    """Run a Binance US + Kraken simulator on loopback until Ctrl-C."""
-    if ctx.invoked_subcommand is not None:
-        return
-    try:
-        plan = FaultPlan.load(faults_path) if faults_path else FaultPlan()
-        cfg = SimConfig(
-            seed=seed,
-            pairs=_pairs_option(pairs),
-            clock=SimClock(_time_option(start, "--start"), speed),
-            mode=mode,
-            replay_from=_time_option(from_, "--from"),
-            replay_to=_time_option(to, "--to"),
-            replay_end=replay_end,
-            faults=plan,
-            rate_limit_scale=rate_limit_scale,
-            host=host,
-            binance_port=binance_port,
-            kraken_port=kraken_port,
-        )
-    except (ValueError, OSError) as exc:
-        raise click.UsageError(str(exc)) from exc
-
-    async def main() -> None:
-        async with run_simulator(cfg) as sim:
-            click.echo(f"binance  ws {sim.binance_ws_url}  rest {sim.binance_rest_url}")
-            click.echo(f"kraken   ws {sim.kraken_ws_url}  rest {sim.kraken_rest_url}")
-            click.echo(f"sim clock {iso(sim.clock.now_ms())} x{sim.clock.speed:g}, seed {seed}")
-            click.echo("\n# paste into klined.toml:\n" + sim.config_snippet())
-            click.echo("Ctrl-C to stop.")
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
-        click.echo(
-            f"stopped: {sum(sim.stats.requests.values())} REST requests, "
-            f"{sum(sim.stats.connections.values())} WS connections, {len(sim.log)} candle events"
-        )
-
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(main)
-
-
-@sim_command.command("truth")
-@click.option("--exchange", type=click.Choice(list(SIM_EXCHANGES)), required=True)
-@click.option("--pair", "pair", required=True, help="Canonical pair, e.g. BTC/USD.")
-@click.option("--from", "from_", required=True, help="First minute (ISO or date).")
-@click.option("--to", "to", default=None, help="End, exclusive (default: --from + 1 hour).")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--trades", is_flag=True, help="Print the trades instead of the candles.")
-def truth_command(
-    exchange: str, pair: str, from_: str, to: str | None, seed: int, trades: bool
-) -> None:
-    """Print the simulator's ground-truth candles (or trades) as JSON lines."""
-    try:
-        canonical = str(Pair.parse(pair))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--pair") from exc
-    start = floor_minute(_time_option(from_, "--from") or 0)
-    end = _time_option(to, "--to") or start + 60 * MINUTE_MS
-    market = Market(seed)
-    enc = msgspec.json.Encoder()
-    out = sys.stdout.buffer
-    for m in range(start, end, MINUTE_MS):
-        if trades:
-            for t in market.trades(exchange, canonical, m):
-                out.write(enc.encode(t) + b"\n")
-        else:
-            out.write(enc.encode(market.truth(exchange, canonical, m)) + b"\n")
-    out.flush()

@@ -1,4 +1,4 @@
-"""Kraken candle finality from evidence on one connection (DESIGN.md, Candle finality).
+"""Kraken candle finality from evidence on one connection (docs/architecture.md, finality).
 
 Kraken's OHLC channel never says a minute is over. The last update of a minute is proven final
 only when the *same connection* later delivers a newer ``interval_begin`` for that pair, or any

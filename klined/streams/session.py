@@ -34,7 +34,7 @@ from klined.streams.finality import FinalityTracker
 if TYPE_CHECKING:
     from klined.streams.connection import StreamConnection
 
-#: exchanges whose WS candles carry no final flag: finality comes from evidence (DESIGN.md)
+#: exchanges whose WS candles carry no final flag: finality comes from evidence
 EVIDENCE_FINALITY = frozenset({"kraken"})
 
 

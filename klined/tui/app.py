@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import click
 from loguru import logger
 from rich.text import Text
 from textual import work
@@ -22,8 +21,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker
 
-from klined.config import Config, load_config
-from klined.config_cli import config_option
+from klined.config import Config
 from klined.errors import DatabaseError, StatusError
 from klined.status import StatusSnapshot
 from klined.tui.present import fmt_hms, fmt_when
@@ -294,24 +292,3 @@ def build_app(cfg: Config, config_path: str | None, refresh: float = 2.0) -> Kli
     log_dir = cfg.data_dir / "logs" if cfg.data_dir.is_dir() else None
     chain = SubprocessChainRunner(config_file(cfg, config_path), log_dir=log_dir)
     return KlinedApp(status, warehouse, chain, refresh=refresh)
-
-
-@click.command("tui")
-@config_option
-@click.option(
-    "--refresh",
-    type=click.FloatRange(min=0.2, max=3600),
-    default=2.0,
-    show_default=True,
-    help="Seconds between reads of the daemon's status (the database is read every 5x that, "
-    "at least every 10 s).",
-)
-def tui_command(config_path: str | None, refresh: float) -> None:
-    """Open the dashboard: streams (1), completeness (2), jobs (3); q quits."""
-    cfg = load_config(config_path)
-    # loguru's stderr sink would draw over the screen; keep warnings in a file instead
-    logger.remove()
-    log_file: Any = cfg.data_dir / "klined-tui.log" if cfg.data_dir.is_dir() else None
-    if log_file is not None:
-        logger.add(log_file, level="WARNING", rotation="1 MB", retention=2)
-    build_app(cfg, config_path, refresh).run()

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from loguru import logger
 
-from klined.db import EMBEDDED_DATABASE, embedded_server_dsn, redact_dsn
 from klined.errors import DatabaseError, StatusError
 from klined.model import from_datetime, iso, to_datetime
 from klined.status import StatusSnapshot
+from klined.warehouse.database import EMBEDDED_DATABASE, embedded_server_dsn, redact_dsn
 
 if TYPE_CHECKING:
     from klined.config import Config
@@ -164,10 +164,10 @@ class SocketStatusSource:
         if not self.path.exists():
             raise StatusError(explain_status_error(self.path, FileNotFoundError(self.path)))
         try:
-            from klined.status_server import fetch_status
+            from klined.daemon.status_server import fetch_status
         except ImportError:
             raise StatusError(
-                "this klined has no status client (klined.status_server is missing)"
+                "this klined has no status client (klined.daemon.status_server is missing)"
             ) from None
         try:
             with anyio.fail_after(self.timeout + 1.0):
@@ -332,7 +332,7 @@ def warehouse_dsn(cfg: Config) -> str:
 
 
 def embedded_dsn(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
-    """The running embedded server's DSN (see :func:`klined.db.embedded_server_dsn`)."""
+    """The running embedded server's DSN (see ``embedded_server_dsn`` in klined.warehouse)."""
     dsn = embedded_server_dsn(pgdata, database)
     if dsn is None:
         raise DatabaseError(

@@ -1,0 +1,1 @@
+"""Readiness checks (``klined check``): config, PostgreSQL, S3, exchanges, daemon, lake."""

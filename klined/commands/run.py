@@ -1,0 +1,56 @@
+"""``klined run``: the daemon in the foreground until SIGTERM/SIGINT (see :mod:`klined.daemon`)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import anyio
+import click
+from loguru import logger
+
+from klined.commands.options import config_option
+from klined.config import load_config
+from klined.daemon.process import run_daemon, tune_process
+from klined.daemon.systemd import Notifier
+from klined.errors import KlinedError
+from klined.logs import setup_config_logging
+
+__all__ = ["run_command"]
+
+
+def _klined_error(exc: BaseException) -> KlinedError | None:
+    """The first :class:`KlinedError` inside a (nested) exception group."""
+    if isinstance(exc, KlinedError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _klined_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+@click.command("run")
+@config_option
+def run_command(config_path: str | None) -> int:
+    """Run the daemon: streams, lake, status, hourly chain (until SIGTERM/SIGINT)."""
+    cfg = load_config(config_path)  # ConfigError: the CLI prints it and exits 2
+    setup_config_logging(cfg.daemon)
+    notifier = Notifier.from_env()
+    tune_process()
+    pairs = {name: [str(p) for p in cfg.pairs(name)] for name in cfg.exchanges.enabled()}
+    logger.info(
+        "klined starting (config {}): {}",
+        cfg.source_path or "<defaults>",
+        ", ".join(f"{k} {len(v)} pairs" for k, v in pairs.items()) or "no exchange enabled",
+    )
+    try:
+        return anyio.run(functools.partial(run_daemon, cfg, notifier=notifier))
+    except BaseException as exc:
+        err = _klined_error(exc)
+        if err is None:
+            raise
+        logger.error("klined cannot run: {}", err)
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)

@@ -1,0 +1,195 @@
+"""The hourly chain inside ``klined run``: the scheduler plug-in and what follows its runs.
+
+:func:`default_chain` opens the database and runs :class:`~klined.jobs.chain.ChainScheduler`;
+next to it, :func:`_follow_chain` keeps two things current without ever querying the database
+per request: the figures the metrics endpoint serves (:class:`ChainFigures`, refreshed after
+each chain run) and the listing results in ``ops.pairs`` (:class:`ListingSync`: written when
+the chain starts and again whenever a stream's background listing re-check changes them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+from loguru import logger
+
+from klined.config import Config
+from klined.streams.backoff import Backoff
+from klined.streams.connection import now_ms
+
+if TYPE_CHECKING:
+    from klined.daemon.process import Daemon
+    from klined.jobs.chain import ChainReport, ChainScheduler
+    from klined.streams import ExchangeStreams
+    from klined.warehouse.database import Database
+
+#: how often the follower looks for a finished chain run and a changed listing
+FOLLOW_INTERVAL_S = 1.0
+
+__all__ = ["ChainFigures", "ListingSync", "default_chain"]
+
+
+class ChainFigures:
+    """The chain's figures on the metrics endpoint, cached so that a scrape never queries the
+    database: the seconds each step took in the last chain run that processed hours (summed
+    over its hours), and the completion ratio per exchange of the last closed hour
+    (``monitoring.exchange_hourly_completeness``), refreshed after each chain run."""
+
+    def __init__(self) -> None:
+        self.step_seconds: dict[str, float] = {}
+        self.completeness: dict[str, float] = {}
+        self.completeness_hour_ms: int | None = None
+
+    def note_report(self, report: ChainReport | None) -> None:
+        if report is None or not report.hours:
+            return  # an empty or skipped run says nothing about the steps
+        totals: dict[str, float] = {}
+        for hour in report.hours:
+            for step in hour.steps:
+                totals[step.step] = totals.get(step.step, 0.0) + step.duration_s
+        self.step_seconds = totals
+
+    async def refresh_completeness(self, db: Database, cfg: Config, now: int) -> None:
+        """Completion ratios of the last hour the chain considers closed (its end plus the
+        lake's grace period is past); an exchange without figures for it is left out."""
+        from klined.model import HOUR_MS, floor_hour, to_datetime
+
+        hour = floor_hour(now - int(cfg.lake.hour_grace_s * 1000)) - HOUR_MS
+        rows = await db.fetch(
+            "SELECT exchange, completion_rate FROM monitoring.exchange_hourly_completeness"
+            " WHERE hour_start = $1 AND completion_rate IS NOT NULL",
+            to_datetime(hour),
+        )
+        enabled = cfg.exchanges.enabled()
+        self.completeness = {
+            r["exchange"]: float(r["completion_rate"]) for r in rows if r["exchange"] in enabled
+        }
+        self.completeness_hour_ms = hour
+
+
+class ListingSync:
+    """Writes each exchange's listing check to ``ops.pairs`` (``listed``, ``note``) once per
+    change: at start, and again when a re-check in the background (the exchange's REST API was
+    down at start) finds pairs unlisted, so completeness stops expecting them."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, tuple[tuple[str, str], ...]] = {}
+
+    @staticmethod
+    def state(es: ExchangeStreams) -> tuple[tuple[str, str], ...] | None:
+        """``(pair, note)`` per configured pair (note empty: listed); None before any check."""
+        if not es.listing_checked:
+            return None
+        return tuple((str(p), es.unlisted.get(p, "")) for p in es.pairs)
+
+    async def sync(self, db: Database, streams: list[ExchangeStreams]) -> int:
+        """Write what changed since the last sync; return the exchanges written."""
+        from klined.warehouse.database import set_pair_listing
+
+        written = 0
+        for es in streams:
+            state = self.state(es)
+            if state is None or self.written.get(es.name) == state:
+                continue
+            for pair in es.pairs:
+                note = es.unlisted.get(pair, "")
+                await set_pair_listing(db, es.name, pair, not note, note)
+            self.written[es.name] = state
+            written += 1
+        return written
+
+
+async def default_chain(daemon: Daemon) -> None:
+    """Run the hourly chain scheduler when it is enabled and installed; needs the database.
+
+    A database that cannot be opened is retried with backoff; capture goes on meanwhile (the
+    lake is the source of truth and the chain catches up on missed hours when it starts).
+    """
+    cfg = daemon.cfg
+    if not cfg.chain.enabled:
+        logger.info("chain disabled ([chain] enabled = false): running without a database")
+        daemon.chain_status.last_result = "disabled"
+        return
+    if importlib.util.find_spec("klined.jobs.chain") is None:
+        logger.warning("chain module not installed: capturing only")
+        daemon.chain_status.last_result = "not installed"
+        return
+    backoff = Backoff(5.0, 300.0)
+    while True:
+        try:
+            async with _chain_scheduler(daemon) as run:
+                await run()
+            return
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            delay = backoff.next()
+            logger.error("chain unavailable ({}); retrying in {:.0f} s", exc, delay)
+            daemon.chain_status.last_result = f"error: {exc}"[:300]
+            daemon.chain_up.set()  # ready without it: capture does not wait for a database
+            await anyio.sleep(delay)
+
+
+@asynccontextmanager
+async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    from klined.jobs.chain import ChainScheduler
+    from klined.jobs.gapfill import sync_configured_pairs
+    from klined.rest.client import open_clients
+    from klined.warehouse.database import open_database
+
+    cfg = daemon.cfg
+    async with open_database(cfg, apply_schema=True) as db, open_clients(cfg) as clients:
+        await sync_configured_pairs(db, cfg)
+        listings = ListingSync()
+        await listings.sync(db, daemon.streams)
+        scheduler = ChainScheduler(
+            db,
+            cfg,
+            lake=daemon.uploader,
+            clients=clients,
+            status=daemon.chain_status,
+            seal_hour=daemon.writer.seal_hour,
+        )
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                tg.start_soon(_follow_chain, daemon, db, scheduler, listings, name="chain follower")
+                daemon.chain_up.set()
+
+        yield run
+
+
+async def _follow_chain(
+    daemon: Daemon, db: Database, scheduler: ChainScheduler, listings: ListingSync
+) -> None:
+    """Every second: write changed listing results to ``ops.pairs``; after each chain run,
+    refresh the figures the metrics endpoint serves. A database hiccup is logged once and
+    retried until it works; it never stops the scheduler."""
+    status = daemon.chain_status
+    seen: int | None = None
+    failing = False
+    while True:
+        await anyio.sleep(FOLLOW_INTERVAL_S)
+        try:
+            with anyio.fail_after(30):
+                await listings.sync(db, daemon.streams)
+                finished = status.last_run_ms
+                if not status.running and finished is not None and finished != seen:
+                    daemon.chain_figures.note_report(scheduler.last_report)
+                    await daemon.chain_figures.refresh_completeness(db, daemon.cfg, now_ms())
+                    seen = finished
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if not failing:
+                logger.warning("chain follower: database unavailable ({}); retrying", exc)
+            failing = True
+            continue
+        if failing:
+            logger.info("chain follower: database available again")
+        failing = False
