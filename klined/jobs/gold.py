@@ -9,12 +9,23 @@ without trades is flat (O=H=L=C) at the previous close: the close of the last tr
 minute before the bucket (if silver has none at all, the bucket's first minute's open, which a
 ``no_trades`` row already sets to the previous close). Buckets are aligned to UTC.
 
-Work queue: the silver merge marks changed 5-minute buckets in ``ops.gold_dirty``. A refresh
-takes the earliest dirty hour, recomputes the buckets (of all four sizes) that contain a dirty
-minute plus the flat buckets that follow one in the same run of untraded buckets, writes only
-rows that differ, and deletes the marks, all in one transaction. When an hour's 1h row changes,
-the following hours whose flat buckets inherit its close are marked too, and processed in the
-same call (hours ascend, so the previous close always comes from up-to-date gold).
+Work queue: every silver writer (the hourly merge, the live writer) marks changed 5-minute
+buckets in ``ops.gold_dirty``, an append-only queue, in the transaction of the silver change. A
+refresh takes the earliest dirty hour, recomputes the buckets (of all four sizes) that contain a
+dirty minute plus the flat buckets that follow one in the same run of untraded buckets, writes
+only rows that differ, and deletes exactly the marks it read, all in one transaction. When an
+hour's 1h row changes, the following hours whose flat buckets inherit its close are marked too,
+and processed in the same call (hours ascend, so the previous close always comes from
+up-to-date gold). Changed gold rows are announced on ``klined_candles``.
+
+Concurrency (silver writers run while a refresh runs): the refresh reads the marks first and
+silver afterwards, in later statements of its transaction, so every silver change whose mark it
+read is in what it computes from; a mark committed after it read the marks stays in the queue
+for the next refresh. Writers only ever insert marks, and the refresh only deletes the ones it
+read, so neither waits for the other. Refreshes run one at a time (a transaction-level advisory
+lock, :data:`GOLD_LOCK_KEY`): two of them computing the same bucket from different snapshots
+could otherwise commit the older one last. The chain waits for the lock; the live writer's
+refresh tries it and comes back later.
 """
 
 from __future__ import annotations
@@ -24,16 +35,24 @@ from typing import Any
 from klined.jobs.ops import StepResult
 from klined.model import HOUR_MS, from_datetime, to_datetime
 from klined.warehouse.database import Database
+from klined.warehouse.notify import notify_sql
 
 STEP = "gold"
+
+#: ``pg_advisory_xact_lock`` key of a gold refresh ("kl_gold" in ASCII)
+GOLD_LOCK_KEY = 0x6B6C5F676F6C64
 
 #: (table suffix, bucket seconds)
 INTERVALS: tuple[tuple[str, int], ...] = (("5m", 300), ("15m", 900), ("30m", 1800), ("1h", 3600))
 
 _BATCH = "klined_gold_batch"
+_MARKS = "klined_gold_marks"
 _MINUTES = "klined_gold_minutes"
 
 _TEMP_DDL = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_MARKS} (
+    seq bigint, exchange text, symbol text, bucket_start timestamptz
+) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (
     exchange text, symbol text, bucket_start timestamptz
 ) ON COMMIT DELETE ROWS;
@@ -46,17 +65,22 @@ CREATE TEMP TABLE IF NOT EXISTS {_MINUTES} (
 
 _NEXT_HOUR = """
 SELECT date_bin('1 hour', min(bucket_start), timestamptz 'epoch')
-FROM ops.gold_dirty WHERE ($1::text IS NULL OR exchange = $1)
+FROM ops.gold_dirty WHERE ($1::text IS NULL OR exchange = $1) AND bucket_start >= $2
 """
 
+# The hour's marks as committed now; silver is read by later statements (newer snapshots).
 _TAKE = f"""
-WITH taken AS (
-    DELETE FROM ops.gold_dirty
-    WHERE bucket_start >= $1 AND bucket_start < $2 AND ($3::text IS NULL OR exchange = $3)
-    RETURNING exchange, symbol, bucket_start
-)
-INSERT INTO pg_temp.{_BATCH} SELECT exchange, symbol, bucket_start FROM taken
+INSERT INTO pg_temp.{_MARKS}
+SELECT seq, exchange, symbol, bucket_start FROM ops.gold_dirty
+WHERE bucket_start >= $1 AND bucket_start < $2 AND ($3::text IS NULL OR exchange = $3)
 """
+_BATCH_FILL = f"""
+INSERT INTO pg_temp.{_BATCH}
+SELECT DISTINCT exchange, symbol, bucket_start FROM pg_temp.{_MARKS}
+"""
+
+# Exactly the marks read: one a writer added meanwhile stays for the next refresh.
+_DONE = f"DELETE FROM ops.gold_dirty d USING pg_temp.{_MARKS} m WHERE d.seq = m.seq"
 
 # The silver minutes of the hour for the dirty pairs, with the close of the last traded minute
 # at or before each minute (``carry``; NULL before the hour's first traded minute).
@@ -89,7 +113,8 @@ def _tuple(alias: str) -> str:
     return "(" + ", ".join(f"{alias}.{c.strip()}" for c in _GOLD_COLUMNS.split(",")) + ")"
 
 
-def _refresh_sql(table: str, seconds: int) -> str:
+def _refresh_sql(suffix: str, seconds: int) -> str:
+    table = f"ohlcv_{suffix}"
     step = f"interval '{seconds} seconds'"
     return f"""
 WITH agg AS (
@@ -151,18 +176,23 @@ chg AS (
            ON g.exchange = f.exchange AND g.symbol = f.symbol
           AND g.interval_start = f.interval_start
     WHERE g.exchange IS NULL OR {_tuple("f")} IS DISTINCT FROM {_tuple("g")}
-)
-INSERT INTO gold.{table} AS g (exchange, symbol, interval_start, {_GOLD_COLUMNS})
-SELECT exchange, symbol, interval_start, {_GOLD_COLUMNS} FROM chg
-ON CONFLICT (exchange, symbol, interval_start) DO UPDATE
-   SET {", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _GOLD_COLUMNS.split(","))},
-       ingestion_ts = now()
-   WHERE {_tuple("EXCLUDED")} IS DISTINCT FROM {_tuple("g")}
-RETURNING g.exchange, g.symbol
+),
+w AS (
+    INSERT INTO gold.{table} AS g (exchange, symbol, interval_start, {_GOLD_COLUMNS})
+    SELECT exchange, symbol, interval_start, {_GOLD_COLUMNS} FROM chg
+    ON CONFLICT (exchange, symbol, interval_start) DO UPDATE
+       SET {", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _GOLD_COLUMNS.split(","))},
+           ingestion_ts = now()
+       WHERE {_tuple("EXCLUDED")} IS DISTINCT FROM {_tuple("g")}
+    RETURNING g.exchange, g.symbol, g.interval_start, g.open, g.high, g.low, g.close, g.volume,
+              g.quote_volume, g.trade_count, g.minutes, g.traded_minutes
+),
+announced AS ({notify_sql("w", suffix, gold=True)})
+SELECT w.exchange, w.symbol, (SELECT count(*) FROM announced) AS announcements FROM w
 """
 
 
-REFRESH_SQL = {suffix: _refresh_sql(f"ohlcv_{suffix}", seconds) for suffix, seconds in INTERVALS}
+REFRESH_SQL = {suffix: _refresh_sql(suffix, seconds) for suffix, seconds in INTERVALS}
 
 # Hours after $1 whose untraded buckets inherit a changed close: every later 1h row of the pair
 # up to and including the first one with trades.
@@ -177,22 +207,32 @@ CROSS JOIN LATERAL (
 JOIN gold.ohlcv_1h n
   ON n.exchange = c.exchange AND n.symbol = c.symbol AND n.interval_start > $1
  AND (s.stop IS NULL OR n.interval_start <= s.stop)
-ON CONFLICT DO NOTHING
 """
 
 
+class GoldBusy(Exception):
+    """Another gold refresh holds the lock (only when the caller asked not to wait)."""
+
+
 async def _refresh_one_hour(
-    db: Database, exchange: str | None, counts: dict[str, int]
+    db: Database, exchange: str | None, counts: dict[str, int], after_ms: int, wait: bool
 ) -> int | None:
-    """Process the earliest dirty hour; return it (ms), or ``None`` when nothing is dirty."""
+    """Process the earliest dirty hour at or after ``after_ms``; return it (ms), or ``None``
+    when nothing is dirty there. :class:`GoldBusy` when ``wait`` is false and another refresh
+    runs."""
     async with db.transaction() as conn:
-        first = await conn.fetchval(_NEXT_HOUR, exchange)
+        if wait:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", GOLD_LOCK_KEY)
+        elif not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", GOLD_LOCK_KEY):
+            raise GoldBusy("another gold refresh is running")
+        first = await conn.fetchval(_NEXT_HOUR, exchange, to_datetime(after_ms))
         if first is None:
             return None
         hour = from_datetime(first)
         start, end = to_datetime(hour), to_datetime(hour + HOUR_MS)
         await conn.execute(_TEMP_DDL)
         await conn.execute(_TAKE, start, end, exchange)
+        await conn.execute(_BATCH_FILL)
         await conn.execute(f"ANALYZE pg_temp.{_BATCH}")
         await conn.execute(_LOAD_MINUTES, start, end)
         await conn.execute(f"ANALYZE pg_temp.{_MINUTES}")
@@ -209,27 +249,33 @@ async def _refresh_one_hour(
                 [r["exchange"] for r in changed_1h],
                 [r["symbol"] for r in changed_1h],
             )
+        await conn.execute(_DONE)
     return hour
 
 
 async def refresh(
-    db: Database, hour_ms: int | None = None, *, exchange: str | None = None
+    db: Database, hour_ms: int | None = None, *, exchange: str | None = None, wait: bool = True
 ) -> StepResult:
     """Recompute every gold bucket with a dirty silver minute (all pending hours, ascending).
 
     ``hour_ms`` only labels the result: gold depends on earlier hours (flat buckets take the
     previous close), so a refresh always drains the queue in time order, which after a
-    ``silver.merge_hour(h)`` normally means just hour ``h``. Re-runnable: with nothing dirty it
-    does nothing; unchanged rows are never rewritten. Returns rows = gold rows written;
-    details: per interval counts and ``hours`` processed.
+    ``silver.merge_hour(h)`` normally means just hour ``h``. Each hour is taken once per call
+    (a mark a live writer adds meanwhile to an hour already done waits for the next call), so a
+    refresh ends even while writers keep marking. Re-runnable: with nothing dirty it does
+    nothing; unchanged rows are never rewritten. ``wait=False`` gives up (:class:`GoldBusy`)
+    instead of waiting for another refresh. Returns rows = gold rows written; details: per
+    interval counts and ``hours`` processed.
     """
     counts = {suffix: 0 for suffix, _ in INTERVALS}
     hours: list[int] = []
+    after = 0
     while True:
-        hour = await _refresh_one_hour(db, exchange, counts)
+        hour = await _refresh_one_hour(db, exchange, counts, after, wait)
         if hour is None:
             break
         hours.append(hour)
+        after = hour + HOUR_MS
     return StepResult(
         step=STEP,
         hour_ms=hour_ms,

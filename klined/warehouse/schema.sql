@@ -88,16 +88,36 @@ CREATE TABLE IF NOT EXISTS ops.dirty_hours (
 );
 
 -- 5-minute buckets whose silver minutes changed and whose gold rows (5m and the 15m/30m/1h
--- buckets containing them) must be recomputed. Written by the silver merge in the same
--- transaction as the silver change, consumed (deleted) by the gold refresh in the same
--- transaction as the gold change.
+-- buckets containing them) must be recomputed. Written by every silver writer (the hourly
+-- merge, the live writer) in the same transaction as the silver change, consumed by the gold
+-- refresh in the same transaction as the gold change. An append-only queue: a mark is a new
+-- row (the same bucket may be marked several times), and a refresh deletes exactly the rows
+-- (seq) it read, so writers never wait for a refresh nor a refresh for a writer
+-- (klined.jobs.gold). Databases created before the queue had a primary key on the bucket; the
+-- guarded ALTERs below turn such a table into the queue, idempotently.
+CREATE SEQUENCE IF NOT EXISTS ops.gold_dirty_seq;
 CREATE TABLE IF NOT EXISTS ops.gold_dirty (
     exchange     text NOT NULL,
     symbol       text NOT NULL,
     bucket_start timestamptz NOT NULL,         -- 5-minute aligned, UTC
     marked_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (exchange, symbol, bucket_start)
+    seq          bigint NOT NULL DEFAULT nextval('ops.gold_dirty_seq')
 );
+DO $$
+BEGIN
+    -- guarded, so a start with the queue in place takes no table lock
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ops.gold_dirty'::regclass
+                   AND attname = 'seq' AND NOT attisdropped) THEN
+        ALTER TABLE ops.gold_dirty
+            ADD COLUMN seq bigint NOT NULL DEFAULT nextval('ops.gold_dirty_seq');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'ops.gold_dirty'::regclass
+               AND conname = 'gold_dirty_pkey') THEN
+        ALTER TABLE ops.gold_dirty DROP CONSTRAINT gold_dirty_pkey;
+    END IF;
+END
+$$;
+CREATE UNIQUE INDEX IF NOT EXISTS gold_dirty_seq_idx ON ops.gold_dirty (seq);
 CREATE INDEX IF NOT EXISTS gold_dirty_bucket_idx ON ops.gold_dirty (bucket_start);
 
 -- Gap-fill attempts (REST / trades), one row per request covering [range_start, range_end).
