@@ -359,6 +359,11 @@ class LakeWriter:
         self._fs = _FsSync(self.root)
         self.events_written = 0
         self.parts_closed = 0
+        #: events appended so far, and how many of the first ones are durable (every flush
+        #: that writes all it took without an error advances it): :meth:`wait_durable`
+        self.appended = 0
+        self.durable_through = 0
+        self._durable = anyio.Event()
 
     # -- hot path -------------------------------------------------------------------------------
 
@@ -374,6 +379,7 @@ class LakeWriter:
         part.pending_bytes += len(line) + 1
         part.pending_events += 1
         self._unflushed += 1
+        self.appended += 1
         if part.written + part.pending_bytes >= self._max_bytes:
             del self._open[slot]
             self._closing.append(part)
@@ -413,8 +419,18 @@ class LakeWriter:
         grace period), besides the usual flush. Later events of the hour open new parts."""
         await self._flush(close_all=False, hour_ms=hour_ms - hour_ms % HOUR_MS)
 
+    async def wait_durable(self, mark: int) -> None:
+        """Return once the first ``mark`` appended events (a value :attr:`appended` had) are
+        on stable storage; wakes the flush now rather than at its next tick. Whoever must never
+        get ahead of the lake (the live path) waits here."""
+        while self.durable_through < mark:
+            durable = self._durable
+            self._wake.set()
+            await durable.wait()
+
     async def _flush(self, *, close_all: bool, hour_ms: int | None) -> None:
         async with self._lock:
+            mark = self.appended
             now = self._clock()
             for slot, part in list(self._open.items()):
                 if close_all or slot[2] == hour_ms or self._due(part, now):
@@ -430,6 +446,10 @@ class LakeWriter:
             if jobs:
                 await self._write(jobs)
                 self._settle(jobs)
+            if all(job.error is None for job in jobs) and mark > self.durable_through:
+                self.durable_through = mark
+                self._durable.set()
+                self._durable = anyio.Event()
             if self._status is not None:
                 self._status.open_parts = len(self._open) + len(self._closing)
                 self._status.events_written = self.events_written
