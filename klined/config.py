@@ -85,6 +85,17 @@ class ChainConfig(_Section):
     rest_retry_hours: int = 12  # keep trying to fill missing minutes this long after the hour
 
 
+class LiveConfig(_Section):
+    """The live path (``klined.live``): proven-final candles into silver within seconds."""
+
+    enabled: bool = True  # needs the chain's database: off when [chain] enabled = false
+    flush_interval_s: float = 1.0  # a final waits at most this long before its batch is cut
+    queue_batches: int = 120  # batches held while PostgreSQL is slow or down; then oldest dropped
+    batch_max_candles: int = 5000  # candles per transaction when catching up
+    gold_interval_s: float = 30.0  # touched gold buckets are refreshed this often (<= 60)
+    lag_window_s: float = 300.0  # lag p50/p99 are over the commits of this last span
+
+
 class SymbolOverride(_Section):
     native: str = ""  # the exchange's own name, e.g. "1000REKTUSD"
     rest_native: str = ""  # Kraken REST name when it differs from the guess, e.g. "XBTUSD"
@@ -121,6 +132,7 @@ class Config(_Section):
     lake: LakeConfig = msgspec.field(default_factory=LakeConfig)
     s3: S3Config = msgspec.field(default_factory=S3Config)
     chain: ChainConfig = msgspec.field(default_factory=ChainConfig)
+    live: LiveConfig = msgspec.field(default_factory=LiveConfig)
     exchanges: ExchangesConfig = msgspec.field(default_factory=ExchangesConfig)
     #: where the config came from ("" for built-in defaults); not a TOML key
     source_path: str = ""
@@ -265,6 +277,7 @@ def _validate(cfg: Config, path: str) -> None:
             f"{cfg.chain.schedule!r} is not a 5-field cron expression",
             "e.g. '5 * * * *' for five past every hour",
         )
+    _validate_live(cfg.live, bad)
     if cfg.database.dsn and not cfg.database.dsn.startswith(("postgres://", "postgresql://")):
         raise bad("database.dsn", "must be a postgresql:// URL", "or leave it empty for embedded")
     if cfg.s3.endpoint_url and not cfg.s3.endpoint_url.startswith(("http://", "https://")):
@@ -318,6 +331,26 @@ def _validate(cfg: Config, path: str) -> None:
             raise bad(f"{base}.backoff_max_s", "must be at least backoff_initial_s")
         if not 0 < ex.rate_limit_fraction <= 1:
             raise bad(f"{base}.rate_limit_fraction", "must be in (0, 1]")
+
+
+#: ``[live]`` numeric keys: (low, high, low allowed) - every one has a finite range
+LIVE_RANGES: dict[str, tuple[float, float, bool]] = {
+    "flush_interval_s": (0.0, 10.0, False),
+    "queue_batches": (1, 100_000, True),
+    "batch_max_candles": (1, 100_000, True),
+    "gold_interval_s": (1.0, 60.0, True),
+    "lag_window_s": (10.0, 86_400.0, True),
+}
+
+
+def _validate_live(live: LiveConfig, bad: Any) -> None:
+    for key, (low, high, closed) in LIVE_RANGES.items():
+        value = getattr(live, key)
+        too_low = value < low if closed else value <= low
+        if too_low or value > high:
+            interval = f"{'[' if closed else '('}{low:g}, {high:g}]"
+            hint = "gold follows silver at least once a minute" if "gold" in key else ""
+            raise bad(f"live.{key}", f"must be in {interval}, got {value:g}", hint)
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:

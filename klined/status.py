@@ -70,6 +70,31 @@ class ChainStatus(msgspec.Struct, kw_only=True):
     next_run_ms: int | None = None
 
 
+class LiveStatus(msgspec.Struct, kw_only=True):
+    """The live path (finals straight into silver). Lags are seconds over ``lag_window_s``."""
+
+    enabled: bool = False
+    state: str = "off"  # off | waiting (no database yet) | ok | failing
+    finals: int = 0  # proven-final candles received from the streams
+    written: int = 0  # silver rows inserted or updated
+    unchanged: int = 0  # finals that changed nothing (the same or a better row was there)
+    rejected: int = 0  # finals refused as invalid (as bronze would refuse them)
+    committed_batches: int = 0
+    queued_batches: int = 0
+    queued_finals: int = 0
+    dropped_batches: int = 0
+    dropped_finals: int = 0
+    lag_window_s: float = 0.0
+    lag_samples: int = 0
+    lag_p50_s: float | None = None
+    lag_p99_s: float | None = None
+    lag_max_s: float | None = None
+    last_commit_ms: int | None = None
+    gold_refreshed_ms: int | None = None
+    gold_rows: int = 0
+    last_error: str = ""
+
+
 class StatusSnapshot(msgspec.Struct, kw_only=True):
     version: int = 1
     pid: int = 0
@@ -81,6 +106,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     pairs: list[PairStatus] = msgspec.field(default_factory=list)
     lake: LakeStatus = msgspec.field(default_factory=LakeStatus)
     chain: ChainStatus = msgspec.field(default_factory=ChainStatus)
+    live: LiveStatus = msgspec.field(default_factory=LiveStatus)
 
 
 def encode_snapshot(snapshot: StatusSnapshot) -> bytes:

@@ -184,15 +184,25 @@ def test_only_the_cli_imports_commands() -> None:
     [
         # pure protocol adapters: parse and build messages, never do I/O or touch the warehouse
         ("klined.exchanges", ("klined.streams", "klined.rest", "klined.lake", "klined.warehouse",
-                              "klined.jobs", "klined.daemon", "klined.sim", "klined.tui")),
+                              "klined.jobs", "klined.live", "klined.daemon", "klined.sim",
+                              "klined.tui")),
         # the simulator follows the exchanges, never klined's clients or the daemon
         ("klined.sim", ("klined.exchanges", "klined.streams", "klined.rest", "klined.lake",
-                        "klined.warehouse", "klined.jobs", "klined.daemon", "klined.tui")),
-        ("klined.streams", ("klined.warehouse", "klined.jobs", "klined.daemon", "klined.tui")),
-        ("klined.lake", ("klined.streams", "klined.warehouse", "klined.jobs", "klined.daemon",
-                         "klined.tui")),
-        ("klined.warehouse", ("klined.streams", "klined.jobs", "klined.daemon", "klined.tui")),
-        ("klined.jobs", ("klined.streams", "klined.daemon", "klined.tui")),
+                        "klined.warehouse", "klined.jobs", "klined.live", "klined.daemon",
+                        "klined.tui")),
+        ("klined.streams", ("klined.warehouse", "klined.jobs", "klined.live", "klined.daemon",
+                            "klined.tui")),
+        ("klined.lake", ("klined.streams", "klined.warehouse", "klined.jobs", "klined.live",
+                         "klined.daemon", "klined.tui")),
+        ("klined.warehouse", ("klined.streams", "klined.jobs", "klined.live", "klined.daemon",
+                              "klined.tui")),
+        ("klined.jobs", ("klined.streams", "klined.live", "klined.daemon", "klined.tui")),
+        # the live path: silver's own statement (jobs) and the warehouse; the lake and the
+        # streams reach it through the daemon, as callables (only the backoff is shared)
+        ("klined.live", ("klined.exchanges", "klined.streams.connection", "klined.streams.session",
+                         "klined.streams.supervisor", "klined.streams.finality", "klined.rest",
+                         "klined.lake", "klined.daemon", "klined.checks", "klined.sim",
+                         "klined.tui", "klined.demo")),
         ("klined.daemon", ("klined.tui", "klined.sim", "klined.demo")),
     ],
 )  # fmt: skip

@@ -1,10 +1,12 @@
 """The hourly chain inside ``klined run``: the scheduler plug-in and what follows its runs.
 
-:func:`default_chain` opens the database and runs :class:`~klined.jobs.chain.ChainScheduler`;
-next to it, :func:`_follow_chain` keeps two things current without ever querying the database
-per request: the figures the metrics endpoint serves (:class:`ChainFigures`, refreshed after
-each chain run) and the listing results in ``ops.pairs`` (:class:`ListingSync`: written when
-the chain starts and again whenever a stream's background listing re-check changes them).
+:func:`default_chain` opens the database and runs :class:`~klined.jobs.chain.ChainScheduler`
+and, with ``[live] enabled``, the live writer's committer (:mod:`klined.live`, the same
+database); next to them, :func:`_follow_chain` keeps two things current without ever
+querying the database per request: the figures the metrics endpoint serves
+(:class:`ChainFigures`, refreshed after each chain run) and the listing results in
+``ops.pairs`` (:class:`ListingSync`: written when the chain starts and again whenever a
+stream's background listing re-check changes them).
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
 
         async def run() -> None:
             async with anyio.create_task_group() as tg:
+                if daemon.live is not None:
+                    await tg.start(daemon.live.run, db)
                 await tg.start(scheduler.run)
                 tg.start_soon(_follow_chain, daemon, db, scheduler, listings, name="chain follower")
                 daemon.chain_up.set()

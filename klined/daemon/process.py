@@ -9,11 +9,15 @@ Start-up order (each step is up before the next starts):
    streamed with every configured pair and checked again later), then its connections;
 5. the hourly chain scheduler, when ``[chain] enabled`` and the chain module is present (it
    needs the database; the daemon runs without one when the chain is disabled); see
-   :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs);
+   :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs). With
+   ``[live] enabled`` the streams' finals also go to the live writer (:mod:`klined.live`):
+   it batches them from the start and writes them into silver once the chain's database is
+   open;
 6. ``READY=1`` to systemd, then watchdog pings from the main loop's 1 Hz tick.
 
 Shutdown on SIGTERM/SIGINT, in order: streams and the scheduler are cancelled (sockets closed,
-bounded); every open lake part is sealed (everything buffered reaches the disk) and the sealed
+bounded; the live writer writes what it still holds, bounded, once the lake has it); every
+open lake part is sealed (everything buffered reaches the disk) and the sealed
 parts are uploaded, both shielded and bounded by ``daemon.shutdown_timeout_s``; then the status
 and metrics servers stop and the process exits 0. A second signal skips the upload: the parts
 are already sealed on disk and the next start uploads them.
@@ -36,7 +40,9 @@ from loguru import logger
 from klined.config import Config
 from klined.daemon.chain import ChainFigures, default_chain
 from klined.lake import LakeUploader, LakeWriter
-from klined.status import ChainStatus, LakeStatus, StatusSnapshot
+from klined.live import LiveWriter, live_sink
+from klined.model import Candle
+from klined.status import ChainStatus, LakeStatus, LiveStatus, StatusSnapshot
 from klined.streams import ExchangeStreams, StreamSettings, streams_status
 from klined.streams.backoff import Backoff
 from klined.streams.connection import now_ms
@@ -81,6 +87,13 @@ class Daemon:
             status=self.lake_status,
             on_part_closed=self.uploader.part_closed,
         )
+        self.live: LiveWriter | None = None
+        if cfg.live.enabled and cfg.chain.enabled:
+            self.live = LiveWriter(
+                cfg.live,
+                lake_mark=lambda: self.writer.appended,
+                wait_durable=self.writer.wait_durable,
+            )
         self.streams: list[ExchangeStreams] = []
         self.notifier = notifier
         self.chain_factory = chain_factory
@@ -112,6 +125,7 @@ class Daemon:
             pairs=pairs,
             lake=self.lake_status,
             chain=self.chain_status,
+            live=self.live.snapshot() if self.live is not None else LiveStatus(),
         )
 
     def _rss(self) -> int:
@@ -138,6 +152,10 @@ class Daemon:
                     root.start_soon(self._watch_signals, name="signals")
                 await root.start(self.writer.run)
                 await root.start(self.uploader.run)
+                if self.live is not None:
+                    await root.start(self.live.run_batcher)
+                elif cfg.live.enabled:
+                    logger.info("live path off: it writes into the chain's database ([chain] off)")
                 await root.start(self._serve_status)
                 if cfg.daemon.metrics_port:
                     await root.start(self._serve_metrics)
@@ -262,6 +280,9 @@ class Daemon:
         return clients
 
     def _build_streams(self, clients: dict[str, Any]) -> None:
+        sink: Callable[[Candle], None] = self.writer.append
+        if self.live is not None:
+            sink = live_sink(self.writer.append, self.live.offer)
         for name, section in self.cfg.exchanges.enabled().items():
             client = clients[name]
             adapter = client.adapter
@@ -271,7 +292,7 @@ class Daemon:
                     self.cfg.ws_url(name),
                     self.cfg.pairs(name),
                     StreamSettings.from_config(section, adapter.limits),
-                    self.writer.append,
+                    sink,
                     fetch_listing=client.fetch_listing,
                     listing_attempts=1,  # the REST client retries with backoff itself
                     **self.stream_options,
