@@ -152,7 +152,7 @@ MERGE_SQL = upsert_sql(
     "   AND ($3::text IS NULL OR exchange = $3)"
 )
 
-_MS = "timestamptz 'epoch' + {} * interval '1 millisecond'"
+_MS = "(timestamptz 'epoch' + ({}) * interval '1 millisecond')"
 
 #: the live writer: a micro-batch of captured candles as arrays ($4..), positional
 LIVE_SQL = upsert_sql(
