@@ -19,27 +19,27 @@ compared.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from klined.config import Config, LakeConfig, LiveConfig
 from klined.daemon.process import Daemon
-from klined.jobs.chain import run_chain
 from klined.jobs.gapfill import sync_configured_pairs
-from klined.lake import LakeStore
 from klined.model import HOUR_MS, MINUTE_MS, floor_hour, to_datetime
-from klined.rest.client import RetryPolicy, open_clients
-from klined.sim import FaultPlan, FaultRule, Simulator
-from klined.warehouse.database import Database, open_database
-from tests.fixtures.pg import _with_database
+from klined.sim import FaultPlan, FaultRule
+from klined.warehouse.database import open_database
 from tests.fixtures.sim import SIM_START
+from tests.support.live import (
+    another_database,
+    assert_same,
+    daemon_config,
+    data_rows,
+    frozen_chain,
+)
 from tests.support.streams import until
-from tests.support.truth import make_config, sim_limiters
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -50,7 +50,6 @@ START = H1 - 5 * MINUTE_MS  # capture starts at 00:55
 MID_CHAIN_AT = H1 + 4 * MINUTE_MS  # the chain for H0 runs while live writes H1
 STOP_AT = H1 + 16 * MINUTE_MS
 FROZEN = H1 + 17 * MINUTE_MS  # REST's clock and the chain's "now" for every chain run
-FAST_RETRY = RetryPolicy(attempts=6, initial_s=0.02, max_s=0.2)
 
 FAULTS = FaultPlan(
     seed=5,
@@ -67,87 +66,13 @@ FAULTS = FaultPlan(
 )
 
 
-def daemon_config(sim: Simulator, dsn: str, tmp_path: Path) -> Config:
-    cfg = make_config(sim, dsn, PAIRS, data_dir=str(tmp_path / "data"))
-    cfg.daemon.status_socket = str(tmp_path / "k.sock")
-    cfg.lake = LakeConfig(flush_interval_s=0.2, upload_interval_s=0.2)
-    cfg.chain.schedule = "0 0 1 1 *"  # never during the test: the test runs the chains
-    cfg.chain.catchup_hours = 0
-    cfg.chain.rest_retry_hours = 0
-    cfg.live = LiveConfig(gold_interval_s=1.0, flush_interval_s=0.5)
-    for ex in ("binance", "kraken"):
-        section = getattr(cfg.exchanges, ex)
-        section.stale_after_s = 2.0
-        section.connect_timeout_s = 3.0
-    return cfg
-
-
-async def chain(db: Database, cfg: Config, sim: Simulator, hours: list[int]) -> None:
-    async with open_clients(
-        cfg, limiters=sim_limiters(sim), clock_ms=lambda: FROZEN, retry=FAST_RETRY
-    ) as clients:
-        report = await run_chain(
-            db, cfg, hours, trigger="manual", lake=LakeStore(cfg.lake_root), clients=clients,
-            now_ms=FROZEN, lock_wait_s=60,
-        )  # fmt: skip
-    assert report.ok, report.table()
-
-
-SILVER_SQL = """
-SELECT exchange, symbol, quote_asset, interval_seconds, interval_start, interval_end, open, high,
-       low, close, volume, quote_volume, trade_count, vwap, source, rank, event_ts, ingestion_ts
-FROM silver.fact_ohlcv WHERE interval_start >= $1 AND interval_start < $2
-ORDER BY exchange, symbol, interval_start
-"""
-GOLD_SQL = """
-SELECT exchange, symbol, interval_start, interval_end, open, high, low, close, volume,
-       quote_volume, trade_count, minutes, traded_minutes, source
-FROM gold.ohlcv_{} WHERE interval_start >= $1 AND interval_start < $2
-ORDER BY exchange, symbol, interval_start
-"""
-
-
-async def tables(db: Database) -> dict[str, list[tuple[Any, ...]]]:
-    """Every data column of silver and gold over the two hours."""
-    span = (to_datetime(H0), to_datetime(H1 + HOUR_MS))
-    out = {"silver": [tuple(r) for r in await db.fetch(SILVER_SQL, *span)]}
-    for suffix in ("5m", "15m", "30m", "1h"):
-        out[suffix] = [tuple(r) for r in await db.fetch(GOLD_SQL.format(suffix), *span)]
-    return out
-
-
-def first_difference(name: str, a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> str:
-    def key(r: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (r[0], r[1], r[4]) if name == "silver" else r[:3]
-
-    keys_a = {key(r): r for r in a}
-    keys_b = {key(r): r for r in b}
-    for key in sorted(set(keys_a) | set(keys_b), key=str):
-        if keys_a.get(key) != keys_b.get(key):
-            return f"{key}: live on {keys_a.get(key)} / live off {keys_b.get(key)}"
-    return "none"
-
-
-@asynccontextmanager
-async def second_database(pg_server_dsn: str, name: str) -> AsyncIterator[str]:
-    import asyncpg
-
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(pg_server_dsn, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 async def test_silver_and_gold_after_the_chain_are_the_same_with_live_on_or_off(
     sim_factory: Any, pg_dsn: str, pg_server_dsn: str, tmp_path: Path
 ) -> None:
     async with sim_factory(
         pairs=PAIRS, start_ms=START, faults=FAULTS, rate_limit_time_scale=60
     ) as sim:
-        cfg = daemon_config(sim, pg_dsn, tmp_path)
+        cfg = daemon_config(sim, pg_dsn, tmp_path, PAIRS)
         daemon = Daemon(cfg, handle_signals=False)
         async with open_database(cfg) as db_a:
             async with anyio.create_task_group() as tg:
@@ -166,7 +91,7 @@ async def test_silver_and_gold_after_the_chain_are_the_same_with_live_on_or_off(
                 )
                 # the chain for the previous hour, while the live path writes the current one
                 written_before = daemon.live.status.written
-                await chain(db_a, cfg, sim, [H0])
+                await frozen_chain(db_a, cfg, sim, [H0], FROZEN)
                 await until(lambda: sim.clock.now_ms() >= STOP_AT, 60)
                 assert daemon.live.status.written > written_before
                 live = daemon.live.snapshot()
@@ -174,14 +99,14 @@ async def test_silver_and_gold_after_the_chain_are_the_same_with_live_on_or_off(
             assert live.dropped_batches == 0 and live.rejected == 0
             assert live.written > 10 * len(PAIRS) and live.lag_samples > 0
             await until(lambda: sim.clock.now_ms() >= FROZEN + MINUTE_MS, 60)
-            await chain(db_a, cfg, sim, [H0, H1])
-            on = await tables(db_a)
-        async with second_database(pg_server_dsn, f"{Path(pg_dsn).name}_off") as dsn_b:
-            cfg_b = daemon_config(sim, dsn_b, tmp_path)
+            await frozen_chain(db_a, cfg, sim, [H0, H1], FROZEN)
+            on = await data_rows(db_a, H0, H1 + HOUR_MS)
+        async with another_database(pg_server_dsn, f"off_{uuid.uuid4().hex[:8]}") as dsn_b:
+            cfg_b = daemon_config(sim, dsn_b, tmp_path, PAIRS)
             async with open_database(cfg_b, apply_schema=True) as db_b:
                 await sync_configured_pairs(db_b, cfg_b)
-                await chain(db_b, cfg_b, sim, [H0, H1])
-                off = await tables(db_b)
+                await frozen_chain(db_b, cfg_b, sim, [H0, H1], FROZEN)
+                off = await data_rows(db_b, H0, H1 + HOUR_MS)
     fired = {(f.kind, f.exchange) for f in sim.faults.fired}
     for kind in ("late_final", "duplicate", "disconnect"):
         assert {(kind, "binance"), (kind, "kraken")} <= fired, kind
@@ -189,7 +114,4 @@ async def test_silver_and_gold_after_the_chain_are_the_same_with_live_on_or_off(
     sources = {r[14] for r in on["silver"]}
     assert {"ws_final", "rest"} <= sources, sources  # captured minutes and REST-filled gaps
     assert len(on["silver"]) > 2 * len(PAIRS) * 60
-    for name in on:
-        assert on[name] == off[name], (
-            f"{name} differs: {first_difference(name, on[name], off[name])}"
-        )
+    assert_same(on, off)
