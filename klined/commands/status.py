@@ -14,9 +14,9 @@ from klined.config import load_config
 from klined.daemon.status_server import fetch_status
 from klined.errors import StatusError
 from klined.model import format_duration
-from klined.status import StatusSnapshot, StreamState, encode_snapshot
+from klined.status import LiveStatus, StatusSnapshot, StreamState, encode_snapshot
 
-__all__ = ["render_status", "status_command"]
+__all__ = ["live_line", "render_status", "status_command"]
 
 #: problem pairs listed before "... and N more"
 MAX_PROBLEM_PAIRS = 20
@@ -147,7 +147,38 @@ def render_status(s: StatusSnapshot) -> str:
         hour = _when(ch.current_hour_ms, now)
         line += f" · running {ch.current_step or '?'} for hour {hour}"
     out.append(line)
+    out.append(live_line(s.live, now))
+    if s.live.last_error:
+        out.append(f"  last live error: {_one_line(s.live.last_error, 100)}")
     return "\n".join(out)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s" if value < 10 else format_duration(value)
+
+
+def live_line(live: LiveStatus, now: int) -> str:
+    """``LIVE: ok · lag p50 0.41s p99 0.93s max 1.20s (last 5m00s, 4,012 finals) · ...``."""
+    if not live.enabled:
+        return "LIVE: off (needs [live] enabled and the chain's database)"
+    line = f"LIVE: {live.state}"
+    if live.lag_samples:
+        line += (
+            f" · lag p50 {_seconds(live.lag_p50_s)} p99 {_seconds(live.lag_p99_s)}"
+            f" max {_seconds(live.lag_max_s)} (last {format_duration(live.lag_window_s)},"
+            f" {live.lag_samples:,} finals)"
+        )
+    else:
+        line += " · no final committed lately"
+    line += (
+        f" · written {live.written:,} · queued {live.queued_batches}"
+        f" · dropped {live.dropped_batches} batch(es) ({live.dropped_finals:,} finals)"
+    )
+    if live.rejected:
+        line += f" · rejected {live.rejected:,}"
+    if live.gold_refreshed_ms is not None:
+        line += f" · gold {_age(now, live.gold_refreshed_ms)} ago"
+    return line
 
 
 @click.command("status")

@@ -23,6 +23,7 @@ from klined.status import (
     ChainStatus,
     ConnectionStatus,
     LakeStatus,
+    LiveStatus,
     PairStatus,
     StatusSnapshot,
     StreamState,
@@ -419,3 +420,24 @@ def test_render_status_empty_daemon() -> None:
     assert "CONNECTIONS (0)\n  none" in text
     assert "PAIRS (0)" in text
     assert "CHAIN: last run - · next -" in text
+
+
+def test_render_status_reports_the_live_path() -> None:
+    text = render_status(StatusSnapshot(pid=1, now_ms=NOW))
+    assert "LIVE: off (needs [live] enabled and the chain's database)" in text
+    snap = StatusSnapshot(
+        pid=1,
+        now_ms=NOW,
+        live=LiveStatus(
+            enabled=True, state="failing", written=3990, dropped_batches=2, dropped_finals=70,
+            queued_batches=1, lag_window_s=300.0, lag_samples=3990, lag_p50_s=0.41,
+            lag_p99_s=0.93, lag_max_s=12.5, gold_refreshed_ms=NOW - 20_000,
+            last_error="writing silver: ConnectionRefusedError: no",
+        ),
+    )  # fmt: skip
+    text = render_status(snap)
+    assert (
+        "LIVE: failing · lag p50 0.41s p99 0.93s max 12s (last 5m00s, 3,990 finals)"
+        " · written 3,990 · queued 1 · dropped 2 batch(es) (70 finals) · gold 20s ago"
+    ) in text
+    assert "last live error: writing silver: ConnectionRefusedError: no" in text
