@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chain": ("chain_command", "Run the hourly chain by hand."),
     "backfill": ("backfill_command", "Repair or seed a time range."),
     "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
+    "tail": ("tail_command", "Print each candle as it is committed (LISTEN/NOTIFY)."),
     "sim": ("sim_command", "Run the Binance US / Kraken exchange simulator."),
     "demo": ("demo_command", "Run everything against the simulator, no internet."),
     "check": ("check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),

@@ -26,7 +26,15 @@ row again (same values).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import asyncpg
 import msgspec
+from loguru import logger
 
 CHANNEL = "klined_candles"
 #: a payload holds rows while their JSON adds up to less than this (plus one row)
@@ -107,3 +115,147 @@ def decode_payload(payload: str | bytes) -> list[Announced]:
         return _DECODER.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"not a klined candle announcement: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# listening
+
+#: a quiet connection is checked this often (a dead network is otherwise only noticed by TCP)
+KEEPALIVE_S = 15.0
+#: a lost connection is retried after this long, doubling up to the cap
+RETRY_S, RETRY_MAX_S = 0.5, 30.0
+
+_GOLD_TABLES = {"5m": "ohlcv_5m", "15m": "ohlcv_15m", "30m": "ohlcv_30m", "1h": "ohlcv_1h"}
+_FETCH_SILVER = """
+SELECT open::text, high::text, low::text, close::text, volume::text, quote_volume::text,
+       trade_count, vwap::text, source
+FROM silver.fact_ohlcv
+WHERE exchange = $1 AND symbol = $2 AND interval_start = $3::text::timestamptz
+"""
+_FETCH_GOLD = """
+SELECT open::text, high::text, low::text, close::text, volume::text, quote_volume::text,
+       trade_count, minutes, traded_minutes
+FROM gold.{}
+WHERE exchange = $1 AND symbol = $2 AND interval_start = $3::text::timestamptz
+"""
+
+Handler = Callable[[Announced], Awaitable[None] | None]
+
+
+class _Lost(Exception):
+    """The listening connection went away."""
+
+
+async def _complete(conn: asyncpg.Connection, row: Announced) -> Announced:
+    """A keys-only announcement with its values read from the table (as committed now)."""
+    if row.interval == "1m":
+        found = await conn.fetchrow(_FETCH_SILVER, row.exchange, row.symbol, row.start)
+    elif row.interval in _GOLD_TABLES:
+        sql = _FETCH_GOLD.format(_GOLD_TABLES[row.interval])
+        found = await conn.fetchrow(sql, row.exchange, row.symbol, row.start)
+    else:
+        return row
+    if found is None:
+        return row
+    return msgspec.structs.replace(row, fetch=False, **dict(found))
+
+
+async def listen(
+    dsn: str | Callable[[], str],
+    handle: Handler,
+    *,
+    on_state: Callable[[str], None] | None = None,
+) -> None:
+    """Call ``handle`` for every candle announced on :data:`CHANNEL`, until cancelled.
+
+    ``dsn`` may be a callable (looked up again on every reconnect). The first connection must
+    succeed (its error is raised); later losses are retried with a capped backoff, and
+    ``on_state`` hears ``"listening"`` / ``"lost: <why>"`` (candles committed while the
+    connection was down are not announced again: NOTIFY keeps nothing for absent listeners).
+    """
+    delay = RETRY_S
+    first = True
+    while True:
+        target = dsn() if callable(dsn) else dsn
+        try:
+            conn = await asyncpg.connect(
+                target, timeout=10, server_settings={"application_name": "klined-tail"}
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if first:
+                raise
+            if on_state is not None:
+                on_state(f"lost: {exc}")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        first = False
+        try:
+            await _listen_on(conn, handle, on_state)
+            delay = RETRY_S
+        except _Lost as exc:
+            if on_state is not None:
+                on_state(f"lost: {exc}")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await conn.close()
+            conn.terminate()
+
+
+async def _listen_on(
+    conn: asyncpg.Connection, handle: Handler, on_state: Callable[[str], None] | None
+) -> None:
+    send, receive = anyio.create_memory_object_stream[str | None](10_000)
+
+    def heard(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            send.send_nowait(payload)
+        except anyio.WouldBlock:
+            logger.warning(
+                "tail: falling behind; an announcement of {} bytes dropped", len(payload)
+            )
+
+    def gone(_conn: Any) -> None:
+        with contextlib.suppress(anyio.WouldBlock):  # a full queue: the keepalive notices
+            send.send_nowait(None)
+
+    conn.add_termination_listener(gone)
+    await conn.add_listener(CHANNEL, heard)
+    if on_state is not None:
+        on_state("listening")
+    async with receive:
+        while True:
+            with anyio.move_on_after(KEEPALIVE_S) as quiet:
+                payload = await receive.receive()
+            if quiet.cancelled_caught:
+                try:
+                    with anyio.fail_after(10):
+                        await conn.execute("SELECT 1")
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                ) as exc:
+                    raise _Lost(str(exc) or type(exc).__name__) from None
+                continue
+            if payload is None:
+                raise _Lost("the server closed the connection")
+            try:
+                rows = decode_payload(payload)
+            except ValueError as exc:
+                logger.warning("tail: ignoring a foreign notification on {}: {}", CHANNEL, exc)
+                continue
+            for row in rows:
+                if row.fetch:
+                    try:
+                        row = await _complete(conn, row)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        raise _Lost(str(exc)) from None
+                result = handle(row)
+                if inspect.isawaitable(result):
+                    await result
