@@ -401,6 +401,43 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- live warehouse (issue 16)
+
+-- The hour in progress, so far: for every configured pair, how many of the minutes that have
+-- closed already have a final answer in silver (with the live path on, finals land within
+-- seconds; without it, only after the hourly chain). A minute counts as elapsed once it
+-- closed 10 seconds ago (its final needs a moment to arrive and be committed), so the view
+-- moves to a new hour 10 s after the hour turns. Closed hours keep their own semantics in
+-- monitoring.hourly_completeness; completion_rate is NULL before the first minute elapsed.
+CREATE OR REPLACE VIEW monitoring.current_hour_completeness AS
+WITH t AS (
+    SELECT date_bin('1 hour', now() - interval '10 seconds', timestamptz 'epoch') AS hour_start,
+           date_bin('1 minute', now() - interval '10 seconds', timestamptz 'epoch') AS as_of
+),
+c AS (
+    SELECT p.exchange, p.symbol, t.hour_start, t.as_of,
+           (extract(epoch FROM t.as_of - t.hour_start) / 60)::integer AS minutes_elapsed,
+           count(s.interval_start) FILTER (WHERE s.source = 'ws_final')::integer AS ws_final,
+           count(s.interval_start) FILTER (WHERE s.source = 'rest')::integer AS rest,
+           count(s.interval_start) FILTER (WHERE s.source = 'trades')::integer AS trades,
+           count(s.interval_start) FILTER (WHERE s.source = 'no_trades')::integer AS no_trades,
+           count(s.interval_start) FILTER (WHERE s.source = 'ws_partial')::integer AS ws_partial
+    FROM ops.pairs p
+    CROSS JOIN t
+    LEFT JOIN silver.fact_ohlcv s
+           ON s.exchange = p.exchange AND s.symbol = p.symbol
+          AND s.interval_start >= t.hour_start AND s.interval_start < t.as_of
+    WHERE p.active AND p.listed IS DISTINCT FROM false
+    GROUP BY p.exchange, p.symbol, t.hour_start, t.as_of
+)
+SELECT exchange, symbol, hour_start, as_of, minutes_elapsed,
+       ws_final, rest, trades, no_trades, ws_partial,
+       minutes_elapsed - (ws_final + rest + trades + no_trades + ws_partial) AS missing,
+       round((ws_final + rest + trades + no_trades)::numeric / nullif(minutes_elapsed, 0), 4)
+           AS completion_rate
+FROM c;
+
+-- ---------------------------------------------------------------------------------------------
 
 INSERT INTO ops.schema_version (version, description)
 VALUES (1, 'bronze, silver, gold, ops, monitoring; hourly partitions')
