@@ -23,7 +23,7 @@ from textual.worker import Worker
 
 from klined.config import Config
 from klined.errors import DatabaseError, StatusError
-from klined.status import StatusSnapshot
+from klined.status import LiveStatus, StatusSnapshot
 from klined.tui.present import fmt_hms, fmt_when
 from klined.tui.sources import (
     ChainRunner,
@@ -39,12 +39,24 @@ from klined.tui.views.jobs import JobsView, last_closed_hour, manual_finished, m
 from klined.tui.views.streams import StreamsView
 from klined.tui.widgets.banner import ProblemBanner
 from klined.tui.widgets.confirm import ConfirmScreen
+from klined.tui.widgets.so_far import SoFarLine
 
 VIEWS = ("streams", "completeness", "jobs")
 
 
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
+
+
+def live_mark(live: LiveStatus | None) -> str:
+    """`` · live p99 1.3s`` for the header: the live path's lag, or why there is none."""
+    if live is None or not live.enabled:
+        return ""
+    if live.state == "failing":
+        return " · live DOWN"
+    if live.lag_p99_s is None:
+        return " · live -"
+    return f" · live p99 {live.lag_p99_s:.1f}s"
 
 
 class KlinedApp(App[None]):
@@ -82,6 +94,7 @@ class KlinedApp(App[None]):
         self.hours = hours
         self.daemon_ok: bool | None = None
         self.db_ok: bool | None = None
+        self.live: LiveStatus | None = None
         self._status_worker: Worker[None] | None = None
         self._db_worker: Worker[None] | None = None
         self._chain_worker: Worker[None] | None = None
@@ -151,7 +164,8 @@ class KlinedApp(App[None]):
             return "…" if ok is None else "ok" if ok else "DOWN"
 
         self.sub_title = (
-            f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)} · {fmt_hms(self.clock())} UTC"
+            f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)}{live_mark(self.live)}"
+            f" · {fmt_hms(self.clock())} UTC"
         )
 
     # -- polling --------------------------------------------------------------------------------
@@ -184,6 +198,7 @@ class KlinedApp(App[None]):
             logger.opt(exception=exc).warning("reading the daemon status failed")
             problem = f"cannot read the daemon's status: {exc}"
         now = self.clock()
+        self.live = snapshot.live if snapshot is not None else None
         if snapshot is None:
             self.daemon_ok = False
             self.banner.set_problem("daemon", problem)
@@ -212,6 +227,12 @@ class KlinedApp(App[None]):
             self.completeness.show_failed(now)
         else:
             self.completeness.show(rows, now)
+        so_far = self.completeness.query_one(SoFarLine)
+        try:
+            so_far.show(await self.warehouse.hour_so_far())
+        except Exception as exc:
+            logger.opt(exception=exc).debug("reading the hour in progress failed")
+            so_far.show_failed()
         try:
             runs = await self.warehouse.job_runs()
         except DatabaseError as exc:

@@ -19,12 +19,13 @@ from klined.status import (
     ChainStatus,
     ConnectionStatus,
     LakeStatus,
+    LiveStatus,
     PairStatus,
     StatusSnapshot,
     StreamState,
 )
 from klined.tui.present import STEPS
-from klined.tui.sources import ChainResult, HourCompleteness, JobRun
+from klined.tui.sources import ChainResult, HourCompleteness, HourSoFar, JobRun
 
 #: the frozen "now" of every demo picture: 13:47:12 UTC, so the last closed hour is 12:00
 DEMO_NOW_MS = parse_time("2026-11-26T13:47:12Z")
@@ -55,9 +56,15 @@ class FakeStatusSource:
 class FakeWarehouseSource:
     """Serves the given rows and runs, or raises ``error`` when it is set."""
 
-    def __init__(self, rows: Iterable[HourCompleteness] = (), runs: Iterable[JobRun] = ()) -> None:
+    def __init__(
+        self,
+        rows: Iterable[HourCompleteness] = (),
+        runs: Iterable[JobRun] = (),
+        so_far: Iterable[HourSoFar] = (),
+    ) -> None:
         self.rows = list(rows)
         self.runs = list(runs)
+        self.so_far = list(so_far)
         self.error: Exception | None = None
         self.ranges: list[tuple[int, int]] = []
 
@@ -73,6 +80,12 @@ class FakeWarehouseSource:
         if self.error is not None:
             raise self.error
         return sorted(self.runs, key=lambda r: r.run_id, reverse=True)[:limit]
+
+    async def hour_so_far(self) -> list[HourSoFar]:
+        await anyio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        return list(self.so_far)
 
     async def aclose(self) -> None:
         return None
@@ -197,7 +210,35 @@ def demo_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
             last_result="ok",
             next_run_ms=now_ms - now_ms % HOUR_MS + HOUR_MS + 5 * MINUTE_MS,
         ),
+        live=LiveStatus(
+            enabled=True,
+            state="ok",
+            finals=372_611,
+            written=372_540,
+            committed_batches=41_220,
+            lag_window_s=300.0,
+            lag_samples=4_870,
+            lag_p50_s=0.43,
+            lag_p99_s=1.27,
+            lag_max_s=1.88,
+            last_commit_ms=now_ms - 12_000,
+            gold_refreshed_ms=now_ms - 9_000,
+        ),
     )
+
+
+def demo_so_far(now_ms: int = DEMO_NOW_MS) -> list[HourSoFar]:
+    """The hour in progress: live finals for nearly every minute so far."""
+    hour = now_ms - now_ms % HOUR_MS
+    elapsed = (now_ms - 10_000 - hour) // MINUTE_MS
+    binance = len(DEFAULT_PAIRS) - 2
+    kraken = len(_KRAKEN_PAIRS)
+    return [
+        HourSoFar("binance", hour, elapsed, binance, final=binance * elapsed - 2, missing=2),
+        HourSoFar(
+            "kraken", hour, elapsed, kraken, final=kraken * elapsed - 31, ws_partial=3, missing=28
+        ),
+    ]
 
 
 def hour_row(exchange: str, symbol: str, hour_ms: int, **counts: int) -> HourCompleteness:

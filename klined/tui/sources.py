@@ -69,6 +69,28 @@ class HourCompleteness:
 
 
 @dataclass(frozen=True, slots=True)
+class HourSoFar:
+    """The hour in progress for one exchange (``monitoring.current_hour_completeness``, summed
+    over its pairs): minutes with a final answer out of the minutes elapsed so far."""
+
+    exchange: str
+    hour_ms: int
+    minutes_elapsed: int
+    pairs: int
+    final: int = 0
+    ws_partial: int = 0
+    missing: int = 0
+
+    @property
+    def expected(self) -> int:
+        return self.pairs * self.minutes_elapsed
+
+    @property
+    def rate(self) -> float | None:
+        return self.final / self.expected if self.expected else None
+
+
+@dataclass(frozen=True, slots=True)
 class JobRun:
     """One row of ``ops.job_runs``: a step of the hourly chain for one hour."""
 
@@ -117,6 +139,10 @@ class WarehouseSource(Protocol):
 
     async def job_runs(self, limit: int = 500) -> list[JobRun]:
         """The most recent runs, newest first."""
+        ...
+
+    async def hour_so_far(self) -> list[HourSoFar]:
+        """The hour in progress, per exchange."""
         ...
 
     async def aclose(self) -> None: ...
@@ -190,6 +216,14 @@ SELECT exchange, symbol, hour_start, expected, ws_final, rest, trades, no_trades
        ws_partial, missing
 FROM monitoring.hourly_completeness
 WHERE hour_start >= $1 AND hour_start < $2
+"""
+
+_SO_FAR_SQL = """
+SELECT exchange, min(hour_start) AS hour_start, max(minutes_elapsed) AS minutes_elapsed,
+       count(*) AS pairs, sum(ws_final + rest + trades + no_trades) AS final,
+       sum(ws_partial) AS ws_partial, sum(missing) AS missing
+FROM monitoring.current_hour_completeness
+GROUP BY exchange ORDER BY exchange
 """
 
 _JOB_RUNS_SQL = """
@@ -312,6 +346,21 @@ class PgWarehouseSource:
                 duration_ms=None if r["duration_ms"] is None else int(r["duration_ms"]),
                 error=r["error"] or "",
                 trigger=r["trigger"] or "",
+            )
+            for r in rows
+        ]
+
+    async def hour_so_far(self) -> list[HourSoFar]:
+        rows = await self._fetch(_SO_FAR_SQL)
+        return [
+            HourSoFar(
+                exchange=r["exchange"],
+                hour_ms=from_datetime(r["hour_start"]),
+                minutes_elapsed=int(r["minutes_elapsed"] or 0),
+                pairs=int(r["pairs"] or 0),
+                final=int(r["final"] or 0),
+                ws_partial=int(r["ws_partial"] or 0),
+                missing=int(r["missing"] or 0),
             )
             for r in rows
         ]

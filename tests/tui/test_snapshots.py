@@ -22,6 +22,7 @@ from klined.tui.fakes import (
     demo_completeness,
     demo_job_runs,
     demo_snapshot,
+    demo_so_far,
     many_pairs_completeness,
     unreachable_database,
 )
@@ -33,7 +34,9 @@ Snap = Callable[..., bool]
 def demo_app(**kwargs: Any) -> KlinedApp:
     return KlinedApp(
         kwargs.pop("status", FakeStatusSource(demo_snapshot())),
-        kwargs.pop("warehouse", FakeWarehouseSource(demo_completeness(), demo_job_runs())),
+        kwargs.pop(
+            "warehouse", FakeWarehouseSource(demo_completeness(), demo_job_runs(), demo_so_far())
+        ),
         FakeChainRunner(),
         refresh=3600,
         clock=lambda: DEMO_NOW_MS,

@@ -25,6 +25,7 @@ from klined.tui.fakes import (
 from klined.tui.sources import HourCompleteness, JobRun, PgWarehouseSource, embedded_dsn
 from klined.tui.widgets.banner import ProblemBanner
 from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.so_far import SoFarLine
 
 pytestmark = pytest.mark.anyio
 
@@ -327,3 +328,29 @@ async def test_five_hundred_pairs_stay_navigable(pg_dsn: str) -> None:
         await settle(app, pilot)
         assert grid.cursor_coordinate == before
         assert grid.row_count == 500
+
+
+async def test_the_hour_in_progress_and_the_live_lag_are_shown(warehouse: str) -> None:
+    conn = await asyncpg.connect(warehouse)
+    try:
+        await conn.execute(
+            "INSERT INTO ops.pairs (exchange, symbol, quote_asset, native_symbol)"
+            " VALUES ('binance', 'BTC/USD', 'USD', 'BTCUSD'),"
+            "        ('kraken', 'ETH/USD', 'USD', 'ETH/USD')"
+        )
+    finally:
+        await conn.close()
+    source = PgWarehouseSource(warehouse)
+    so_far = await source.hour_so_far()
+    assert [(r.exchange, r.pairs, r.final) for r in so_far] == [("binance", 1, 0), ("kraken", 1, 0)]
+    elapsed = so_far[0].minutes_elapsed
+    assert so_far[0].missing == elapsed and so_far[0].expected == elapsed
+    app = make_app(source)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        line = str(app.query_one(SoFarLine).render())
+        assert line.startswith("so far ") and "binance" in line and "kraken" in line
+        if elapsed:
+            assert f"binance 0.0% -{elapsed}m" in line
+        assert "live p99 1.3s" in app.sub_title  # the demo snapshot's live lag

@@ -32,6 +32,7 @@ from klined.tui.present import (
 from klined.tui.sources import HourCompleteness
 from klined.tui.widgets.bars import counts_text, heat_cell, legend, rate_text, stacked_bar
 from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.so_far import SoFarLine
 
 #: above this many pairs the automatic mode draws heat-map lines instead of bars
 BARS_MAX_PAIRS = 40
@@ -72,6 +73,7 @@ class CompletenessView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="exchange-rates")
+        yield SoFarLine(id="so-far")
         yield Static("", id="legend")
         yield LiveTable(
             id="grid",
