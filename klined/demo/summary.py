@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klined.demo.live import LiveLine
 from klined.model import HOUR_MS, iso, to_datetime
 from klined.status import StatusSnapshot
 from klined.warehouse.database import Database
@@ -66,6 +67,7 @@ class Summary:
     hours: list[int]
     streams: list[StreamLine] = field(default_factory=list)
     lake: LakeLine = field(default_factory=LakeLine)
+    live: LiveLine = field(default_factory=LiveLine)
     completeness: list[CompletenessLine] = field(default_factory=list)
     gold: dict[str, dict[str, int]] = field(default_factory=dict)  # exchange -> table -> rows
     problems: list[str] = field(default_factory=list)
@@ -118,6 +120,8 @@ class Summary:
                 out.append(f"              S3 listing failed: {lake.s3_error}")
         else:
             out.append("              local only (no --s3-endpoint/--bucket given)")
+        out.append("")
+        out.extend(self.live.render())
         out.append("")
         if self.hours:
             first, end = self.hours[0], self.hours[-1] + HOUR_MS

@@ -105,6 +105,11 @@ def test_headless_demo_streams_uploads_and_computes_completeness(
     local = {p.relative_to(workdir / "lake").as_posix() for p in workdir.rglob("part-*.jsonl")}
     assert set(keys) == local
 
+    # the live path wrote finals into silver as they closed, and says how the minutes arrived
+    live = section(out, "live path")
+    assert "silver write(s) as candles closed" in live and "0 batch(es) dropped" in live, out
+    assert "arrived live" in live or "no whole minute in this run" in live, live
+
     # completeness of the seeded hours: every pair-hour, counts adding up to expected
     comp = section(out, "completeness")
     assert f"({HOURS} h)" in comp
