@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from klined.cli import main
@@ -70,3 +71,40 @@ def test_cli_exits_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "exchanges.binance.rest_ulr" in err and "did you mean 'rest_url'?" in err
+
+
+def test_every_live_key_is_in_the_shipped_config_with_its_default() -> None:
+    import tomllib
+
+    from klined.config import LIVE_RANGES, LiveConfig
+
+    shipped = tomllib.loads((ROOT / "klined.toml").read_text())["live"]
+    defaults = msgspec.structs.asdict(LiveConfig())
+    assert shipped == defaults
+    assert set(LIVE_RANGES) == set(defaults) - {"enabled"}  # every number has a range
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("flush_interval_s", "0"),
+        ("flush_interval_s", "11"),
+        ("queue_batches", "0"),
+        ("queue_batches", "100001"),
+        ("batch_max_candles", "0"),
+        ("gold_interval_s", "61"),
+        ("gold_interval_s", "0.5"),
+        ("lag_window_s", "5"),
+        ("enabled", '"yes"'),
+    ],
+)
+def test_bad_live_values_name_the_key(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[live]\n{key} = {value}\n", "k.toml")
+    assert info.value.key == f"live.{key}"
+
+
+def test_live_typo_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("[live]\nflush_interval = 1.0\n", "k.toml")
+    assert info.value.key == "live.flush_interval" and "flush_interval_s" in info.value.hint
