@@ -16,6 +16,11 @@ same span is reported too (it serves the ``on`` daemon's writes; ``off`` only co
 ``on`` daemon's lag (exchange event time of a final to its commit) is its own p50/p99/max over
 exactly the measured window (``[live] lag_window_s``), read from its status socket with its
 dropped batches; peak RSS is each daemon's ``VmHWM``. Goal: p99 under 2 s, nothing dropped.
+``receive_delay`` (a final's ``ingestion_ts - event_ts`` in the lake) is how late the feed
+itself delivered the finals (the simulator sending ~4N finals at once on a shared machine):
+part of the lag that no writer can save. ``finals_in_lake`` (distinct finals of the minutes
+that closed inside the window) is what silver must hold: Kraken sends nothing for a minute
+without trades, so it is below 2N a minute.
 The VM's load average is printed with the figures (the machine is shared). Prints ONE JSON line.
 
     .venv/bin/python bench/live.py [--pairs 1000] [--minutes 5]
@@ -179,6 +184,21 @@ class ServerCpu:
         return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 
+def lake_finals(root: Path, start_ms: int, end_ms: int) -> tuple[int, list[int]]:
+    """Distinct finals the lake holds for minutes in ``[start, end)`` and, for each final
+    event, its receive delay (``ingestion_ts - event_ts``: the feed's own delivery)."""
+    from klined.lake import iter_local_parts, read_part_file
+
+    keys: set[tuple[str, str, int]] = set()
+    delays: list[int] = []
+    for part in iter_local_parts(root, closed_only=False):
+        for r in read_part_file(part.path).records:
+            if r.is_final and start_ms <= r.interval_start < end_ms:
+                keys.add((r.exchange, r.symbol, r.interval_start))
+                delays.append(max(0, r.ingestion_ts - r.event_ts))
+    return len(keys), sorted(delays)
+
+
 async def silver_rows(dsn: str, start_ms: int, end_ms: int) -> dict[str, int]:
     import asyncpg
 
@@ -195,6 +215,12 @@ async def silver_rows(dsn: str, start_ms: int, end_ms: int) -> dict[str, int]:
     finally:
         await conn.close()
     return {r["source"]: int(r["n"]) for r in rows}
+
+
+def percentile(ordered: list[int], q: float) -> float | None:
+    from klined.live.lag import percentile as nearest_rank
+
+    return nearest_rank(ordered, q) / 1000 if ordered else None
 
 
 def main() -> None:
@@ -249,7 +275,9 @@ def main() -> None:
         rss = {name: peak_rss(p.pid) for name, p in daemons.items()}
         t0_ms = int(t0 * 1000)
         first = t0_ms - t0_ms % MINUTE_MS + MINUTE_MS  # minutes that closed inside the window
-        sources = anyio.run(silver_rows, dsns["on"], first, first + (minutes - 1) * MINUTE_MS)
+        last = first + (minutes - 1) * MINUTE_MS
+        sources = anyio.run(silver_rows, dsns["on"], first, last)
+        in_lake, delays = lake_finals(workdir / "on" / "lake", first, last)
         per_min = {name: (cpu1[name] - cpu0[name]) / minutes for name in daemons}
         result = {
             "bench": "live",
@@ -269,8 +297,10 @@ def main() -> None:
             "postgres_cpu_s_per_min": round(ServerCpu.delta(pg0, pg1) / minutes, 2),
             "peak_rss_bytes_live_on": rss["on"],
             "peak_rss_bytes_live_off": rss["off"],
+            "receive_delay_p50_s": percentile(delays, 0.5),
+            "receive_delay_p99_s": percentile(delays, 0.99),
             "silver_rows_by_source": sources,
-            "silver_rows_expected": 2 * n * (minutes - 1),
+            "finals_in_lake": in_lake,
             "load_avg_1m": [round(load0[0], 2), round(load1[0], 2)],
         }
         print(json.dumps(result), flush=True)

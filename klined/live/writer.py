@@ -4,9 +4,10 @@
 
     streams --sink--> lake writer .append          (every event; the system of record)
                   \\--> LiveWriter.offer            (finals only; hot path: a list append)
-    batcher   cuts the pending finals into a batch once they were quiet for QUIET_S or the
-              oldest waited live.flush_interval_s -> a bounded queue (full: the oldest batch
-              is dropped, counted, logged at most once a minute)
+    batcher   cuts the pending finals into a batch QUIET_S after the first one if the
+              committer is idle, else once they were quiet for QUIET_S or the oldest waited
+              live.flush_interval_s -> a bounded queue (full: the oldest batch is dropped,
+              counted, logged at most once a minute)
     committer waits until the lake has made the batch durable, then writes it into silver
               with the hourly merge's own statement (klined.jobs.silver.upsert_candles: the
               same precedence predicate, gold marks and announcements in the same
@@ -114,6 +115,7 @@ class LiveWriter:
         self._arrived = anyio.Event()
         self._queued = anyio.Event()
         self._gold_due = False
+        self._idle = False  # the committer waits for work (a batch cut now is written now)
         self._failing = False
         self._unlogged = Dropped()
         self._dropped_logged_at = -LOG_EVERY_S
@@ -162,8 +164,10 @@ class LiveWriter:
     async def run_batcher(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Cut batches until cancelled: a burst once it is quiet, never later than
-        ``flush_interval_s`` after its first final, at most ``batch_max_candles`` each."""
+        """Cut batches until cancelled, :data:`QUIET_S` after the first final at the earliest:
+        at once when the committer is idle (its commit overlaps the rest of the burst, which
+        forms the next batch), else once the burst is quiet, and never later than
+        ``flush_interval_s`` after its first final or beyond ``batch_max_candles``."""
         task_status.started()
         limit = self.cfg.flush_interval_s
         while True:
@@ -175,7 +179,8 @@ class LiveWriter:
                 if left > 0 and seen < self.cfg.batch_max_candles:
                     await anyio.sleep(min(QUIET_S, left))
                 if (
-                    len(self._pending) == seen
+                    self._idle
+                    or len(self._pending) == seen
                     or time.monotonic() - self._first_at >= limit
                     or len(self._pending) >= self.cfg.batch_max_candles
                 ):
@@ -210,7 +215,11 @@ class LiveWriter:
         while True:
             while not len(self.queue):
                 self._queued = anyio.Event()
-                await self._queued.wait()
+                self._idle = True
+                try:
+                    await self._queued.wait()
+                finally:
+                    self._idle = False
             batches = self.queue.take(self.cfg.batch_max_candles)
             try:
                 await self._commit(db, batches)

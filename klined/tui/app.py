@@ -49,14 +49,15 @@ def wall_clock_ms() -> int:
 
 
 def live_mark(live: LiveStatus | None) -> str:
-    """`` · live p99 1.3s`` for the header: the live path's lag, or why there is none."""
+    """`` · live p50 0.4s p99 1.3s`` for the header: the live path's lag (final's event time
+    to commit), or why there is none."""
     if live is None or not live.enabled:
         return ""
     if live.state == "failing":
         return " · live DOWN"
-    if live.lag_p99_s is None:
+    if live.lag_p50_s is None or live.lag_p99_s is None:
         return " · live -"
-    return f" · live p99 {live.lag_p99_s:.1f}s"
+    return f" · live p50 {live.lag_p50_s:.1f}s p99 {live.lag_p99_s:.1f}s"
 
 
 class KlinedApp(App[None]):
