@@ -124,3 +124,18 @@ def test_an_invalid_final_is_refused_and_counted() -> None:
     b = live.cut()
     assert b is not None and len(b) == 1
     assert live.status.rejected == 1 and live.status.finals == 2
+
+
+@pytest.mark.anyio
+async def test_an_idle_committer_gets_a_batch_without_waiting_for_the_burst_to_end() -> None:
+    live = LiveWriter(LiveConfig(flush_interval_s=5.0))
+    live._idle = True  # what the committer sets while it waits for work
+    async with anyio.create_task_group() as tg:
+        await tg.start(live.run_batcher)
+        for i in range(40):  # a burst that never goes quiet for 50 ms
+            live.offer(candle(H0 + i * MINUTE_MS))
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.2)
+        tg.cancel_scope.cancel()
+    sizes = [len(b) for b in live.queue._items]
+    assert sum(sizes) == 40 and len(sizes) >= 3  # cut every QUIET_S, not after 5 s
