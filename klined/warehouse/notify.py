@@ -45,38 +45,54 @@ ROW_MAX_BYTES = 1000
 _START = "to_char(r.interval_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
+def _text(expr: str) -> str:
+    """A nullable numeric as a JSON string (``numeric::text`` is digits, ``-`` and ``.``)."""
+    return f"""coalesce('"' || {expr} || '"', 'null')"""
+
+
 def notify_sql(rows: str, interval: str, *, gold: bool = False) -> str:
     """A ``SELECT`` that announces every row of the CTE ``rows`` (one ``pg_notify`` per chunk).
 
     ``rows`` must have exchange, symbol, interval_start, open, high, low, close, volume,
     quote_volume, trade_count and, for silver, vwap and source; for gold, minutes and
-    traded_minutes. ``interval`` is the label (``1m``, ``5m``...), a fixed string.
+    traded_minutes. ``interval`` is the label (``1m``, ``5m``...), a fixed string. The JSON is
+    concatenated (names through ``to_json`` for escaping): ``json_build_object`` cost the
+    hourly merge twice as much.
     """
     if interval not in ("1m", "5m", "15m", "30m", "1h"):
         raise ValueError(f"unknown interval label {interval!r}")
-    keys = (
-        f"'interval', '{interval}', 'exchange', r.exchange, 'symbol', r.symbol, 'start', {_START}"
-    )
+
+    def keys(alias: str) -> str:
+        return (
+            f"""'{{"interval":"{interval}","exchange":', to_json({alias}.exchange)::text,"""
+            f""" ',"symbol":', to_json({alias}.symbol)::text, ',"start":"', """
+            f"""{_START.replace("r.", alias + ".")}, '"'"""
+        )
+
     values = (
-        "'open', r.open::text, 'high', r.high::text, 'low', r.low::text,"
-        " 'close', r.close::text, 'volume', r.volume::text,"
-        " 'quote_volume', r.quote_volume::text, 'trade_count', r.trade_count"
+        """',"open":"', r.open, '","high":"', r.high, '","low":"', r.low,"""
+        """ '","close":"', r.close, '","volume":"', r.volume, '","quote_volume":', """
+        f"""{_text("r.quote_volume")}, ',"trade_count":', coalesce(r.trade_count::text, 'null')"""
     )
     if gold:
-        values += ", 'source', 'derived', 'minutes', r.minutes, 'traded_minutes', r.traded_minutes"
+        values += (
+            """, ',"source":"derived","minutes":', r.minutes,"""
+            """ ',"traded_minutes":', r.traded_minutes"""
+        )
     else:
-        values += ", 'vwap', r.vwap::text, 'source', r.source"
+        values += f""", ',"vwap":', {_text("r.vwap")}, ',"source":', to_json(r.source)::text"""
     return f"""
 SELECT pg_notify('{CHANNEL}', '[' || string_agg(j, ',' ORDER BY n) || ']')
 FROM (
     SELECT j, n, (sum(octet_length(j) + 1) OVER (ORDER BY n) - 1) / {CHUNK_BYTES} AS chunk
     FROM (
-        SELECT CASE WHEN octet_length(whole) <= {ROW_MAX_BYTES} THEN whole ELSE bare END AS j,
-               row_number() OVER (ORDER BY exchange, symbol, interval_start) AS n
+        SELECT CASE WHEN octet_length(whole) <= {ROW_MAX_BYTES} THEN whole
+                    ELSE concat({keys("a")}, ',"fetch":true}}') END AS j,
+               n
         FROM (
             SELECT r.exchange, r.symbol, r.interval_start,
-                   json_build_object({keys}, {values})::text AS whole,
-                   json_build_object({keys}, 'fetch', true)::text AS bare
+                   concat({keys("r")}, {values}, '}}') AS whole,
+                   row_number() OVER (ORDER BY r.exchange, r.symbol, r.interval_start) AS n
             FROM {rows} r
         ) a
     ) b
