@@ -158,7 +158,8 @@ def _seconds(value: float | None) -> str:
 
 
 def live_line(live: LiveStatus, now: int) -> str:
-    """``LIVE: ok · lag p50 0.41s p99 0.93s max 1.20s (last 5m00s, 4,012 finals) · ...``."""
+    """``LIVE: ok · lag p50 0.41s p99 0.93s max 1.20s (last 5m00s, 4,012 finals)`` and a second
+    line: written, queued, dropped, rejected, gold's last refresh."""
     if not live.enabled:
         return "LIVE: off (needs [live] enabled and the chain's database)"
     line = f"LIVE: {live.state}"
@@ -171,7 +172,7 @@ def live_line(live: LiveStatus, now: int) -> str:
     else:
         line += " · no final committed lately"
     line += (
-        f" · written {live.written:,} · queued {live.queued_batches}"
+        f"\n  written {live.written:,} · queued {live.queued_batches}"
         f" · dropped {live.dropped_batches} batch(es) ({live.dropped_finals:,} finals)"
     )
     if live.rejected:

@@ -42,6 +42,8 @@ from klined.tui.widgets.confirm import ConfirmScreen
 from klined.tui.widgets.so_far import SoFarLine
 
 VIEWS = ("streams", "completeness", "jobs")
+#: columns of the header that its icon and the matching right margin take
+HEADER_MARGIN = 16
 
 
 def wall_clock_ms() -> int:
@@ -49,7 +51,7 @@ def wall_clock_ms() -> int:
 
 
 def live_mark(live: LiveStatus | None) -> str:
-    """`` · live p50 0.4s p99 1.3s`` for the header: the live path's lag (final's event time
+    """`` · live p50/p99 0.4/1.3s`` for the header: the live path's lag (final's event time
     to commit), or why there is none."""
     if live is None or not live.enabled:
         return ""
@@ -57,7 +59,7 @@ def live_mark(live: LiveStatus | None) -> str:
         return " · live DOWN"
     if live.lag_p50_s is None or live.lag_p99_s is None:
         return " · live -"
-    return f" · live p50 {live.lag_p50_s:.1f}s p99 {live.lag_p99_s:.1f}s"
+    return f" · live p50/p99 {live.lag_p50_s:.1f}/{live.lag_p99_s:.1f}s"
 
 
 class KlinedApp(App[None]):
@@ -164,10 +166,12 @@ class KlinedApp(App[None]):
         def mark(ok: bool | None) -> str:
             return "…" if ok is None else "ok" if ok else "DOWN"
 
-        self.sub_title = (
-            f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)}{live_mark(self.live)}"
-            f" · {fmt_hms(self.clock())} UTC"
-        )
+        text = f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)}{live_mark(self.live)}"
+        clock = f" · {fmt_hms(self.clock())}Z"
+        # the header centres "title — subtitle" between its icon and an equal margin: the clock
+        # gives way when it would be cut (a long title at 80 columns)
+        room = (self.size.width or 80) - HEADER_MARGIN - len(self.title) - len(" — ")
+        self.sub_title = text + clock if len(text) + len(clock) <= room else text
 
     # -- polling --------------------------------------------------------------------------------
 

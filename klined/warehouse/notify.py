@@ -234,9 +234,14 @@ async def _listen_on(
             logger.warning(
                 "tail: falling behind; an announcement of {} bytes dropped", len(payload)
             )
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the listener is stopping
 
     def gone(_conn: Any) -> None:
-        with contextlib.suppress(anyio.WouldBlock):  # a full queue: the keepalive notices
+        # a full queue: the keepalive notices; a closed one: the listener is stopping
+        with contextlib.suppress(
+            anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
             send.send_nowait(None)
 
     conn.add_termination_listener(gone)

@@ -437,7 +437,7 @@ def test_render_status_reports_the_live_path() -> None:
     )  # fmt: skip
     text = render_status(snap)
     assert (
-        "LIVE: failing · lag p50 0.41s p99 0.93s max 12s (last 5m00s, 3,990 finals)"
-        " · written 3,990 · queued 1 · dropped 2 batch(es) (70 finals) · gold 20s ago"
+        "LIVE: failing · lag p50 0.41s p99 0.93s max 12s (last 5m00s, 3,990 finals)\n"
+        "  written 3,990 · queued 1 · dropped 2 batch(es) (70 finals) · gold 20s ago"
     ) in text
     assert "last live error: writing silver: ConnectionRefusedError: no" in text

@@ -353,4 +353,4 @@ async def test_the_hour_in_progress_and_the_live_lag_are_shown(warehouse: str) -
         assert line.startswith("so far ") and "binance" in line and "kraken" in line
         if elapsed:
             assert f"binance 0.0% -{elapsed}m" in line
-        assert "live p50 0.4s p99 1.3s" in app.sub_title  # the demo snapshot's live lag
+        assert "live p50/p99 0.4/1.3s" in app.sub_title  # the demo snapshot's live lag
