@@ -12,10 +12,11 @@ process:
 * ``bare``: a bare ``websockets`` receive loop (connect, the same subscribe messages, count
   frames): the floor any client pays for this feed.
 
-Each worker reports its wall time to drain the feed, its own CPU time (``getrusage``; the
-server's process excluded) and its peak RSS. ``ratio = bare_seconds / klined_seconds`` (1.0:
-capture costs no more than receiving); the bare loop runs before and after klined and the faster
-of the two counts. Prints ONE JSON line.
+Each worker reports its wall time to drain the feed (sealing, so compressing, every part
+included), its own CPU time (``getrusage``; the server's process excluded) and its peak RSS;
+``lake_bytes_per_event`` is what the sealed (gzip) lake stores per event.
+``ratio = bare_seconds / klined_seconds`` (1.0: capture costs no more than receiving); the
+bare loop runs before and after klined and the faster of the two counts. Prints ONE JSON line.
 
 The ``klined`` run starts from an empty lake, so it also creates the lake's whole folder tree
 (``exchange=/symbol=/interval_minutes=/year=/month=/day=/hour=`` for every pair), a one-off
@@ -339,6 +340,7 @@ def bench(n: int, minutes: int, workdir: Path) -> dict[str, Any]:
             "reconnects": klined["reconnects"],
             "malformed": klined["malformed"],
             "lake_bytes": klined["lake_bytes"],
+            "lake_bytes_per_event": round(klined["lake_bytes"] / events, 1),
         },
         "klined_warm_lake": _figures(warm, events),
         "klined_without_lake": _figures(nolake, events),
@@ -371,6 +373,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="klined-bench-") as tmp:
         runs = [bench(n, args.minutes or max(30, 30_000 // n), Path(tmp)) for n in counts]
     goals = {
+        "lake_bytes_per_event_at_most_100": all(
+            r["klined"]["lake_bytes_per_event"] <= 100 for r in runs
+        ),
         "ratio_at_least_0_5": all(r["ratio"] >= 0.5 for r in runs),
         "ratio_warm_lake_at_least_0_5": all(r["ratio_warm_lake"] >= 0.5 for r in runs),
         "rss_under_200mb_at_1000": all(

@@ -69,6 +69,7 @@ class LakeConfig(_Section):
     hour_grace_s: float = 120.0
     retention_hours: float = 72.0
     upload_interval_s: float = 30.0
+    compress_level: int = 1  # gzip level of sealed parts: 1 fastest .. 9 smallest
 
 
 class S3Config(_Section):
@@ -256,6 +257,12 @@ def _validate(cfg: Config, path: str) -> None:
         raise bad(
             "lake.hour_grace_s" if cfg.lake.hour_grace_s < 0 else "lake.retention_hours",
             "must not be negative",
+        )
+    if not 1 <= cfg.lake.compress_level <= 9:
+        raise bad(
+            "lake.compress_level",
+            f"must be a gzip level from 1 to 9, got {cfg.lake.compress_level}",
+            "1 is fastest (the default), 9 smallest",
         )
     if cfg.chain.catchup_hours < 0 or cfg.chain.rest_retry_hours < 0:
         raise bad("chain.catchup_hours", "must not be negative")

@@ -7,9 +7,10 @@ or cancellation rolls the whole batch back, claims included, so a re-run loads i
 
 Speed: asyncpg's binary COPY encodes ``numeric`` from Python at ~60k rows/s on this class of
 machine, far below what the server ingests, so rows go in as CSV. Lines are decoded with
-msgspec (:func:`klined.lake.read_part`), timestamps rendered from a per-second cache, and each
-part re-encoded as JSON arrays in C; when that is byte-for-byte valid CSV (no backslash escape,
-the row separator unambiguous) it is streamed as is, otherwise rows are quoted by hand. Encoding
+msgspec (:func:`klined.lake.read_part`, which unzips sealed gzip parts first), timestamps
+rendered from a per-second cache, and each part re-encoded as JSON arrays in C; when that is
+byte-for-byte valid CSV (no backslash escape, the row separator unambiguous) it is streamed as
+is, otherwise rows are quoted by hand. Encoding
 the next part overlaps with the server parsing the previous one (on the other core), so COPY
 messages stay well under the socket buffer. Parts on the local disk (a :class:`LakeStore`
 ref's ``local_path``) are read in place: a few tens of KB from the page cache take microseconds,
@@ -39,7 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from loguru import logger
 
 from klined.jobs.ops import StepResult, mark_dirty_hours
-from klined.lake import LakeStore, read_part
+from klined.lake import LakeStore, plain_bytes, read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
 from klined.warehouse.database import BRONZE_TABLE, PARTITIONED_TABLES, Database
 
@@ -158,8 +159,11 @@ def validate_record(rec: CandleRecord | Candle) -> str | None:
 
 def _careful_decode(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
     records: list[CandleRecord] = []
-    bad = 0
-    numbers: list[int] = []
+    data, complete = plain_bytes(data)
+    if not complete:
+        data = data[: data.rfind(b"\n") + 1]  # a line cut by the damage is part of it
+    bad = 0 if complete else 1  # the damaged rest of a gzip part
+    numbers: list[int] = [] if complete else [data.count(b"\n") + 1]
     for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue

@@ -26,7 +26,7 @@ from loguru import logger
 
 from klined.config import LakeConfig, S3Config
 from klined.errors import LakeError
-from klined.lake.layout import UPLOADED_SUFFIX, parse_key
+from klined.lake.layout import GZ_SUFFIX, UPLOADED_SUFFIX, parse_key
 from klined.lake.reader import iter_local_parts
 from klined.lake.s3 import LakeStore, backoff_delay, describe, is_not_found, plain_md5
 from klined.lake.writer import wall_ms
@@ -247,7 +247,11 @@ class LakeUploader(LakeStore):
                     ContentMD5=md5_b64,
                     ChecksumSHA256=sha_b64,
                     ChecksumAlgorithm="SHA256",
-                    ContentType="application/x-ndjson",
+                    # the object is the part as stored: no Content-Encoding, so no client
+                    # unzips it on the way and every checksum is of these very bytes
+                    ContentType="application/gzip"
+                    if key.endswith(GZ_SUFFIX)
+                    else "application/x-ndjson",
                 )
             head = await self._head(s3, object_key)
             if head is None or not _same_object(head, len(data), md5_hex, sha_b64):

@@ -5,11 +5,13 @@ in its open part (one per exchange / pair / hour): no syscall, no await. Lines a
 of ``bytes`` and joined once per flush: ``Encoder.encode`` into a new ``bytes`` costs about two
 thirds of ``encode_into`` a growing ``bytearray`` (which resizes the buffer on every call).
 ``run`` flushes the lines at least every ``flush_interval_s`` (write every part, then make them
-durable), so a crash loses at most the last interval, and seals parts (atomic rename of
-``<key>.open`` to ``<key>`` once their data is durable, then the rename made durable) when they
-reach their size or age bound or when their hour is over plus the grace period. Sealed parts are
-immutable; a late event for a sealed hour opens a new part in the same folder. ``aclose`` seals
-everything that is open, so nothing buffered is lost on shutdown.
+durable), so a crash loses at most the last interval, and closes parts when they reach their
+size or age bound or when their hour is over plus the grace period. A closed part, its data
+durable, is sealed beside the flushes: compressed into ``<key>.gz`` in worker threads (never on
+the event loop, see :mod:`klined.lake.compress`), then announced. Sealed parts are immutable; a
+late event for a sealed hour opens a new part in the same folder. ``aclose`` writes and seals
+everything that is open, so nothing buffered is lost on shutdown (a part whose compression did
+not fit in the time allowed stays ``.open``, durable, and the next start seals it).
 
 Durability, cheaply. A flush of a few parts syncs each one (``fdatasync``, and ``fsync`` of a
 new part's folder). A flush of many parts (2,000 at 1,000 pairs on two exchanges) instead
@@ -24,7 +26,7 @@ parts one by one, which reports per file as before. Parts found on another files
 the root (a mount inside the lake) are always synced one by one, and where ``syncfs`` does not
 exist (not Linux) every flush syncs per file. So "a crash loses at most the last flush
 interval" holds either way: a flush returns, and the data counts as written, only after its
-bytes are durable, and a part is only renamed to its sealed name once its content is durable.
+bytes are durable, and a part's ``.gz`` only takes its sealed name once it is durable.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -46,7 +49,9 @@ from loguru import logger
 
 from klined.config import LakeConfig
 from klined.errors import LakeError
-from klined.lake.layout import OPEN_SUFFIX, PART_SUFFIX, check_names, part_key
+from klined.lake import compress
+from klined.lake.compress import fsync_dir as _fsync_dir
+from klined.lake.layout import GZ_SUFFIX, OPEN_SUFFIX, PART_SUFFIX, check_names, part_key
 from klined.model import HOUR_MS, Candle
 from klined.status import LakeStatus
 
@@ -57,7 +62,10 @@ IO_THREADS = 8
 JOBS_PER_THREAD = 32
 #: a flush of more parts than this makes them durable with one ``syncfs`` where available
 SYNC_EACH_MAX = 16
+#: parts sealed (compressed) per shielded batch: shutdown waits for one batch at most
+SEAL_BATCH = 256
 LOCK_NAME = ".writer.lock"
+DEFAULT_LEVEL = LakeConfig().compress_level
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 _O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -65,20 +73,6 @@ _O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new or renamed directory entry durable (best effort: not every OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -154,41 +148,51 @@ def lock_root(root: Path) -> int:
 
 
 def seal_open_parts(
-    root: str | os.PathLike[str], *, keep_writer_id: str | None = None
+    root: str | os.PathLike[str],
+    *,
+    keep_writer_id: str | None = None,
+    level: int = DEFAULT_LEVEL,
 ) -> list[tuple[str, int]]:
-    """Seal ``.open`` parts left by a crashed writer; return their ``(key, size)``.
+    """Seal ``.open`` parts left by a crashed writer; return their sealed ``(key, size)``.
 
-    Their content is kept as is (a torn last line is the readers' to skip); empty ones are
-    removed. Parts whose key carries ``keep_writer_id`` belong to a live writer and are left.
+    Their content is kept as is (a torn last line is the readers' to skip) and compressed;
+    empty ones are removed, and so is a ``.open`` whose ``.gz`` exists (the crash came after
+    its seal) and a half-built ``.gz.tmp``. Parts whose key carries ``keep_writer_id`` belong
+    to a live writer and are left.
     """
     root_path = Path(root)
     sealed: list[tuple[str, int]] = []
     suffix = PART_SUFFIX + OPEN_SUFFIX
+    tmp_suffix = PART_SUFFIX + GZ_SUFFIX + compress.TMP_SUFFIX
     for dirpath, _dirs, files in os.walk(root_path):
         for name in files:
-            if not (name.startswith("part-") and name.endswith(suffix)):
+            if not name.startswith("part-"):
                 continue
             if keep_writer_id and f"-{keep_writer_id}-" in name:
                 continue
             path = Path(dirpath) / name
-            final = path.with_name(name[: -len(OPEN_SUFFIX)])
+            if name.endswith(tmp_suffix):
+                path.unlink(missing_ok=True)
+                continue
+            if not name.endswith(suffix):
+                continue
+            final = compress.sealed_path(path)
             try:
                 size = path.stat().st_size
-                if size == 0:
+                if size == 0 or final.exists():
                     path.unlink()
                     continue
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(path, final)
-                _fsync_dir(final.parent)
+                gz_size = compress.seal_compressed(path, level)
             except FileNotFoundError:
                 continue
             key = final.relative_to(root_path).as_posix()
-            logger.warning("lake: sealed {} left open by an earlier run ({} bytes)", key, size)
-            sealed.append((key, size))
+            logger.warning(
+                "lake: sealed {} left open by an earlier run ({} bytes, {} compressed)",
+                key,
+                size,
+                gz_size,
+            )
+            sealed.append((key, gz_size))
     return sealed
 
 
@@ -206,6 +210,8 @@ class _Part:
         "path",
         "pending_bytes",
         "pending_events",
+        "seal_error",
+        "sealed_size",
         "written",
     )
 
@@ -221,6 +227,8 @@ class _Part:
         self.written = 0
         self.created = False
         self.dev: int | None = None  # the filesystem it lives on, once created
+        self.sealed_size = 0  # of its .gz, once sealed
+        self.seal_error: OSError | None = None
 
 
 class _Job:
@@ -239,7 +247,7 @@ class _Job:
 
 def _write_jobs(jobs: list[_Job], *, sync: bool = True) -> None:
     """Append each job's bytes; with ``sync``, also fdatasync each part (and fsync a new
-    part's folder) and seal the closing ones. Errors are recorded per job."""
+    part's folder). Errors are recorded per job."""
     for job in jobs:
         part = job.part
         try:
@@ -261,8 +269,6 @@ def _write_jobs(jobs: list[_Job], *, sync: bool = True) -> None:
                     part.created = True
                     if sync:
                         _fsync_dir(part.path.parent)
-            if job.close and sync:
-                _seal(part.path)
         except OSError as exc:
             job.error = exc
 
@@ -271,29 +277,13 @@ def _create_parts(jobs: list[_Job]) -> None:
     _write_jobs(jobs, sync=False)
 
 
-def _seal(path: Path) -> None:
-    os.replace(path, path.with_name(path.name[: -len(OPEN_SUFFIX)]))
-
-
-def _seal_jobs(jobs: list[_Job]) -> None:
-    for job in jobs:
-        try:
-            _seal(job.part.path)
-        except OSError as exc:
-            job.error = exc
-
-
 def _sync_jobs(jobs: list[_Job]) -> None:
     """Make written parts durable one by one (``fdatasync`` and their folder's ``fsync``)."""
     for job in jobs:
         if job.error is not None or not job.part.created:
             continue
         try:
-            fd = os.open(job.part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                _fdatasync(fd)
-            finally:
-                os.close(fd)
+            _sync_file(job.part.path)
             _fsync_dir(job.part.path.parent)
         except OSError as exc:
             job.error = exc
@@ -308,14 +298,56 @@ def _sync_written(jobs: list[_Job], fs: _FsSync) -> None:
     _sync_jobs([job for job in jobs if error is not None or job.part.dev != fs.dev])
 
 
-def _sync_sealed(jobs: list[_Job], fs: _FsSync) -> None:
-    """Make the seals (renames) of a many-part flush durable: one more ``syncfs``."""
+def _seal_each(parts: list[_Part], level: int) -> None:
+    """Seal parts one by one, each step made durable (:func:`compress.seal_compressed`).
+    Errors are recorded per part and leave its ``.open`` in place."""
+    for part in parts:
+        try:
+            part.sealed_size = compress.seal_compressed(part.path, level)
+        except OSError as exc:
+            part.seal_error = exc
+
+
+def _build_sealed(parts: list[_Part], level: int, fs_dev: int | None) -> None:
+    """Compress parts into their ``.gz.tmp``, unsynced on the lake's filesystem (``fs_dev``,
+    which one ``syncfs`` covers), synced elsewhere."""
+    for part in parts:
+        try:
+            part.sealed_size = compress.compress_to_tmp(part.path, level, sync=part.dev != fs_dev)
+        except OSError as exc:
+            part.seal_error = exc
+
+
+def _install_sealed(parts: list[_Part], fs: _FsSync) -> None:
+    """The built ``.gz`` made durable with one ``syncfs``, renamed into place, the renames made
+    durable with one more, then the ``.open`` files dropped."""
     error = fs.sync()
     if error is not None:
-        logger.error("lake: syncfs failed ({}); syncing {} folders", error, len(jobs))
-    for job in jobs:
-        if error is not None or job.part.dev != fs.dev:
-            _fsync_dir(job.part.path.parent)
+        logger.error(
+            "lake: syncfs failed ({}); syncing {} sealed parts one by one", error, len(parts)
+        )
+    for part in parts:
+        try:
+            if error is not None:
+                _sync_file(compress.tmp_path(part.path))
+            compress.install(part.path)
+        except OSError as exc:
+            part.seal_error = exc
+    installed = [p for p in parts if p.seal_error is None]
+    error = fs.sync()
+    for part in installed:
+        if error is not None or part.dev != fs.dev:
+            _fsync_dir(part.path.parent)
+        with contextlib.suppress(OSError):  # left behind, it is removed at the next start
+            compress.drop_open(part.path)
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class LakeWriter:
@@ -357,6 +389,10 @@ class LakeWriter:
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._fs = _FsSync(self.root)
+        self._level = config.compress_level
+        self._unsealed: list[_Part] = []  # closed, data durable in .open, not compressed yet
+        self._seal_lock = anyio.Lock()
+        self._seal_wake = anyio.Event()
         self.events_written = 0
         self.parts_closed = 0
 
@@ -407,11 +443,73 @@ class LakeWriter:
     async def flush(self, *, close_all: bool = False) -> None:
         """Write every buffered event and seal the parts that are due (or all of them)."""
         await self._flush(close_all=close_all, hour_ms=None)
+        await self._seal_closed()
 
     async def seal_hour(self, hour_ms: int) -> None:
         """Seal the hour's open parts now (e.g. before a flush step that runs inside the
         grace period), besides the usual flush. Later events of the hour open new parts."""
         await self._flush(close_all=False, hour_ms=hour_ms - hour_ms % HOUR_MS)
+        await self._seal_closed()
+
+    async def _seal_closed(self) -> None:
+        """Compress the closed parts (their data is durable in ``.open``) into their sealed
+        ``.gz`` in worker threads, and announce them, ``SEAL_BATCH`` at a time.
+
+        A batch is shielded (worker threads cannot be abandoned anyway), so cancellation lands
+        between batches and the parts not sealed yet simply stay queued (and ``.open`` on
+        disk: the next pass, or the next start, seals them). A part that cannot be sealed now
+        (disk full) stays queued too and is tried again at the next pass.
+        """
+        async with self._seal_lock:
+            queue, self._unsealed = self._unsealed, []
+            failed: list[_Part] = []
+            try:
+                while queue:
+                    batch = queue[:SEAL_BATCH]
+                    with anyio.CancelScope(shield=True):
+                        await self._seal_batch(batch)
+                    del queue[: len(batch)]
+                    for part in batch:
+                        if part.seal_error is None:
+                            self.parts_closed += 1
+                            self._notify_closed(part.key + GZ_SUFFIX, part.sealed_size)
+                        else:
+                            failed.append(part)
+            finally:
+                if failed:
+                    logger.error(
+                        "lake: cannot seal {} part(s), kept as .open and tried again: {}",
+                        len(failed),
+                        failed[0].seal_error,
+                    )
+                    for part in failed:
+                        part.seal_error = None
+                self._unsealed = failed + queue + self._unsealed
+                if self._status is not None:
+                    self._status.open_parts = (
+                        len(self._open) + len(self._closing) + len(self._unsealed)
+                    )
+
+    async def _seal_batch(self, parts: list[_Part]) -> None:
+        """Many parts: build every ``.gz`` side by side, then one ``syncfs`` makes them durable
+        (:func:`_install_sealed`); a few, or no ``syncfs``: each sealed and synced on its own."""
+        if len(parts) > SYNC_EACH_MAX and self._fs.usable:
+            fs = self._fs
+            with contextlib.suppress(OSError):
+                fs.open()
+            await self._spread(_build_sealed, parts, self._level, fs.dev)
+            built = [p for p in parts if p.seal_error is None]
+            if built:
+                await anyio.to_thread.run_sync(_install_sealed, built, fs)
+        else:
+            await self._spread(_seal_each, parts, self._level)
+
+    async def _sealer(self) -> None:
+        """Seal what the flushes closed, beside them (a flush never waits for compression)."""
+        while True:
+            await self._seal_wake.wait()
+            self._seal_wake = anyio.Event()
+            await self._seal_closed()
 
     async def _flush(self, *, close_all: bool, hour_ms: int | None) -> None:
         async with self._lock:
@@ -444,15 +542,15 @@ class LakeWriter:
             await self._in_threads(_write_jobs, jobs)
 
     async def _write_many(self, jobs: list[_Job]) -> None:
-        """Write many parts, make them durable with one ``syncfs`` in a worker thread, seal
-        the closing ones, and one more ``syncfs`` for the renames.
+        """Write many parts and make them durable with one ``syncfs`` in a worker thread (the
+        closing ones are then sealed by :meth:`_seal_closed`).
 
         Appends to existing parts are copies into the page cache (microseconds each) and are
         made right here: a worker thread would wait for the GIL after each of its thousands of
         syscalls while the event loop is busy, which made a flush of 2,000 parts take seconds
-        and let buffered events pile up. Creating parts and sealing them are metadata
-        operations (a folder, an inode, a rename: a few hundred microseconds on a journaling
-        filesystem), so they run in worker threads, side by side.
+        and let buffered events pile up. Creating parts is a metadata operation (a folder, an
+        inode: a few hundred microseconds on a journaling filesystem), so it runs in worker
+        threads, side by side.
         """
         fs = self._fs
         with contextlib.suppress(OSError):
@@ -462,23 +560,22 @@ class LakeWriter:
         if fresh:
             await self._in_threads(_create_parts, fresh)
         await anyio.to_thread.run_sync(_sync_written, jobs, fs)
-        sealing = [job for job in jobs if job.close and job.error is None]
-        if sealing:
-            await self._in_threads(_seal_jobs, sealing)
-            sealed = [job for job in sealing if job.error is None]
-            if sealed:
-                await anyio.to_thread.run_sync(_sync_sealed, sealed, fs)
 
     @staticmethod
     async def _in_threads(work: Callable[[list[_Job]], None], jobs: list[_Job]) -> None:
         """``work`` over the jobs, spread over up to ``IO_THREADS`` worker threads."""
-        chunks = min(IO_THREADS, -(-len(jobs) // JOBS_PER_THREAD))
+        await LakeWriter._spread(work, jobs)
+
+    @staticmethod
+    async def _spread(work: Callable[..., None], items: list[Any], *args: Any) -> None:
+        """``work(chunk, *args)`` over the items, spread over up to ``IO_THREADS`` threads."""
+        chunks = min(IO_THREADS, -(-len(items) // JOBS_PER_THREAD))
         if chunks <= 1:
-            await anyio.to_thread.run_sync(work, jobs)
+            await anyio.to_thread.run_sync(work, items, *args)
             return
         async with anyio.create_task_group() as tg:
             for i in range(chunks):
-                tg.start_soon(anyio.to_thread.run_sync, work, jobs[i::chunks])
+                tg.start_soon(anyio.to_thread.run_sync, work, items[i::chunks], *args)
 
     @staticmethod
     def _take(part: _Part, *, close: bool) -> _Job:
@@ -513,8 +610,8 @@ class LakeWriter:
             if job.error is None:
                 self.events_written += job.events
                 if job.close:
-                    self.parts_closed += 1
-                    self._notify_closed(part.key, part.written)
+                    self._unsealed.append(part)
+                    self._seal_wake.set()
                 continue
             rest = job.data[job.done :]
             unwritten = rest.count(b"\n")
@@ -541,18 +638,20 @@ class LakeWriter:
         lock_fd = await anyio.to_thread.run_sync(lock_root, self.root)
         try:
             sealed = await anyio.to_thread.run_sync(
-                lambda: seal_open_parts(self.root, keep_writer_id=self.writer_id)
+                lambda: seal_open_parts(self.root, keep_writer_id=self.writer_id, level=self._level)
             )
             for key, size in sealed:
                 self._notify_closed(key, size)
             task_status.started()
             try:
-                while True:
-                    with anyio.move_on_after(self._cfg.flush_interval_s):
-                        await self._wake.wait()
-                    self._wake = anyio.Event()
-                    with anyio.CancelScope(shield=True):
-                        await self.flush()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._sealer)
+                    while True:
+                        with anyio.move_on_after(self._cfg.flush_interval_s):
+                            await self._wake.wait()
+                        self._wake = anyio.Event()
+                        with anyio.CancelScope(shield=True):
+                            await self._flush(close_all=False, hour_ms=None)
             finally:
                 await self.aclose()
         finally:
@@ -573,3 +672,9 @@ class LakeWriter:
             )
         if scope.cancelled_caught or left:
             logger.error("lake: closing did not finish; {} bytes not written", left)
+        if self._unsealed:
+            logger.warning(
+                "lake: {} part(s) written but not sealed yet; they stay .open and are sealed at "
+                "the next start",
+                len(self._unsealed),
+            )

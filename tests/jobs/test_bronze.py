@@ -88,6 +88,38 @@ async def test_loads_every_part_exactly_once(wdb: Database, tmp_path: Path) -> N
     assert await _bronze_count(wdb) == lines + 1
 
 
+async def test_gzip_and_plain_parts_load_alike(wdb: Database, tmp_path: Path) -> None:
+    """A lake from before compression (plain parts) keeps working beside gzip parts; a
+    damaged gzip part loads what precedes the damage and reports the rest."""
+    minutes = [H0 + m * MINUTE_MS for m in range(10)]
+    plain = write_part(tmp_path, [candle(m, symbol="A/USD") for m in minutes], "w-1")
+    packed = write_part(
+        tmp_path, [candle(m, symbol="B/USD") for m in minutes], "w-2", compressed=True
+    )
+    damaged = write_part(
+        tmp_path, [candle(m, symbol="C/USD") for m in minutes], "w-3", compressed=True
+    )
+    data = (tmp_path / damaged).read_bytes()
+    (tmp_path / damaged).write_bytes(data[:-8] + bytes(8))  # a wrong checksum in the trailer
+    result = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    assert result.details["parts_loaded"] == 3 and result.details["bad_lines"] == 1
+    ledger = {
+        r["lake_key"]: (r["rows"], r["bad_lines"])
+        for r in await wdb.fetch("SELECT * FROM ops.lake_parts")
+    }
+    assert ledger == {plain: (10, 0), packed: (10, 0), damaged: (10, 1)}
+    assert plain.endswith(".jsonl") and packed.endswith(".jsonl.gz")
+    rows = await wdb.fetch(
+        "SELECT symbol, count(*) AS n, sum(close) AS s FROM bronze.bronze_ohlcv_native"
+        " GROUP BY symbol ORDER BY symbol"
+    )
+    assert [(r["symbol"], r["n"], str(r["s"])) for r in rows] == [
+        ("A/USD", 10, "1000"),
+        ("B/USD", 10, "1000"),
+        ("C/USD", 10, "1000"),
+    ]
+
+
 async def test_concurrent_loaders_do_not_double_load(wdb: Database, tmp_path: Path) -> None:
     lines = _lake(tmp_path, symbols=6)
     results: list[Any] = []

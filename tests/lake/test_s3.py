@@ -97,9 +97,12 @@ async def test_upload_is_verified_and_idempotent(
     stored = objects(s3_endpoint, s3_bucket)
     local = {p.key: p.path.read_bytes() for p in iter_local_parts(tmp_path)}
     assert stored == {f"lake/v1/{k}": v for k, v in local.items()}
+    # sealed parts are gzip; the objects are those bytes, as stored, not unzipped on the way
+    assert all(k.endswith(".jsonl.gz") and v[:2] == b"\x1f\x8b" for k, v in stored.items())
     assert events_in(list(stored.values())) == sent
     first = next(iter(stored))
     head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=first, ChecksumMode="ENABLED")
+    assert head["ContentType"] == "application/gzip" and "ContentEncoding" not in head
     assert head["ETag"].strip('"') == hashlib.md5(stored[first]).hexdigest()
     sha = base64.b64encode(hashlib.sha256(stored[first]).digest()).decode()
     assert head["ChecksumSHA256"] == sha

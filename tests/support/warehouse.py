@@ -8,6 +8,7 @@ bronze directly or as lake parts; ``snapshot`` hashes tables so idempotency is a
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -153,15 +154,27 @@ def part_bytes(candles: list[Candle]) -> bytes:
 
 
 def write_part(
-    root: Path, candles: list[Candle], seq: str = "t-0", *, hour_ms: int | None = None
+    root: Path,
+    candles: list[Candle],
+    seq: str = "t-0",
+    *,
+    hour_ms: int | None = None,
+    compressed: bool = False,
 ) -> str:
-    """Write a closed lake part (all candles of one exchange/symbol); return its key."""
+    """Write a sealed lake part (all candles of one exchange/symbol); return its key.
+
+    Plain ``.jsonl`` by default (what lakes written before compression hold), gzip
+    ``.jsonl.gz`` (what the writer seals today) with ``compressed``."""
     first = candles[0]
     hour = hour_ms if hour_ms is not None else first.interval_start - first.interval_start % HOUR_MS
     key = part_key(first.exchange, first.symbol, hour, first.event_ts, seq)
+    data = part_bytes(candles)
+    if compressed:
+        key += ".gz"
+        data = gzip.compress(data, mtime=0)
     path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(part_bytes(candles))
+    path.write_bytes(data)
     return key
 
 
