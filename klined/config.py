@@ -59,6 +59,7 @@ class DatabaseConfig(_Section):
     bronze_retention_days: int = 14
     readonly_role: str = "klined_looker"
     statement_timeout_s: float = 300.0
+    reader_role: str = "klined_reader"  # SELECT on silver, gold and monitoring; "" = none
 
 
 class LakeConfig(_Section):

@@ -15,7 +15,7 @@ from klined.model import HOUR_MS, iso, to_datetime
 from klined.status import StatusSnapshot
 from klined.warehouse.database import Database
 
-GOLD_TABLES = ("5m", "15m", "30m", "1h")
+GOLD_TABLES = ("5m", "15m", "30m", "1h", "4h", "1d")
 SOURCES = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")
 
 

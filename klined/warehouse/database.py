@@ -143,7 +143,8 @@ class Database:
     # -- schema --------------------------------------------------------------------------------
 
     async def apply_schema(self) -> int:
-        """Apply ``schema.sql`` (idempotent) and grant the read-only role; return the version.
+        """Apply ``schema.sql`` (idempotent) and grant the read-only roles (Looker's,
+        monitoring only; the reader's, silver, gold and monitoring); return the version.
 
         One transaction under an advisory lock, so two daemons starting together do not trip
         over each other. Refuses a database whose schema is newer than this code.
@@ -160,17 +161,22 @@ class Database:
                     f"({SCHEMA_VERSION}); upgrade klined"
                 )
             await conn.execute(sql)
-            role = self.config.readonly_role
-            if role:
+            for role, grant in (
+                (self.config.readonly_role, "ops.grant_readonly"),
+                (self.config.reader_role, "ops.grant_reader"),
+            ):
+                if not role:
+                    continue
                 try:
                     async with conn.transaction():
-                        await conn.execute("SELECT ops.grant_readonly($1)", role)
+                        await conn.execute(f"SELECT {grant}($1)", role)
                 except asyncpg.InsufficientPrivilegeError as exc:
                     logger.warning(
                         "cannot create/grant read-only role {!r}: {} (ask a superuser to run "
-                        "SELECT ops.grant_readonly('{}'))",
+                        "SELECT {}('{}'))",
                         role,
                         exc,
+                        grant,
                         role,
                     )
             version: int = await conn.fetchval("SELECT max(version) FROM ops.schema_version")

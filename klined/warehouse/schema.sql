@@ -5,8 +5,9 @@
 -- TimeZone setting (partition bounds and day boundaries are computed AT TIME ZONE 'UTC').
 --
 -- Layers: bronze (raw events, append-only, duplicates allowed) -> silver (one row per
--- exchange/symbol/minute, chosen by source precedence) -> gold (5m/15m/30m/1h derived from silver)
--- -> monitoring (completeness, what Looker Studio and the TUI read). ops holds the ledgers.
+-- exchange/symbol/minute, chosen by source precedence) -> gold (5m/15m/30m/1h/4h/1d derived from
+-- silver) -> monitoring (completeness, what Looker Studio and the TUI read). ops holds the
+-- ledgers.
 --
 -- Partitions: bronze and silver are RANGE partitioned by hour on interval_start. Partitions are
 -- created by ops.ensure_hour_partition() ahead of time and before every insert; there is
@@ -214,6 +215,18 @@ CREATE TABLE IF NOT EXISTS gold.ohlcv_5m (
 CREATE TABLE IF NOT EXISTS gold.ohlcv_15m (LIKE gold.ohlcv_5m INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS gold.ohlcv_30m (LIKE gold.ohlcv_5m INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS gold.ohlcv_1h (LIKE gold.ohlcv_5m INCLUDING ALL);
+-- notional: quote value traded, exact: the sum over minutes with volume of quote_volume, or of
+-- vwap * volume where the exchange gives no quote volume (Kraken); NULL when such a minute has
+-- neither. vwap = ops.vwap(notional, volume): volume-weighted from silver, 18 decimal places.
+-- vwap * volume is the way to estimate a Kraken bucket's quote volume.
+ALTER TABLE gold.ohlcv_5m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_5m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_15m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_15m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_30m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_30m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_1h ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_1h ADD COLUMN IF NOT EXISTS vwap numeric;
 
 -- ---------------------------------------------------------------------------------------------
 -- monitoring: what Looker Studio and the TUI read (the read-only role sees only this schema)
@@ -385,3 +398,95 @@ $$;
 INSERT INTO ops.schema_version (version, description)
 VALUES (1, 'bronze, silver, gold, ops, monitoring; hourly partitions')
 ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------------------------
+-- candles out: gold 4h and 1d, vwap, published datasets, the reader role (issue 17)
+
+-- 4h and 1d buckets (UTC-aligned), built from the exact 1h rows (klined.jobs.gold).
+CREATE TABLE IF NOT EXISTS gold.ohlcv_4h (LIKE gold.ohlcv_5m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS gold.ohlcv_1d (LIKE gold.ohlcv_5m INCLUDING ALL);
+
+-- notional / volume rounded half up to 18 decimal places, exactly (an integer division, so no
+-- intermediate rounding); NULL without volume or notional. Prices and volumes are positive.
+CREATE OR REPLACE FUNCTION ops.vwap(p_notional numeric, p_volume numeric)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN p_volume > 0 AND p_notional IS NOT NULL
+                THEN trim_scale(div(p_notional * 2000000000000000000 + p_volume, p_volume * 2)
+                                * 0.000000000000000001) END
+$$;
+
+-- Days of the Parquet datasets (klined.datasets.publish) to write again: marked by the gold
+-- refresh in the transaction that changed their rows, cleared by the publish step once the
+-- day's file is written (and mirrored to S3); seq makes clearing exact, as for dirty hours.
+CREATE SEQUENCE IF NOT EXISTS ops.publish_seq;
+CREATE TABLE IF NOT EXISTS ops.publish_dirty (
+    dataset    text NOT NULL,                  -- ohlcv_1m, ohlcv_5m, ... ohlcv_1d
+    exchange   text NOT NULL,
+    day        date NOT NULL,                  -- UTC day of the candles' interval_start
+    marked_at  timestamptz NOT NULL DEFAULT now(),
+    seq        bigint NOT NULL DEFAULT nextval('ops.publish_seq'),
+    PRIMARY KEY (dataset, exchange, day)
+);
+
+-- The files the publish step wrote: one per dataset, exchange and day.
+CREATE TABLE IF NOT EXISTS ops.published (
+    dataset      text NOT NULL,
+    exchange     text NOT NULL,
+    day          date NOT NULL,
+    path         text NOT NULL,                -- relative to the datasets root (and S3 prefix)
+    rows         bigint NOT NULL,
+    bytes        bigint NOT NULL,
+    sha256       text NOT NULL,                -- hex, of the file as written
+    s3_key       text,                         -- NULL while S3 is not configured
+    published_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dataset, exchange, day)
+);
+
+-- The reader role (NOLOGIN, like the Looker role; give it a login by hand): SELECT on silver,
+-- gold and monitoring, also on tables created there later (silver's hourly partitions). It
+-- never sees bronze or ops. The Looker role keeps monitoring only (ops.grant_readonly).
+CREATE OR REPLACE FUNCTION ops.grant_reader(p_role text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_schema text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
+        BEGIN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', p_role);
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL;
+        END;
+    END IF;
+    FOREACH v_schema IN ARRAY ARRAY['silver', 'gold', 'monitoring'] LOOP
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, p_role);
+        EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', v_schema, p_role);
+        EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO %I',
+                       v_schema, p_role);
+    END LOOP;
+END
+$$;
+
+-- One-time data migrations, each recorded here once done.
+CREATE TABLE IF NOT EXISTS ops.data_migrations (
+    name       text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Gold rows written before notional/vwap and 4h/1d existed: queue every 5-minute bucket for
+-- the gold refresh, which fills the new columns, builds 4h and 1d, and marks the days for
+-- publishing (idempotent: done once, under the schema lock).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ops.data_migrations WHERE name = 'gold_vwap_4h_1d') THEN
+        INSERT INTO ops.gold_dirty (exchange, symbol, bucket_start)
+        SELECT exchange, symbol, interval_start FROM gold.ohlcv_5m
+        ON CONFLICT DO NOTHING;
+        INSERT INTO ops.data_migrations (name) VALUES ('gold_vwap_4h_1d');
+    END IF;
+END
+$$;

@@ -102,9 +102,7 @@ def test_headless_demo_streams_uploads_and_computes_completeness(
     assert len(keys) == written
     parsed = [parse_key(k) for k in keys]  # every object is a lake key
     assert {p.exchange for p in parsed} == {"binance", "kraken"}
-    local = {
-        p.relative_to(workdir / "lake").as_posix() for p in workdir.rglob("part-*.jsonl.gz")
-    }
+    local = {p.relative_to(workdir / "lake").as_posix() for p in workdir.rglob("part-*.jsonl.gz")}
     assert set(keys) == local
 
     # completeness of the seeded hours: every pair-hour, counts adding up to expected
