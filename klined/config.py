@@ -87,6 +87,13 @@ class ChainConfig(_Section):
     rest_retry_hours: int = 12  # keep trying to fill missing minutes this long after the hour
 
 
+class PublishConfig(_Section):
+    enabled: bool = True  # after each chain run, write changed days as Parquet datasets
+    intervals: list[str] = msgspec.field(
+        default_factory=lambda: ["1m", "5m", "15m", "30m", "1h", "4h", "1d"]
+    )
+
+
 class SymbolOverride(_Section):
     native: str = ""  # the exchange's own name, e.g. "1000REKTUSD"
     rest_native: str = ""  # Kraken REST name when it differs from the guess, e.g. "XBTUSD"
@@ -124,6 +131,7 @@ class Config(_Section):
     s3: S3Config = msgspec.field(default_factory=S3Config)
     chain: ChainConfig = msgspec.field(default_factory=ChainConfig)
     exchanges: ExchangesConfig = msgspec.field(default_factory=ExchangesConfig)
+    publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
     #: where the config came from ("" for built-in defaults); not a TOML key
     source_path: str = ""
 
@@ -267,6 +275,16 @@ def _validate(cfg: Config, path: str) -> None:
         )
     if cfg.chain.catchup_hours < 0 or cfg.chain.rest_retry_hours < 0:
         raise bad("chain.catchup_hours", "must not be negative")
+    known = ("1m", "5m", "15m", "30m", "1h", "4h", "1d")
+    for i, interval in enumerate(cfg.publish.intervals):
+        if interval not in known:
+            raise bad(
+                f"publish.intervals[{i}]",
+                f"unknown interval {interval!r}",
+                _suggest(interval, list(known)),
+            )
+        if interval in cfg.publish.intervals[:i]:
+            raise bad(f"publish.intervals[{i}]", f"{interval} is listed twice")
     if len(cfg.chain.schedule.split()) != 5:
         raise bad(
             "chain.schedule",

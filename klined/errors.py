@@ -82,3 +82,8 @@ class ChainError(KlinedError):
 
 class StatusError(KlinedError):
     """The daemon's status socket could not be reached or answered nonsense."""
+
+
+class DatasetError(KlinedError):
+    """An export, publish or read of the candle datasets cannot be done as asked (a value that
+    does not fit its column, a destination holding another dataset, a bad source)."""
