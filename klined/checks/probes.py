@@ -91,7 +91,10 @@ async def _bounded(
 async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> list[CheckResult]:
     """Every check, concurrently; rows in a fixed order (config first)."""
     plan: list[tuple[list[str], Callable[[], Awaitable[list[CheckResult]]]]] = [
-        (["postgresql", "schema", "read-only role"], functools.partial(check_postgres, cfg)),
+        (
+            ["postgresql", "schema", "read-only role", "reader role"],
+            functools.partial(check_postgres, cfg),
+        ),
         (["s3"], _single(check_s3, cfg)),
         *[([f"exchange {name}"], _single(check_exchange, cfg, name)) for name in EXCHANGES],
         (["status socket"], _single(check_status_socket, cfg)),
@@ -166,7 +169,8 @@ def check_config(cfg: Config) -> CheckResult:
 
 
 async def check_postgres(cfg: Config) -> list[CheckResult]:
-    """Reachable, schema version, read-only role: three rows (later ones SKIP if unreachable)."""
+    """Reachable, schema version, the read-only (Looker) and reader roles: four rows (later ones
+    SKIP if unreachable)."""
     from klined.warehouse.database import (
         SCHEMA_VERSION,
         open_database,
@@ -179,6 +183,7 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             first,
             CheckResult("schema", Outcome.SKIP, why),
             CheckResult("read-only role", Outcome.SKIP, why),
+            CheckResult("reader role", Outcome.SKIP, why),
         ]
 
     dsn = cfg.dsn
@@ -223,10 +228,11 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
                 f"{redact_dsn(dsn)} ({where}; PostgreSQL {version_text.split()[0]})",
             )
             schema = await _schema_row(conn, SCHEMA_VERSION)
-            role = await _role_row(conn, cfg.database.readonly_role, schema)
+            role = await _role_row(conn, LOOKER_ROLE, cfg.database.readonly_role, schema)
+            reader = await _role_row(conn, READER_ROLE, cfg.database.reader_role, schema)
     except DatabaseError as exc:
         return rows(CheckResult("postgresql", Outcome.FAIL, str(exc)), "database not reachable")
-    return [reach, schema, role]
+    return [reach, schema, role, reader]
 
 
 async def _schema_row(conn: Any, code_version: int) -> CheckResult:
@@ -264,29 +270,65 @@ async def _schema_row(conn: Any, code_version: int) -> CheckResult:
     return CheckResult("schema", Outcome.OK, f"version {found} (matches this klined)")
 
 
-async def _role_row(conn: Any, role: str, schema: CheckResult) -> CheckResult:
+@dataclass(frozen=True, slots=True)
+class _RoleKind:
+    """A read-only role klined grants: its check row, config key, grant and what it reads."""
+
+    row: str
+    key: str
+    grant: str
+    tables: tuple[str, ...]
+    reads: str
+
+
+LOOKER_ROLE = _RoleKind(
+    "read-only role",
+    "database.readonly_role",
+    "ops.grant_readonly",
+    ("monitoring.hourly_completeness",),
+    "the monitoring views",
+)
+READER_ROLE = _RoleKind(
+    "reader role",
+    "database.reader_role",
+    "ops.grant_reader",
+    ("silver.fact_ohlcv", "gold.ohlcv_1h", "monitoring.hourly_completeness"),
+    "silver, gold and monitoring",
+)
+
+
+async def _role_row(conn: Any, kind: _RoleKind, role: str, schema: CheckResult) -> CheckResult:
+    name = kind.row
     if not role:
-        return CheckResult("read-only role", Outcome.SKIP, "database.readonly_role is empty")
+        return CheckResult(name, Outcome.SKIP, f"{kind.key} is empty")
     exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    grant = f"SELECT ops.grant_readonly('{role}') as a superuser"
+    grant = f"SELECT {kind.grant}('{role}') as a superuser"
     if schema.outcome is not Outcome.OK:
         if exists:
-            return CheckResult("read-only role", Outcome.OK, f"{role} exists")
+            return CheckResult(name, Outcome.OK, f"{role} exists")
         return CheckResult(
-            "read-only role", Outcome.WARN, f"{role} does not exist yet; `klined run` creates it"
+            name, Outcome.WARN, f"{role} does not exist yet; `klined run` creates it"
         )
     if not exists:
-        return CheckResult("read-only role", Outcome.FAIL, f"{role} does not exist: run {grant}")
-    can_read = await conn.fetchval(
-        "SELECT has_schema_privilege($1, 'monitoring', 'USAGE')"
-        " AND has_table_privilege($1, 'monitoring.hourly_completeness', 'SELECT')",
-        role,
+        return CheckResult(name, Outcome.FAIL, f"{role} does not exist: run {grant}")
+    present = [
+        t for t in kind.tables if await conn.fetchval("SELECT to_regclass($1)", t) is not None
+    ]
+    can_read = all(
+        [
+            await conn.fetchval(
+                "SELECT has_schema_privilege($1, $2, 'USAGE')"
+                " AND has_table_privilege($1, $3, 'SELECT')",
+                role,
+                table.split(".")[0],
+                table,
+            )
+            for table in present
+        ]
     )
-    if not can_read:
-        return CheckResult(
-            "read-only role", Outcome.FAIL, f"{role} cannot read the monitoring views: run {grant}"
-        )
-    return CheckResult("read-only role", Outcome.OK, f"{role} can read the monitoring views")
+    if not present or not can_read:
+        return CheckResult(name, Outcome.FAIL, f"{role} cannot read {kind.reads}: run {grant}")
+    return CheckResult(name, Outcome.OK, f"{role} can read {kind.reads}")
 
 
 # -- S3 ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import click
 from klined.commands.options import config_option
 from klined.config import Config, load_config
 from klined.errors import UsageError
-from klined.jobs.chain import STEPS, ChainReport, run_chain, select_hours
+from klined.jobs.chain import RUN_STEPS, STEPS, ChainReport, run_chain, select_hours
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.interrupt import run_interruptible
 from klined.lake import LakeUploader
@@ -51,9 +51,27 @@ async def _chain_main(
     async with open_database(cfg, apply_schema=True) as db:
         await sync_configured_pairs(db, cfg)
         now = int(time.time() * 1000)
+        if hours is not None and set(steps) <= set(RUN_STEPS):
+            # `--step publish --from --to`: publish (again) every day of the range
+            from klined.datasets.publish import mark_days
+
+            await mark_days(
+                db,
+                [f"ohlcv_{i}" for i in cfg.publish.intervals],
+                list(cfg.exchanges.enabled()),
+                hours[0],
+                hours[-1] + HOUR_MS,
+            )
         chosen = hours if hours is not None else await select_hours(db, cfg, now)
-        if not chosen:
-            return ChainReport("manual")
+        if not chosen or set(steps) <= set(RUN_STEPS):
+            # no hour to run: still publish what is queued (a day an earlier run could not)
+            run_steps = [s for s in steps if s in RUN_STEPS]
+            if not run_steps:
+                return ChainReport("manual")
+            return await run_chain(
+                db, cfg, [], trigger="manual", lake=lake, steps=run_steps, lock_wait_s=wait_s,
+                now_ms=now, maintain_partitions=False,
+            )  # fmt: skip
         async with open_clients(cfg) as clients:
             return await run_chain(
                 db, cfg, chosen, trigger="manual", lake=lake, clients=clients, steps=steps,
@@ -91,7 +109,9 @@ def chain_command(
 ) -> int:
     """Run the hourly chain by hand: every hour that needs it, or the hours you name.
 
-    Prints one line per hour with each step's result; exits 1 if a step failed or
+    Prints one line per hour with each step's result, then what publish wrote (`--step publish
+    --from --to` publishes every day of the range again, e.g. history from before publishing
+    was on); exits 1 if a step failed or
     another chain held the lock, 130/143 when stopped by SIGINT/SIGTERM (the step in progress
     is recorded as failed and the next run redoes its hour).
     """
@@ -114,6 +134,9 @@ def chain_command(
         click.echo(f"chain skipped: {report.skipped}", err=True)
         return 1
     if not report.hours:
+        if report.publish is not None and report.publish.details.get("days", 1):
+            click.echo(report.publish_line())
+            return 0 if report.ok else 1
         click.echo("nothing to do: every closed hour is processed and complete")
         return 0
     click.echo(report.table())

@@ -51,6 +51,8 @@ class ChainFigures:
         for hour in report.hours:
             for step in hour.steps:
                 totals[step.step] = totals.get(step.step, 0.0) + step.duration_s
+        if report.publish is not None:
+            totals["publish"] = report.publish.duration_s
         self.step_seconds = totals
 
     async def refresh_completeness(self, db: Database, cfg: Config, now: int) -> None:

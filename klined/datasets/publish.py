@@ -197,11 +197,17 @@ class PublishReport:
         }
 
 
-async def publish(db: Database, cfg: Config, *, limit: int | None = None) -> PublishReport:
+async def publish(
+    db: Database,
+    cfg: Config,
+    *,
+    limit: int | None = None,
+    retry_attempts: int | None = None,
+) -> PublishReport:
     """Publish every queued day (oldest first; at most ``limit``); see the module docstring.
 
     A day that fails stays queued; after trying the others the call raises
-    :class:`DatasetError` naming it.
+    :class:`DatasetError` naming it. ``retry_attempts`` bounds each S3 call's tries.
     """
     wanted = [f"ohlcv_{i}" for i in cfg.publish.intervals]
     queue = await db.fetch(
@@ -212,6 +218,8 @@ async def publish(db: Database, cfg: Config, *, limit: int | None = None) -> Pub
     )
     local = LocalTarget(datasets_root(cfg))
     mirror = _mirror(cfg)
+    if mirror is not None and retry_attempts is not None:
+        mirror.store.attempts = max(1, retry_attempts)
     report = PublishReport(days=len(queue))
     errors: list[str] = []
     for item in queue:

@@ -5,7 +5,8 @@ the warehouse lacks (final WS candles are never fetched again; ``refetch`` re-ve
 rows) into bronze, and :func:`klined.jobs.chain.run_chain` with the merge steps (silver, gold,
 completeness) turns every touched hour into silver and gold, under the chain's advisory lock,
 while the fetching goes on (hours are merged as soon as every pair of the exchange has
-passed them, so the merge overlaps the rate-limited fetching).
+passed them, so the merge overlaps the rate-limited fetching). At the end, the chain's
+``publish`` step writes the changed days as Parquet datasets (when ``publish.enabled``).
 
 Pairs run concurrently in a task group, bounded, sharing each exchange's limiter. Progress is
 checkpointed per exchange and pair in ``ops.backfill_progress`` (``done_through`` = the hour
@@ -25,7 +26,7 @@ from loguru import logger
 
 from klined.config import Config
 from klined.errors import UsageError
-from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
+from klined.jobs.chain import MERGE_STEPS, RUN_STEPS, ChainReport, run_chain
 from klined.jobs.fetcher import LOOKBACK_FAILED, PairReport
 from klined.jobs.gapfill import (
     PAIR_CONCURRENCY,
@@ -201,6 +202,7 @@ class BackfillResult:
     reports: list[PairReport] = field(default_factory=list)
     merges: list[ChainReport] = field(default_factory=list)
     duration_s: float = 0.0
+    published: ChainReport | None = None  # the publish run after the merges
 
     @property
     def rows(self) -> int:
@@ -208,7 +210,7 @@ class BackfillResult:
 
     @property
     def merged_ok(self) -> bool:
-        return all(m.ok for m in self.merges)
+        return all(m.ok for m in self.merges) and (self.published is None or self.published.ok)
 
     @property
     def retryable_missing(self) -> int:
@@ -363,6 +365,12 @@ async def run_backfill(
             tg.start_soon(merger.run, fetched)
             tg.start_soon(fetch_all)
         outer.cancel_scope.cancel()
+    if cfg.publish.enabled and any(m.hours for m in result.merges):
+        # the days the merges changed, as Parquet datasets (queued by gold, published once)
+        result.published = await run_chain(
+            db, cfg, [], trigger="backfill", steps=RUN_STEPS, lock_wait_s=None,
+            maintain_partitions=False,
+        )  # fmt: skip
     result.duration_s = time.monotonic() - started
     return result
 

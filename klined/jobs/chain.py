@@ -1,4 +1,5 @@
-"""The hourly chain: flush -> bronze -> gapfill -> silver -> gold -> completeness, per hour.
+"""The hourly chain: flush -> bronze -> gapfill -> silver -> gold -> completeness, per hour,
+then publish once per run.
 
 :func:`run_chain` runs the steps for a list of hours under a PostgreSQL advisory lock (two
 chains never run at once, even from several daemons or a backfill sharing the warehouse).
@@ -10,6 +11,12 @@ it from the embedded cron inside ``klined run``; ``klined chain`` runs it by han
 
 Idempotent by construction: every step is (see each step module), and a dirty mark is only
 cleared when the hour's silver, gold and completeness succeeded after the mark was made.
+
+``publish`` (:mod:`klined.datasets.publish`) is not tied to an hour: after the run's hours it
+writes every day whose silver or gold changed (queued by gold) as Parquet datasets, once, so a
+run that catches up on 24 hours of one day writes that day once, not 24 times. It runs even
+when an hour failed (what did change is published; the rest stays queued) and is recorded in
+``ops.job_runs`` without an hour. ``publish.enabled = false`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from klined.rest.client import RestClient
 from klined.status import ChainStatus
 from klined.warehouse.database import Database
 
-#: The steps of one hour, in order.
-STEPS = ("flush", "bronze", "gapfill", "silver", "gold", "completeness")
+#: The steps of one hour, in order, then ``publish``, once per run.
+STEPS = ("flush", "bronze", "gapfill", "silver", "gold", "completeness", "publish")
+#: Steps run once per run, after the hours.
+RUN_STEPS = ("publish",)
 #: The steps that turn bronze into silver/gold/completeness (what a backfill runs).
 MERGE_STEPS = ("silver", "gold", "completeness")
 
@@ -81,17 +90,39 @@ class ChainReport:
     skipped: str = ""  # why the whole run did not happen (lock held elsewhere)
     started_ms: int = 0
     duration_s: float = 0.0
+    publish: StepOutcome | None = None  # the run's publish step, when it ran
 
     @property
     def ok(self) -> bool:
-        return not self.skipped and all(h.ok for h in self.hours)
+        published = self.publish is None or self.publish.status != "failed"
+        return not self.skipped and all(h.ok for h in self.hours) and published
 
     def summary(self) -> str:
         if self.skipped:
             return f"skipped: {self.skipped}"
         failed = sum(1 for h in self.hours if not h.ok)
         text = f"{len(self.hours)} hour(s), {failed} failed, {self.duration_s:.1f}s"
-        return text if failed else text.replace(", 0 failed", "")
+        text = text if failed else text.replace(", 0 failed", "")
+        if self.publish is not None:
+            text += f"; {self.publish_line()}"
+        return text
+
+    def publish_line(self) -> str:
+        """``publish: 14 day file(s) written (120,000 rows), 2 unchanged`` or the failure."""
+        p = self.publish
+        if p is None:
+            return ""
+        if p.status == "failed":
+            return f"publish FAILED: {p.error}"
+        if p.status == "skipped":
+            return f"publish skipped: {p.error}"
+        d = p.details
+        text = f"publish: {d.get('written', 0)} day file(s) written ({p.rows:,} rows)"
+        if d.get("unchanged"):
+            text += f", {d['unchanged']} unchanged"
+        if d.get("removed"):
+            text += f", {d['removed']} removed"
+        return text
 
     def table(self, steps: Sequence[str] = STEPS) -> str:
         """One line per hour, one column per step: ``ok 1,234`` / ``skipped`` / ``FAILED``.
@@ -129,6 +160,8 @@ class ChainReport:
         ]
         if errors:
             lines += ["", "errors:", *errors]
+        if self.publish is not None:
+            lines += ["", self.publish_line()]
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -334,6 +367,27 @@ class _Runner:
         result = await fill_hour(self.db, self.cfg, hour, clients, now_ms=self.now_ms)
         return result.step_result(hour)
 
+    async def publish(self) -> StepOutcome:
+        """The run's publish step, recorded without an hour; never raises (but cancellation)."""
+        from klined.datasets.publish import publish
+
+        started = time.monotonic()
+        try:
+            async with ops.record_step(self.db, "publish", None, trigger=self.trigger) as run:
+                report = await publish(self.db, self.cfg)
+                run.set_result(
+                    ops.StepResult(step="publish", rows=report.rows, details=report.details())
+                )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("chain {}: publish failed: {}", self.trigger, error)
+            return StepOutcome("publish", "failed", 0, time.monotonic() - started, error[:500])
+        return StepOutcome(
+            "publish", "ok", run.rows, time.monotonic() - started, "", dict(run.details)
+        )
+
     async def _gapfilled_before(self, hour: int) -> bool:
         row = await self.db.fetchval(
             "SELECT 1 FROM ops.job_runs WHERE hour_start = $1 AND step = 'gapfill'"
@@ -420,7 +474,8 @@ async def run_chain(
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise ChainError(f"unknown step(s) {unknown}; steps are {', '.join(STEPS)}")
-    ordered = [s for s in STEPS if s in steps]
+    ordered = [s for s in STEPS if s in steps and s not in RUN_STEPS]
+    publish = "publish" in steps and cfg.publish.enabled
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     report = ChainReport(trigger, started_ms=int(time.time() * 1000))
     todo = sorted({floor_hour(h) for h in hours})
@@ -435,9 +490,15 @@ async def run_chain(
                 status.running = True
             if maintain_partitions:
                 await _maintain(db, trigger, now)
-            for hour in todo:
-                outcome = await runner.hour(hour, ordered)
-                report.hours.append(outcome)
+            if ordered:
+                for hour in todo:
+                    outcome = await runner.hour(hour, ordered)
+                    report.hours.append(outcome)
+            if publish:
+                if status is not None:
+                    status.current_hour_ms = None
+                    status.current_step = "publish"
+                report.publish = await runner.publish()
     except ChainBusy as exc:
         report.skipped = str(exc)
         logger.warning("chain ({}) skipped: {}", trigger, exc)
@@ -449,7 +510,7 @@ async def run_chain(
             status.current_hour_ms = None
             status.last_run_ms = report.started_ms
             status.last_result = report.summary()
-    if report.hours:
+    if report.hours or report.publish is not None:
         logger.info("chain ({}): {}", trigger, report.summary())
     return report
 

@@ -124,7 +124,8 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
         m = re.match(
-            r"^  (config|postgresql|schema|read-only role|s3|exchange \w+|status socket|lake)"
+            r"^  (config|postgresql|schema|read-only role|reader role|s3|exchange \w+|status socket"
+            r"|lake)"
             r"\s+(OK|WARN|FAIL|SKIP)\s+(.*)$",
             line,
         )
@@ -142,6 +143,7 @@ ALL_OK = {
     "postgresql": "OK",
     "schema": "OK",
     "read-only role": "OK",
+    "reader role": "OK",
     "s3": "OK",
     "exchange binance": "OK",
     "exchange kraken": "OK",
@@ -169,6 +171,7 @@ async def test_working_setup_passes(
     assert table["config"][1].startswith(f"{config} (2 exchange(s), 8 pair(s), database.dsn")
     assert "version 1 (matches this klined)" in table["schema"][1]
     assert table["read-only role"][1] == "klined_looker can read the monitoring views"
+    assert table["reader role"][1] == "klined_reader can read silver, gold and monitoring"
     assert table["s3"][1].startswith(f"s3://{s3_bucket}/raw/: write, list, read, delete OK")
     assert table["exchange binance"][1] == f"all 4 pair(s) listed ({sim.binance_rest_url})"
     assert table["status socket"][1].startswith("klined pid 4242 answers on")
@@ -232,7 +235,8 @@ async def test_wrong_dsn_fails_without_showing_the_password(
 
     assert code == 1
     assert outcomes(out) == {**ALL_OK, "postgresql": "FAIL", "schema": "SKIP",
-                             "read-only role": "SKIP", "s3": "SKIP"}  # fmt: skip
+                             "read-only role": "SKIP", "reader role": "SKIP",
+                             "s3": "SKIP"}  # fmt: skip
     reason = rows(out)["postgresql"][1]
     assert reason.startswith("cannot connect to PostgreSQL at postgresql://klined:***@127.0.0.1:")
     assert "cannot reach the server" in reason
@@ -255,6 +259,7 @@ async def test_schema_not_applied_is_a_warning(
     assert table["schema"] == ("WARN", "not applied yet; `klined run` applies version 1")
     # the read-only role is cluster-wide: another test's schema may have created it already
     assert table["read-only role"][0] in ("OK", "WARN")
+    assert table["reader role"][0] in ("OK", "WARN")
     conn = await asyncpg.connect(pg_dsn)  # check itself changed nothing
     try:
         assert await conn.fetchval("SELECT to_regclass('ops.schema_version')") is None
