@@ -48,7 +48,14 @@ from klined.demo.prepare import (
     sim_config,
     write_config,
 )
-from klined.demo.summary import LakeLine, Summary, completeness_lines, gold_rows, stream_lines
+from klined.demo.summary import (
+    LakeLine,
+    Summary,
+    completeness_lines,
+    datasets_line,
+    gold_rows,
+    stream_lines,
+)
 from klined.model import HOUR_MS, iso
 from klined.sim import Simulator, run_simulator
 from klined.status import StreamState
@@ -334,6 +341,7 @@ class Demo:
         try:
             summary.completeness = await completeness_lines(db, hours, pairs)
             summary.gold = await gold_rows(db, hours, pairs)
+            summary.datasets = await datasets_line(db, str(run_cfg.lake_root / "datasets"))
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:

@@ -58,6 +58,16 @@ class LakeLine:
 
 
 @dataclass(slots=True)
+class DatasetsLine:
+    """The Parquet day files the chain's publish step wrote (``ops.published``)."""
+
+    files: int = 0
+    rows: int = 0
+    mirrored: int = 0  # of them in S3
+    root: str = ""
+
+
+@dataclass(slots=True)
 class Summary:
     workdir: Path
     ran_s: float
@@ -68,6 +78,7 @@ class Summary:
     lake: LakeLine = field(default_factory=LakeLine)
     completeness: list[CompletenessLine] = field(default_factory=list)
     gold: dict[str, dict[str, int]] = field(default_factory=dict)  # exchange -> table -> rows
+    datasets: DatasetsLine = field(default_factory=DatasetsLine)
     problems: list[str] = field(default_factory=list)
     temporary: bool = False  # the working directory is removed at exit
 
@@ -143,6 +154,13 @@ class Summary:
         for ex, tables in self.gold.items():
             out.append(f"  {ex:<9}" + "".join(f"{tables.get(t, 0):>8,}" for t in GOLD_TABLES))
         out.append("")
+        d = self.datasets
+        out.append(
+            f"datasets      {d.files:,} Parquet day file(s), {d.rows:,} rows, under {d.root}"
+        )
+        if d.mirrored:
+            out.append(f"              {d.mirrored:,} mirrored to S3 under datasets/")
+        out.append("")
         out.extend(f"problem: {p}" for p in self.problems)
         if self.ok:
             names = " and ".join(s.exchange for s in self.streams)
@@ -217,10 +235,20 @@ async def completeness_lines(
     ]
 
 
+async def datasets_line(db: Database, root: str) -> DatasetsLine:
+    row = await db.fetchrow(
+        "SELECT count(*) AS files, coalesce(sum(rows), 0) AS rows, count(s3_key) AS mirrored"
+        " FROM ops.published"
+    )
+    if row is None:  # pragma: no cover - an aggregate always returns a row
+        return DatasetsLine(root=root)
+    return DatasetsLine(int(row["files"]), int(row["rows"]), int(row["mirrored"]), root)
+
+
 async def gold_rows(
     db: Database, hours: Sequence[int], pairs: dict[str, list[str]]
 ) -> dict[str, dict[str, int]]:
-    """Gold rows per exchange and interval whose bucket starts in the seeded hours."""
+    """Gold rows per exchange and interval whose bucket overlaps the seeded hours."""
     out: dict[str, dict[str, int]] = {ex: {} for ex in pairs}
     if not hours:
         return out
@@ -231,7 +259,7 @@ async def gold_rows(
             f"SELECT g.exchange, count(*) AS n FROM gold.ohlcv_{table} g"  # fixed table names
             " JOIN unnest($3::text[], $4::text[]) AS c(exchange, symbol)"
             "   ON c.exchange = g.exchange AND c.symbol = g.symbol"
-            " WHERE g.interval_start >= $1 AND g.interval_start < $2 GROUP BY g.exchange",
+            " WHERE g.interval_end > $1 AND g.interval_start < $2 GROUP BY g.exchange",
             to_datetime(hours[0]),
             to_datetime(hours[-1] + HOUR_MS),
             exchanges,
