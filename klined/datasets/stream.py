@@ -1,20 +1,22 @@
 """From PostgreSQL to Arrow, streamed: ``COPY (SELECT ...) TO STDOUT`` in blocks, typed exactly.
 
-The server renders each row as CSV text (``numeric`` as its exact decimal digits, times in
-UTC); the bytes arrive a chunk at a time and are cut into blocks of whole lines, each parsed
-by Arrow's CSV reader straight into the dataset's types (decimals from their digits, never
-through a float) in a worker thread, then handed to the caller's ``consume`` there too. At
-most a few blocks are in memory whatever the range: the server-side cursor of COPY streams,
-and a slow consumer holds the COPY back.
+The server renders each row as CSV text (``numeric`` as its exact decimal digits, times as
+milliseconds since the epoch); the bytes arrive a chunk at a time and are cut into blocks of
+whole lines, each parsed by Arrow's CSV reader straight into the dataset's types (decimals from
+their digits, never through a float) in a worker thread, then handed to the caller's
+``consume`` there too. At most a few blocks are in memory whatever the range: the server-side
+cursor of COPY streams, and a slow consumer holds the COPY back.
 
 A value that does not fit its decimal column (more than 18 decimals or 20 integer digits)
-fails the stream with the row named: decimals are read as text, their integer digits counted,
-then cast, and the cast refuses a value it would have to round. (Arrow's CSV reader converting
-straight to decimal wraps a too-large value around silently, so it is not used for them.)
+fails the stream with the row named. Arrow's reader refuses a decimal it would have to round,
+but converting a number of more than 38 digits it wraps around silently: so a block goes
+straight to decimals only when its text has no run of 21 digits (a value with more than 20
+integer digits would), and is otherwise read as text and checked column by column.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Context, Decimal, InvalidOperation
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from klined.datasets.schema import DECIMAL, DECIMAL_MAX, DECIMAL_TEXT, Dataset
+from klined.datasets.schema import DECIMAL, DECIMAL_MAX, DECIMAL_TEXT, TIME, Dataset
 from klined.errors import DatasetError
 
 #: bytes of CSV text parsed at a time
@@ -34,46 +36,72 @@ BLOCK_BYTES = 8 << 20
 #: blocks waiting to be parsed while the next one arrives
 QUEUE_BLOCKS = 1
 
-#: digits before the point a DECIMAL holds
-INTEGER_DIGITS = 20
+#: more digits before the point than a DECIMAL holds (20)
+TOO_MANY_INTEGER_DIGITS = r"^-?[0-9]{21}"
+LONG_DIGIT_RUN = r"[0-9]{21}"
 _CONTEXT = Context(prec=100)
 
 
-def _options(ds: Dataset) -> tuple[pcsv.ReadOptions, pcsv.ConvertOptions]:
+def _read(block: bytes, ds: Dataset, *, decimals_as_text: bool) -> pa.Table:
     schema = ds.schema
-    read = pcsv.ReadOptions(column_names=schema.names, block_size=BLOCK_BYTES)
+    # one thread: the other core serves the COPY (threads were slower on 2 cores)
+    read = pcsv.ReadOptions(column_names=schema.names, block_size=BLOCK_BYTES, use_threads=False)
     convert = pcsv.ConvertOptions(
-        # decimals are read as their text first: Arrow's direct conversion wraps values of
-        # more than 38 digits around instead of refusing them
-        column_types={f.name: pa.string() if f.type == DECIMAL else f.type for f in schema},
+        column_types={f.name: _csv_type(f.type, decimals_as_text) for f in schema},
         null_values=[""],
         strings_can_be_null=True,  # an unquoted empty field is NULL, as COPY writes it
         quoted_strings_can_be_null=False,
     )
-    return read, convert
+    table = pcsv.read_csv(pa.py_buffer(block), read_options=read, convert_options=convert)
+    for i, f in enumerate(schema):
+        if f.type == TIME:  # milliseconds since the epoch (see Dataset.select)
+            table = table.set_column(i, f.name, table.column(i).cast(TIME))
+    return table
+
+
+def _csv_type(arrow: pa.DataType, decimals_as_text: bool) -> pa.DataType:
+    if arrow == TIME:
+        return pa.int64()
+    if arrow == DECIMAL and decimals_as_text:
+        return pa.string()
+    return arrow
+
+
+def _long_digit_run(block: bytes) -> bool:
+    """Whether the text holds 21 digits in a row anywhere (RE2 over the whole block)."""
+    offsets = pa.py_buffer(struct.pack("<qq", 0, len(block)))
+    text = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), 1, [None, offsets, pa.py_buffer(block)]
+    )
+    return bool(pc.match_substring_regex(text, LONG_DIGIT_RUN)[0].as_py())
 
 
 def parse_block(block: bytes, ds: Dataset, where: str, *, as_text: bool = False) -> pa.Table:
     """Whole CSV lines (as COPY writes them) -> a table of ``ds.schema``, every decimal
     checked; :class:`DatasetError` naming the first row that does not fit.
 
-    With ``as_text``, the decimal columns keep PostgreSQL's exact digits as text (without
-    trailing zeros) instead, for the text formats, once they are known to fit.
+    The fast path, for the usual block: no value can have more than 20 integer digits when the
+    text holds no 21 digits in a row (and Arrow's reader refuses a decimal it would have to
+    round), so Arrow converts the decimals directly. Otherwise (or when Arrow refuses), the
+    careful path reads them as text, checks each column, casts them, and names the first row
+    that does not fit. With ``as_text``, the decimal columns keep PostgreSQL's exact digits as
+    text (without trailing zeros) instead, for the text formats, once they are known to fit.
     """
-    read, convert = _options(ds)
+    if not as_text and not _long_digit_run(block):
+        try:
+            return _read(block, ds, decimals_as_text=False).cast(ds.schema)
+        except pa.ArrowInvalid:
+            pass  # the careful path says which row
     try:
-        table = pcsv.read_csv(pa.py_buffer(block), read_options=read, convert_options=convert)
+        table = _read(block, ds, decimals_as_text=True)
     except pa.ArrowInvalid as exc:
         raise DatasetError(f"{where}: cannot read the rows PostgreSQL sent: {exc}") from None
     for name in ds.decimal_columns:
         column = table.column(name)
-        # PostgreSQL writes plain digits (no exponent, no leading zeros): the integer part's
-        # length is the digits before the point
-        point = pc.find_substring(column, ".")
-        digits = pc.if_else(pc.less(point, 0), pc.utf8_length(column), point)
-        widest = pc.max(digits).as_py()
-        if widest is not None and widest > INTEGER_DIGITS:
-            row = pc.index(pc.greater(digits, INTEGER_DIGITS), True).as_py()
+        # PostgreSQL writes plain digits (no exponent, no leading zeros)
+        too_long = pc.match_substring_regex(column, TOO_MANY_INTEGER_DIGITS)
+        if pc.any(too_long).as_py():
+            row = pc.index(too_long, True).as_py()
             raise _misfit(where, ds, table.slice(row, 1).to_pylist()[0], name)
         try:
             exact = pc.cast(column, DECIMAL)  # refuses to drop a digit after the 18th decimal

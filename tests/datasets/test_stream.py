@@ -19,10 +19,9 @@ from klined.errors import DatasetError
 from klined.model import iso, parse_time
 
 DS = Dataset("1m")
-ROW = (
-    "{sym},2026-11-26 13:05:00+00,2026-11-26 13:06:00+00,{o},1,1,1,{v},,,3,rest,"
-    "2026-11-26 13:07:00.5+00\n"
-)
+# as Dataset("1m").select has the server write it: times in milliseconds since the epoch
+START = parse_time("2026-11-26T13:05:00Z")
+ROW = f"{{sym}},{START},{START + 60_000},{{o}},1,1,1,{{v}},,,3,rest,{START + 120_500}\n"
 
 decimals = st.decimals(
     min_value=0, max_value=DECIMAL_MAX, places=18, allow_nan=False, allow_infinity=False
@@ -46,6 +45,14 @@ def test_blocks_parse_to_the_exact_values(values: list[Decimal]) -> None:
     assert table.schema == DS.schema
     assert table.column("open").to_pylist() == values
     assert table.column("updated_at").to_pylist()[0].microsecond == 500_000
+
+
+def test_long_fractions_that_fit_take_the_careful_path() -> None:
+    # 21 digits in a row, all but 18 of them trailing zeros: it fits, exactly
+    text = ROW.format(sym="A/USD", o="1.500000000000000000000", v="12345678901234567890.5")
+    table = parse_block(text.encode(), DS, "t")
+    assert table.column("open").to_pylist() == [Decimal("1.5")]
+    assert table.column("volume").to_pylist() == [Decimal("12345678901234567890.5")]
 
 
 @pytest.mark.parametrize(
