@@ -466,7 +466,8 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
                     hour,
                 )
                 steps = await conn.fetch(
-                    "SELECT DISTINCT step FROM ops.job_runs WHERE hour_start IS NOT NULL"
+                    "SELECT DISTINCT step FROM ops.job_runs"
+                    " WHERE hour_start IS NOT NULL OR step = 'publish'"
                 )
             finally:
                 await conn.close()
@@ -476,7 +477,7 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
     assert ratios["binance"] == 1.0  # the simulator's REST history filled the hour
     durations = metric_samples(body, "klined_chain_step_seconds")
     assert set(durations) == {r["step"] for r in steps} == {
-        "flush", "bronze", "gapfill", "silver", "gold", "completeness"
+        "flush", "bronze", "gapfill", "silver", "gold", "completeness", "publish"
     }  # fmt: skip
     assert all(v >= 0 for v in durations.values()) and durations["gapfill"] > 0
 
