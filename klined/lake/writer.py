@@ -51,7 +51,14 @@ from klined.config import LakeConfig
 from klined.errors import LakeError
 from klined.lake import compress
 from klined.lake.compress import fsync_dir as _fsync_dir
-from klined.lake.layout import GZ_SUFFIX, OPEN_SUFFIX, PART_SUFFIX, check_names, part_key
+from klined.lake.layout import (
+    GZ_SUFFIX,
+    OPEN_SUFFIX,
+    PART_SUFFIX,
+    check_names,
+    parse_key,
+    part_key,
+)
 from klined.model import HOUR_MS, Candle
 from klined.status import LakeStatus
 
@@ -147,52 +154,56 @@ def lock_root(root: Path) -> int:
     return fd
 
 
-def seal_open_parts(
-    root: str | os.PathLike[str],
-    *,
-    keep_writer_id: str | None = None,
-    level: int = DEFAULT_LEVEL,
-) -> list[tuple[str, int]]:
-    """Seal ``.open`` parts left by a crashed writer; return their sealed ``(key, size)``.
+def leftover_parts(
+    root: str | os.PathLike[str], *, keep_writer_id: str | None = None
+) -> list[Path]:
+    """The ``.open`` parts a crashed writer left with content, still to be sealed.
 
-    Their content is kept as is (a torn last line is the readers' to skip) and compressed;
-    empty ones are removed, and so is a ``.open`` whose ``.gz`` exists (the crash came after
-    its seal) and a half-built ``.gz.tmp``. Parts whose key carries ``keep_writer_id`` belong
-    to a live writer and are left.
+    On the way, what needs no sealing goes: empty ``.open`` parts, a ``.open`` whose ``.gz``
+    exists (the crash came after its seal), a half-built ``.gz.tmp``. Parts whose key carries
+    ``keep_writer_id`` belong to a live writer and are left alone.
     """
-    root_path = Path(root)
-    sealed: list[tuple[str, int]] = []
+    found: list[Path] = []
     suffix = PART_SUFFIX + OPEN_SUFFIX
     tmp_suffix = PART_SUFFIX + GZ_SUFFIX + compress.TMP_SUFFIX
-    for dirpath, _dirs, files in os.walk(root_path):
+    for dirpath, _dirs, files in os.walk(root):
         for name in files:
             if not name.startswith("part-"):
                 continue
             if keep_writer_id and f"-{keep_writer_id}-" in name:
                 continue
             path = Path(dirpath) / name
-            if name.endswith(tmp_suffix):
-                path.unlink(missing_ok=True)
-                continue
-            if not name.endswith(suffix):
-                continue
-            final = compress.sealed_path(path)
             try:
-                size = path.stat().st_size
-                if size == 0 or final.exists():
+                if name.endswith(tmp_suffix):
                     path.unlink()
-                    continue
-                gz_size = compress.seal_compressed(path, level)
+                elif name.endswith(suffix):
+                    if path.stat().st_size == 0 or compress.sealed_path(path).exists():
+                        path.unlink()
+                    else:
+                        found.append(path)
             except FileNotFoundError:
                 continue
-            key = final.relative_to(root_path).as_posix()
-            logger.warning(
-                "lake: sealed {} left open by an earlier run ({} bytes, {} compressed)",
-                key,
-                size,
-                gz_size,
-            )
-            sealed.append((key, gz_size))
+    return sorted(found)
+
+
+def seal_open_parts(
+    root: str | os.PathLike[str],
+    *,
+    keep_writer_id: str | None = None,
+    level: int = DEFAULT_LEVEL,
+) -> list[tuple[str, int]]:
+    """Seal the parts a crashed writer left open (:func:`leftover_parts`), here and now;
+    return their sealed ``(key, size)``. Their content is kept as is (a torn last line is the
+    readers' to skip) and compressed. (A running writer queues them for its sealer instead.)
+    """
+    root_path = Path(root)
+    sealed: list[tuple[str, int]] = []
+    for path in leftover_parts(root_path, keep_writer_id=keep_writer_id):
+        try:
+            size = compress.seal_compressed(path, level)
+        except FileNotFoundError:
+            continue
+        sealed.append((compress.sealed_path(path).relative_to(root_path).as_posix(), size))
     return sealed
 
 
@@ -504,6 +515,23 @@ class LakeWriter:
         else:
             await self._spread(_seal_each, parts, self._level)
 
+    def _adopt(self, paths: list[Path]) -> None:
+        """Queue the parts an earlier run left open for the sealer: capture starts at once,
+        whatever there is to compress (their data is on disk; nothing is lost meanwhile)."""
+        for path in paths:
+            key = path.relative_to(self.root).as_posix()[: -len(OPEN_SUFFIX)]
+            try:
+                hour_ms = parse_key(key).hour_ms
+                dev = path.stat().st_dev
+            except (ValueError, OSError):
+                hour_ms, dev = 0, None  # a foreign name or gone: sealed (or failing) as is
+            part = _Part(key, path, hour_ms, self._clock())
+            part.created, part.dev = True, dev
+            self._unsealed.append(part)
+            logger.warning("lake: sealing {} left open by an earlier run", key)
+        if paths:
+            self._seal_wake.set()
+
     async def _sealer(self) -> None:
         """Seal what the flushes closed, beside them (a flush never waits for compression)."""
         while True:
@@ -529,7 +557,7 @@ class LakeWriter:
                 await self._write(jobs)
                 self._settle(jobs)
             if self._status is not None:
-                self._status.open_parts = len(self._open) + len(self._closing)
+                self._status.open_parts = len(self._open) + len(self._closing) + len(self._unsealed)
                 self._status.events_written = self.events_written
 
     async def _write(self, jobs: list[_Job]) -> None:
@@ -630,7 +658,8 @@ class LakeWriter:
             )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Lock the root, seal leftovers of a crashed run, then flush and rotate until cancelled.
+        """Lock the root, queue the leftovers of a crashed run for sealing, then flush, rotate and
+        seal until cancelled.
 
         :class:`LakeError` if another writer holds the root. On the way out (cancellation)
         every open part is sealed, as :meth:`aclose` does.

@@ -331,7 +331,8 @@ async def test_torn_line_after_crash_is_sealed_skipped_and_reported(tmp_path: Pa
     closed: list[str] = []
     survivor = LakeWriter(tmp_path, config(), on_part_closed=lambda k, s: closed.append(k))
     async with anyio.create_task_group() as tg:
-        await tg.start(survivor.run)  # seals the leftover before it reports started
+        await tg.start(survivor.run)  # capture can start: the leftover is sealed beside it
+        await wait_until(lambda: closed)
         assert closed == [open_part.key + ".gz"]
         tg.cancel_scope.cancel()
     contents = read_part_file(tmp_path / (open_part.key + ".gz"))
