@@ -24,6 +24,7 @@ manifest entry: compare the checksum).
 from __future__ import annotations
 
 import calendar
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,14 @@ from klined.config import Config
 from klined.datasets.formats import FORMATS, file_name, open_sink
 from klined.datasets.schema import DECIMAL_TEXT, Dataset
 from klined.datasets.stream import copy_tables
-from klined.datasets.targets import MANIFEST, Target, decode_json, sha256_file, target_for
+from klined.datasets.targets import (
+    MANIFEST,
+    LocalTarget,
+    Target,
+    decode_json,
+    sha256_file,
+    target_for,
+)
 from klined.errors import DatasetError, UsageError
 from klined.model import EXCHANGES, iso, parse_time, to_datetime
 from klined.warehouse.database import Database
@@ -241,6 +249,19 @@ async def _estimate(db: Database, sql: str, args: list[Any]) -> int:
     return int(parsed[0]["Plan"]["Plan Rows"])
 
 
+@dataclass(slots=True)
+class Written:
+    """One file written by :func:`write_partition` (``rows == 0``: removed instead)."""
+
+    rows: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    symbols: int = 0
+    first: int | None = None  # interval_start, ms
+    last: int | None = None
+    replaced: bool = False  # False when nothing changed in place (no rows, or the same bytes)
+
+
 async def write_partition(
     db: Database,
     target: Target,
@@ -252,11 +273,12 @@ async def write_partition(
     *,
     where: str,
     on_rows: Callable[[int], None] | None = None,
-) -> tuple[int, int, str, int, int | None, int | None]:
+    unless_sha256: str | None = None,
+) -> Written:
     """Stream one query into one file at ``rel`` of ``target``, replacing it whole.
 
-    Returns (rows, bytes, sha256, symbols, first, last interval_start); with no rows the file
-    is removed instead (and bytes is 0).
+    With no rows the file is removed instead. With ``unless_sha256``, a new file with that
+    checksum, when the file is in place, is dropped: the one in place is the same.
     """
     tmp = target.scratch(rel)
     sink = open_sink(fmt, tmp, ds)
@@ -273,17 +295,28 @@ async def write_partition(
         await anyio.to_thread.run_sync(sink.close)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(sink.close)
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                await anyio.to_thread.run_sync(sink.close)
             await anyio.Path(tmp).unlink(missing_ok=True)
         raise
     if not sink.rows:
         await anyio.Path(tmp).unlink(missing_ok=True)
         await target.remove(rel)
-        return 0, 0, "", 0, None, None
-    size = (await anyio.Path(tmp).stat()).st_size
-    digest = await anyio.to_thread.run_sync(sha256_file, tmp)
+        return Written()
+    done = Written(
+        rows=sink.rows,
+        bytes=(await anyio.Path(tmp).stat()).st_size,
+        sha256=await anyio.to_thread.run_sync(sha256_file, tmp),
+        symbols=len(sink.symbols),
+        first=sink.first,
+        last=sink.last,
+    )
+    if unless_sha256 == done.sha256 and isinstance(target, LocalTarget) and target.exists(rel):
+        await anyio.Path(tmp).unlink(missing_ok=True)
+        return done
     await target.install(rel, tmp)
-    return sink.rows, size, digest, len(sink.symbols), sink.first, sink.last
+    done.replaced = True
+    return done
 
 
 async def run_export(
@@ -309,23 +342,25 @@ async def run_export(
         for part in parts:
             progress.partition(part.key)
             rel = f"{part.key}/{name}"
-            rows, size, digest, symbols, first, last = await write_partition(
+            done = await write_partition(
                 db, target, ds, req.fmt, sql, _args(req, part), rel,
                 where=f"{part.exchange} {ds.name}", on_rows=progress.advance,
             )  # fmt: skip
-            part.rows, part.bytes, part.sha256, part.symbols = rows, size, digest, symbols
+            part.rows, part.bytes, part.sha256, part.symbols = (
+                done.rows, done.bytes, done.sha256, done.symbols,
+            )  # fmt: skip
             entries = manifest["partitions"]
-            if rows:
+            if done.rows:
                 entries[part.key] = {
                     "path": rel,
                     "from": iso(part.start_ms),
                     "to": iso(part.end_ms),
-                    "rows": rows,
-                    "symbols": symbols,
-                    "first_interval_start": iso(first) if first is not None else None,
-                    "last_interval_start": iso(last) if last is not None else None,
-                    "bytes": size,
-                    "sha256": digest,
+                    "rows": done.rows,
+                    "symbols": done.symbols,
+                    "first_interval_start": None if done.first is None else iso(done.first),
+                    "last_interval_start": None if done.last is None else iso(done.last),
+                    "bytes": done.bytes,
+                    "sha256": done.sha256,
                     "written_at": iso(int(time.time() * 1000)),
                 }
             elif part.key in entries:

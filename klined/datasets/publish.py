@@ -28,13 +28,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 from loguru import logger
 
 from klined.config import Config
 from klined.datasets.export import write_partition
 from klined.datasets.schema import Dataset
-from klined.datasets.targets import LocalTarget, S3Target, sha256_file
+from klined.datasets.targets import LocalTarget, S3Target
 from klined.errors import DatasetError
 from klined.model import DAY_MS, from_datetime, iso, to_datetime
 from klined.warehouse.database import Database
@@ -118,11 +117,11 @@ async def publish_day(
     before = await _published(db, dataset, exchange, day)
     sql = ds.select(pairs=False, final_only=False)
     args = [exchange, to_datetime(day_ms), to_datetime(day_ms + DAY_MS)]
-    tmp_target = _KeepIfSame(local, before["sha256"] if before else None)
-    rows, size, digest, _, _, _ = await write_partition(
-        db, tmp_target, ds, "parquet", sql, args, rel, where=f"{exchange} {dataset} {iso(day_ms)}"
-    )
-    if not rows:
+    done = await write_partition(
+        db, local, ds, "parquet", sql, args, rel, where=f"{exchange} {dataset} {iso(day_ms)}",
+        unless_sha256=before["sha256"] if before else None,
+    )  # fmt: skip
+    if not done.rows:
         if mirror is not None and before is not None and before["s3_key"]:
             await mirror.remove(rel)
         await db.execute(
@@ -132,7 +131,7 @@ async def publish_day(
             day,
         )
         return ("removed" if before is not None else "empty"), 0
-    same = tmp_target.same
+    same = not done.replaced
     s3_key = before["s3_key"] if (same and before is not None) else None
     if mirror is not None and s3_key is None:
         s3_key = await mirror.mirror(rel, local.root / rel)
@@ -147,33 +146,12 @@ async def publish_day(
         exchange,
         day,
         rel,
-        rows,
-        size,
-        digest,
+        done.rows,
+        done.bytes,
+        done.sha256,
         s3_key,
     )
-    return ("unchanged" if same else "written"), rows
-
-
-class _KeepIfSame(LocalTarget):
-    """The local datasets folder, except that a new file identical to the published one
-    (same SHA-256) is dropped instead of replacing it: nothing changes for readers."""
-
-    def __init__(self, local: LocalTarget, sha256: str | None) -> None:
-        super().__init__(local.root)
-        self.sha256 = sha256
-        self.same = False
-
-    async def install(self, rel: str, tmp: Path) -> None:
-        if (
-            self.sha256 is not None
-            and self.exists(rel)
-            and await anyio.to_thread.run_sync(sha256_file, tmp) == self.sha256
-        ):
-            self.same = True
-            await anyio.Path(tmp).unlink(missing_ok=True)
-            return
-        await super().install(rel, tmp)
+    return ("unchanged" if same else "written"), done.rows
 
 
 @dataclass(slots=True)

@@ -150,12 +150,25 @@ def _from_files(
         raise DatasetError(f"{where} is not a folder of klined datasets")
     folder = _dataset_dir(fs, base, ds)
     _check_export(fs, folder, ds, where)
+    selector = pafs.FileSelector(folder, recursive=True)
+    files = [
+        info.path
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and info.path.endswith(".parquet")
+        and not any(part.startswith((".", "_")) for part in info.path[len(folder) :].split("/"))
+    ]
+    if not files:
+        raise DatasetError(
+            f"no Parquet files under {where} (for {ds.name}: a published datasets folder, "
+            "the lake root with publishing on, or a Parquet export)"
+        )
     dataset = pds.dataset(
-        folder,
+        files,
         filesystem=fs,
         format="parquet",
-        partitioning="hive",
-        exclude_invalid_files=False,
+        partitioning=pds.partitioning(flavor="hive"),
+        partition_base_dir=folder,
     )
     fields = set(dataset.schema.names)
     time_type = ds.schema.field("interval_start").type

@@ -135,7 +135,7 @@ def test_inside_a_running_event_loop(published: tuple[str, Path, Path]) -> None:
 def test_dsn_from_the_environment_and_refusals(
     published: tuple[str, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dsn, _, export = published
+    dsn, lake_root, export = published
     monkeypatch.setenv("KLINED_DSN", dsn)
     assert klined.read_candles(*MARCH).num_rows > 0
     monkeypatch.delenv("KLINED_DSN")
@@ -151,6 +151,12 @@ def test_dsn_from_the_environment_and_refusals(
         klined.read_candles(*MARCH, interval="5m", source=str(export))
     with pytest.raises(DatasetError, match="not a folder of klined datasets"):
         klined.read_candles(*MARCH, source=str(tmp_path / "nowhere"))
+    (tmp_path / "lake" / "exchange=kraken").mkdir(parents=True)  # a raw lake, nothing published
+    with pytest.raises(DatasetError, match="no Parquet files under"):
+        klined.read_candles(*MARCH, source=str(tmp_path / "lake"))
+    # a range with nothing in it: an empty table, with the columns
+    empty = klined.read_candles("2020-01-01", "2020-01-02", source=str(lake_root))
+    assert empty.num_rows == 0 and empty.schema.names[:2] == ["exchange", "symbol"]
 
 
 def test_import_klined_stays_light() -> None:
