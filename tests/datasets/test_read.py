@@ -151,9 +151,9 @@ def test_dsn_from_the_environment_and_refusals(
         klined.read_candles(*MARCH, interval="5m", source=str(export))
     with pytest.raises(DatasetError, match="not a folder of klined datasets"):
         klined.read_candles(*MARCH, source=str(tmp_path / "nowhere"))
-    (tmp_path / "lake" / "exchange=kraken").mkdir(parents=True)  # a raw lake, nothing published
+    (tmp_path / "raw" / "exchange=kraken").mkdir(parents=True)  # a raw lake, nothing published
     with pytest.raises(DatasetError, match="no Parquet files under"):
-        klined.read_candles(*MARCH, source=str(tmp_path / "lake"))
+        klined.read_candles(*MARCH, source=str(tmp_path / "raw"))
     # a range with nothing in it: an empty table, with the columns
     empty = klined.read_candles("2020-01-01", "2020-01-02", source=str(lake_root))
     assert empty.num_rows == 0 and empty.schema.names[:2] == ["exchange", "symbol"]
