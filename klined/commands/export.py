@@ -20,7 +20,8 @@ from klined.warehouse.database import open_database
 
 
 class _Bar(Progress):
-    """A progress bar on a terminal (rows against the planner's estimate); quiet otherwise."""
+    """A progress bar on a terminal (rows against the planner's estimate, stretched when the
+    estimate falls short); quiet otherwise."""
 
     def __init__(self) -> None:
         self.bar: Any = None
@@ -41,13 +42,16 @@ class _Bar(Progress):
 
     def advance(self, rows: int) -> None:
         if self.bar is not None:
-            step = min(rows, self.total - self.done)  # the estimate may fall short
-            self.done += step
-            if step:
-                self.bar.update(step)
+            self.done += rows
+            if self.done > self.total:  # the planner's estimate fell short
+                self.total = self.bar.length = self.done + self.done // 10
+            self.bar.update(rows)
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.length = max(1, self.done)  # what was written is all there is
+            self.bar.label = "exported"
+            self.bar.render_progress()
             self.bar.__exit__(None, None, None)
             self.bar = None
 
@@ -140,8 +144,8 @@ def export_command(
             click.echo(f"{part.key}  removed (no candles in {iso(part.start_ms)} .. now)")
             continue
         click.echo(
-            f"{part.key}  {part.rows:>12,} rows  {part.symbols:>5,} pairs  {_size(part.bytes):>10}"
-            f"  {iso(part.start_ms)} .. {iso(part.end_ms)}"
+            f"{part.key}  {part.rows:>12,} rows  {part.symbols:>5,} pair(s)"
+            f"  {_size(part.bytes):>10}  {iso(part.start_ms)} .. {iso(part.end_ms)}"
         )
     click.echo(
         f"{result.rows:,} {req.dataset.name} rows in {len(result.partitions)} partition(s),"

@@ -344,7 +344,7 @@ def test_command_line(
     ]
     assert _exit([*args, "--format", "csv", "--pair", "btc/usd"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(rf"{MAR} +7 rows +1 pairs +[\d.]+ KB  2026-03-01T00:00:00Z", printed)
+    assert re.search(rf"{MAR} +7 rows +1 pair\(s\) +[\d.]+ KB  2026-03-01T00:00:00Z", printed)
     assert "13 ohlcv_1m rows in 2 partition(s)" in printed
     assert (
         (out / MAR / "candles.csv").read_text().splitlines()[0].startswith("symbol,interval_start")
