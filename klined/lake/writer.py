@@ -69,8 +69,9 @@ IO_THREADS = 8
 JOBS_PER_THREAD = 32
 #: a flush of more parts than this makes them durable with one ``syncfs`` where available
 SYNC_EACH_MAX = 16
-#: parts sealed (compressed) per shielded batch: shutdown waits for one batch at most
-SEAL_BATCH = 256
+#: bytes of parts sealed (compressed) per shielded batch: shutdown waits for one batch at most
+#: (about a second), and each batch costs two ``syncfs``, so batches are large
+SEAL_BATCH_BYTES = 256 * 1024 * 1024
 LOCK_NAME = ".writer.lock"
 DEFAULT_LEVEL = LakeConfig().compress_level
 
@@ -353,6 +354,16 @@ def _install_sealed(parts: list[_Part], fs: _FsSync) -> None:
             compress.drop_open(part.path)
 
 
+def _take_batch(queue: list[_Part]) -> list[_Part]:
+    """The first parts of the queue, up to ``SEAL_BATCH_BYTES`` (at least one part)."""
+    size = 0
+    for n, part in enumerate(queue):
+        size += part.written
+        if size > SEAL_BATCH_BYTES and n:
+            return queue[:n]
+    return queue[:]
+
+
 def _sync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -464,7 +475,7 @@ class LakeWriter:
 
     async def _seal_closed(self) -> None:
         """Compress the closed parts (their data is durable in ``.open``) into their sealed
-        ``.gz`` in worker threads, and announce them, ``SEAL_BATCH`` at a time.
+        ``.gz`` in worker threads, and announce them, ``SEAL_BATCH_BYTES`` at a time.
 
         A batch is shielded (worker threads cannot be abandoned anyway), so cancellation lands
         between batches and the parts not sealed yet simply stay queued (and ``.open`` on
@@ -476,7 +487,7 @@ class LakeWriter:
             failed: list[_Part] = []
             try:
                 while queue:
-                    batch = queue[:SEAL_BATCH]
+                    batch = _take_batch(queue)
                     with anyio.CancelScope(shield=True):
                         await self._seal_batch(batch)
                     del queue[: len(batch)]
@@ -522,11 +533,12 @@ class LakeWriter:
             key = path.relative_to(self.root).as_posix()[: -len(OPEN_SUFFIX)]
             try:
                 hour_ms = parse_key(key).hour_ms
-                dev = path.stat().st_dev
+                stat = path.stat()
+                dev, size = stat.st_dev, stat.st_size
             except (ValueError, OSError):
-                hour_ms, dev = 0, None  # a foreign name or gone: sealed (or failing) as is
+                hour_ms, dev, size = 0, None, 0  # foreign or gone: sealed (or failing) as is
             part = _Part(key, path, hour_ms, self._clock())
-            part.created, part.dev = True, dev
+            part.created, part.dev, part.written = True, dev, size
             self._unsealed.append(part)
             logger.warning("lake: sealing {} left open by an earlier run", key)
         if paths:
