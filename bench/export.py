@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
+from chain import CpuMeter  # bench/chain.py: CPU seconds of this process and the server
 
 from klined.config import Config, DaemonConfig, DatabaseConfig
 from klined.datasets.export import ExportRequest, plan, run_export
@@ -64,43 +64,6 @@ CROSS JOIN LATERAL (
            round(((p * 13 + m * 7) % 100000) / 1000.0 + 0.00000001 * (m % 97 + 1), 8) AS vol
 ) v
 """
-
-
-class CpuMeter:
-    """CPU seconds of this process and of the server's backends over a block."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.me = psutil.Process()
-        self.procs: dict[int, psutil.Process] = {}
-
-    async def _server(self) -> float:
-        for row in await self.db.fetch("SELECT pid FROM pg_stat_activity"):
-            if row["pid"] not in self.procs:
-                try:
-                    self.procs[row["pid"]] = psutil.Process(row["pid"])
-                except psutil.Error:
-                    continue
-        total = 0.0
-        for proc in self.procs.values():
-            try:
-                t = proc.cpu_times()
-            except psutil.Error:
-                continue
-            total += t.user + t.system
-        return total
-
-    def _client(self) -> float:
-        t = self.me.cpu_times()
-        return t.user + t.system
-
-    async def __aenter__(self) -> CpuMeter:
-        self.c0, self.s0 = self._client(), await self._server()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.client_s = round(self._client() - self.c0, 2)
-        self.server_s = round(await self._server() - self.s0, 2)
 
 
 async def fill(db: Database, start_ms: int, pairs: int, minutes: int) -> int:
@@ -165,8 +128,11 @@ async def bench_export(db: Database, cfg: Config, work: Path, args: argparse.Nam
         "rows_per_s": round(rows / export_s),
         "ratio": round(copy_s / export_s, 3),
         "cpu_seconds": {
-            "copy": {"client": copy_cpu.client_s, "server": copy_cpu.server_s},
-            "export": {"client": export_cpu.client_s, "server": export_cpu.server_s},
+            "copy": {"client": round(copy_cpu.client_s, 2), "server": round(copy_cpu.server_s, 2)},
+            "export": {
+                "client": round(export_cpu.client_s, 2),
+                "server": round(export_cpu.server_s, 2),
+            },
         },
         "all_rounds": {
             "copy": [round(c[0], 3) for c in copies],
@@ -205,7 +171,7 @@ async def bench_publish(db: Database, cfg: Config, pairs: int, hours: int) -> di
         "rows": report.rows,
         "bytes": size,
         "seconds": round(seconds, 3),
-        "cpu_seconds": {"client": meter.client_s, "server": meter.server_s},
+        "cpu_seconds": {"client": round(meter.client_s, 2), "server": round(meter.server_s, 2)},
         "gold_refresh_seconds": round(gold_s, 2),
     }
 

@@ -454,15 +454,8 @@ AS $$
 DECLARE
     v_schema text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
-        BEGIN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', p_role);
-        EXCEPTION
-            WHEN duplicate_object OR unique_violation THEN
-                NULL;
-        END;
-    END IF;
-    FOREACH v_schema IN ARRAY ARRAY['silver', 'gold', 'monitoring'] LOOP
+    PERFORM ops.grant_readonly(p_role);  -- the role, NOLOGIN, and the monitoring schema
+    FOREACH v_schema IN ARRAY ARRAY['silver', 'gold'] LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, p_role);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', v_schema, p_role);
         EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO %I',
