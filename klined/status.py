@@ -67,7 +67,11 @@ class ChainStatus(msgspec.Struct, kw_only=True):
     current_step: str = ""
     last_run_ms: int | None = None
     last_result: str = ""
-    next_run_ms: int | None = None
+    next_run_ms: int | None = None  # the next cron time (a due run waits for the current hour)
+    trigger: str = ""  # what the running work is: catchup | schedule | ...
+    run_done: int = 0  # hours of the current run finished so far
+    run_total: int = 0  # hours the current run has had to do (it grows when an hour closes)
+    waiting_for: str = ""  # who holds the chain lock while this run waits for it
 
 
 class StatusSnapshot(msgspec.Struct, kw_only=True):

@@ -1,4 +1,5 @@
-"""``klined run``: the daemon in the foreground until SIGTERM/SIGINT (see :mod:`klined.daemon`)."""
+"""``klined run``: the daemon in the foreground until SIGTERM/SIGINT/SIGHUP (see
+:mod:`klined.daemon.process`)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def _klined_error(exc: BaseException) -> KlinedError | None:
 @click.command("run")
 @config_option
 def run_command(config_path: str | None) -> int:
-    """Run the daemon: streams, lake, status, hourly chain (until SIGTERM/SIGINT)."""
+    """Run the daemon: streams, lake, status, hourly chain.
+
+    Runs until SIGTERM, SIGINT or SIGHUP (a closed SSH session), then stops gracefully: every
+    open lake part is sealed and uploaded, an embedded PostgreSQL stopped; exit code 0.
+    """
     cfg = load_config(config_path)  # ConfigError: the CLI prints it and exits 2
     setup_config_logging(cfg.daemon)
     notifier = Notifier.from_env()

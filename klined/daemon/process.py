@@ -12,7 +12,9 @@ Start-up order (each step is up before the next starts):
    :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs);
 6. ``READY=1`` to systemd, then watchdog pings from the main loop's 1 Hz tick.
 
-Shutdown on SIGTERM/SIGINT, in order: streams and the scheduler are cancelled (sockets closed,
+Shutdown on SIGTERM/SIGINT/SIGHUP (the last is what a closing SSH session sends a foreground
+``klined run``; the daemon has no configuration to reload, so it stops just as gracefully), in
+order: streams and the scheduler are cancelled (sockets closed,
 bounded); every open lake part is sealed (everything buffered reaches the disk) and the sealed
 parts are uploaded, both shielded and bounded by ``daemon.shutdown_timeout_s``; then the status
 and metrics servers stop and the process exits 0. A second signal skips the upload: the parts
@@ -45,6 +47,8 @@ from klined.streams.connection import now_ms
 STREAMS_STOP_S = 5.0
 #: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
 LISTING_ATTEMPTS = 3
+#: the signals that stop the daemon gracefully (a second one skips the final upload)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 __all__ = ["Daemon", "run_daemon", "tune_process"]
 
@@ -62,7 +66,7 @@ class Daemon:
         stream_options: dict[str, Any] | None = None,
         handle_signals: bool = True,
     ) -> None:
-        """``handle_signals=False`` leaves SIGTERM/SIGINT to the host program (the demo owns
+        """``handle_signals=False`` leaves SIGTERM/SIGINT/SIGHUP to the host program (the demo owns
         them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`).
         ``uploader_options`` / ``stream_options`` tune the uploader / every exchange's
         :class:`ExchangeStreams` (tests shorten their timers)."""
@@ -168,7 +172,7 @@ class Daemon:
             self._final_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async for signum in signals:
                 logger.info("received {}", signal.Signals(signum).name)
                 if not self.stop_requested.is_set():
@@ -384,5 +388,5 @@ def tune_process() -> None:
 
 
 async def run_daemon(cfg: Config, *, notifier: Any = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; return the exit code."""
+    """Run the daemon until SIGTERM/SIGINT/SIGHUP; return the exit code."""
     return await Daemon(cfg, notifier=notifier).run()

@@ -41,6 +41,7 @@ from loguru import logger
 from klined.jobs.ops import StepResult, mark_dirty_hours
 from klined.lake import LakeStore, read_part
 from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import BRONZE_TABLE, PARTITIONED_TABLES, Database
 
 STEP = "bronze"
@@ -71,6 +72,7 @@ _PLAIN = operator.attrgetter(
     "volume", "quote_volume", "vwap", "trade_count", "is_final", "origin", "session_id",
 )  # fmt: skip
 _EXCHANGE = operator.attrgetter("exchange")
+_PAIR = operator.attrgetter("exchange", "symbol")
 
 _ENCODER = msgspec.json.Encoder()
 _LINE_DECODER = msgspec.json.Decoder(CandleRecord)
@@ -313,6 +315,7 @@ class _Batch:
     def __init__(self) -> None:
         self.stats: dict[str, _PartStats] = {}
         self.dirty: set[tuple[str, int]] = set()
+        self.pairs: set[tuple[str, str]] = set()  # (exchange, symbol) captured in the hour
         self.outside: list[bytes] = []
         self.outside_hours: set[int] = set()
 
@@ -422,6 +425,7 @@ async def _load_batch(
                     continue
                 inside, outside, hours = format_rows(records, lo, hi)
                 exchanges = set(map(_EXCHANGE, records))
+                batch.pairs.update(map(_PAIR, records))
                 batch.dirty.update((e, h) for e in exchanges for h in (hours | {hour}))
                 if outside:
                     batch.outside.append(encode_csv(outside, ref.key))
@@ -475,6 +479,9 @@ async def _load_batch(
             ],
         )
         await mark_dirty_hours(conn, batch.dirty, "lake_parts")
+        # a part is proof the pair was captured in its hour: its coverage starts there at
+        # the latest (klined.warehouse.coverage)
+        await extend_coverage(conn, batch.pairs, hour)
     if batch.outside_hours:
         await db.ensure_partitions(batch.outside_hours)
     return batch

@@ -1,10 +1,11 @@
 """The ``ops`` ledgers the chain steps share: step results, the job-run log and dirty hours.
 
 Every step returns a :class:`StepResult`. :func:`record_step` writes ``ops.job_runs``
-(``running`` -> ``ok`` / ``failed`` / ``skipped``) around a step, so the TUI and Looker can see
-what ran, how long it took and why it failed. Dirty hours are hours whose bronze changed (new
-lake parts, gap-fill or backfill rows) and which need silver, gold and completeness again;
-``seq`` makes clearing exact when new marks arrive while an hour is being processed.
+(``running`` -> ``ok`` / ``incomplete`` / ``failed`` / ``skipped``) around a step, so the TUI
+and Looker can see what ran, how long it took and why it failed. Dirty hours are hours whose
+bronze changed (new lake parts, gap-fill or backfill rows) and which need silver, gold and
+completeness again; ``seq`` makes clearing exact when new marks arrive while an hour is
+being processed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class StepRun:
         self.rows: int = 0
         self.details: dict[str, Any] = {}
         self.skipped_reason: str | None = None
+        self.incomplete_reason: str | None = None
 
     def set_result(self, result: StepResult) -> StepResult:
         self.rows = result.rows
@@ -53,6 +55,11 @@ class StepRun:
     def skip(self, reason: str) -> None:
         """Finish as ``skipped`` (e.g. nothing to do, lock held elsewhere)."""
         self.skipped_reason = reason
+
+    def incomplete(self, reason: str) -> None:
+        """Finish as ``incomplete``: the step ran, but failed requests left work undone (the
+        reason is recorded as its error; later steps still run)."""
+        self.incomplete_reason = reason
 
 
 async def _finish(
@@ -84,8 +91,8 @@ async def record_step(
     """Record one run of ``step`` in ``ops.job_runs`` around the ``async with`` body.
 
     The row is inserted as ``running`` before the body and finished (shielded from
-    cancellation) as ``ok``, ``skipped`` or ``failed`` with the error text; exceptions and
-    cancellation propagate unchanged.
+    cancellation) as ``ok``, ``skipped``, ``incomplete`` (with its reason) or ``failed`` with
+    the error text; exceptions and cancellation propagate unchanged.
     """
     run_id: int = await db.fetchval(
         "INSERT INTO ops.job_runs (hour_start, step, status, trigger)"
@@ -107,6 +114,8 @@ async def record_step(
     if run.skipped_reason is not None:
         run.details.setdefault("skipped", run.skipped_reason)
         await _finish(db, run, "skipped", started, None)
+    elif run.incomplete_reason is not None:
+        await _finish(db, run, "incomplete", started, run.incomplete_reason[:4000])
     else:
         await _finish(db, run, "ok", started, None)
 

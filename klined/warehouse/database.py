@@ -291,14 +291,24 @@ def _quote_ident(name: str) -> str:
 
 
 async def sync_pairs(
-    db: Database, pairs_by_exchange: Mapping[str, Sequence[tuple[Pair, str]]]
+    db: Database,
+    pairs_by_exchange: Mapping[str, Sequence[tuple[Pair, str]]],
+    *,
+    now_ms: int | None = None,
 ) -> int:
     """Make ``ops.pairs`` match the configuration; return the number of rows changed.
 
     Every listed ``(Pair, native_symbol)`` becomes active; pairs of these exchanges that are no
     longer configured become inactive (their history stays). Exchanges absent from the mapping
     are deactivated entirely: the mapping is the whole configuration.
+
+    Coverage (:mod:`klined.warehouse.coverage`): a pair leaving the configuration ends its
+    coverage at the current hour; a pair configured again starts afresh (its new coverage is
+    recorded when it is next captured or backfilled), after the pending rows of its ended
+    coverage were written, so that history stays as it was.
     """
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    hour = to_datetime(floor_hour(now))
     exchanges: list[str] = []
     symbols: list[str] = []
     quotes: list[str] = []
@@ -310,13 +320,26 @@ async def sync_pairs(
             quotes.append(pair.quote)
             natives.append(native)
     async with db.transaction() as conn:
+        reopened = await conn.fetchval(
+            "SELECT count(*) FROM ops.pairs p"
+            " JOIN unnest($1::text[], $2::text[]) AS t(e, s) ON t.e = p.exchange AND t.s = p.symbol"
+            " WHERE NOT p.active AND p.coverage_start IS NOT NULL",
+            exchanges,
+            symbols,
+        )
+        if reopened:
+            await conn.execute("SELECT ops.mark_pending_hours($1)", hour)
         upserted = await conn.fetch(
             "INSERT INTO ops.pairs AS p (exchange, symbol, quote_asset, native_symbol, active)"
             " SELECT e, s, q, n, true FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
             "   AS t(e, s, q, n)"
             " ON CONFLICT (exchange, symbol) DO UPDATE"
             "   SET native_symbol = EXCLUDED.native_symbol, quote_asset = EXCLUDED.quote_asset,"
-            "       active = true, updated_at = now()"
+            "       active = true, updated_at = now(),"
+            "       coverage_start = CASE WHEN p.active THEN p.coverage_start END,"
+            "       coverage_end = CASE WHEN p.active THEN p.coverage_end END,"
+            "       completeness_from = CASE WHEN p.active THEN p.completeness_from END,"
+            "       completeness_to = CASE WHEN p.active THEN p.completeness_to END"
             "   WHERE (p.native_symbol, p.quote_asset, p.active)"
             "         IS DISTINCT FROM (EXCLUDED.native_symbol, EXCLUDED.quote_asset, true)"
             " RETURNING 1",
@@ -326,13 +349,16 @@ async def sync_pairs(
             natives,
         )
         deactivated = await conn.fetch(
-            "UPDATE ops.pairs p SET active = false, updated_at = now()"
+            "UPDATE ops.pairs p SET active = false, updated_at = now(),"
+            "   coverage_end = CASE WHEN p.coverage_start IS NOT NULL"
+            "                       THEN greatest(p.coverage_start, $3) END"
             " WHERE p.active AND NOT EXISTS ("
             "   SELECT 1 FROM unnest($1::text[], $2::text[]) AS t(e, s)"
             "   WHERE t.e = p.exchange AND t.s = p.symbol)"
             " RETURNING 1",
             exchanges,
             symbols,
+            hour,
         )
     return len(upserted) + len(deactivated)
 

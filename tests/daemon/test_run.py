@@ -440,6 +440,17 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return found
 
 
+async def covered_since(cfg: Config, hour_ms: int) -> None:
+    """A daemon ran before: the configured pairs are covered from ``hour_ms``."""
+    from klined.jobs.gapfill import sync_configured_pairs
+    from klined.warehouse.coverage import record_capture_start
+    from klined.warehouse.database import open_database
+
+    async with open_database(cfg, apply_schema=True) as db:
+        await sync_configured_pairs(db, cfg)
+        await record_capture_start(db, hour_ms)
+
+
 async def test_metrics_serve_chain_step_durations_and_completeness(
     sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
 ) -> None:
@@ -453,6 +464,7 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
         text = path.read_text().replace("catchup_hours = 0", "catchup_hours = 2")
         path.write_text(text.replace("[daemon]\n", f"[daemon]\nmetrics_port = {port}\n"))
         cfg = load_config(path)
+        await covered_since(cfg, floor_hour(int(time.time() * 1000)) - 2 * HOUR_MS)
         async with running(cfg) as daemon, httpx.AsyncClient(timeout=5) as client:
             figures = daemon.chain_figures
             await until(lambda: set(figures.completeness) == {"binance", "kraken"}, 60)

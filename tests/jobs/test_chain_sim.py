@@ -11,12 +11,14 @@ import anyio
 import pytest
 
 from klined.config import LakeConfig
-from klined.jobs.chain import ChainScheduler, chain_lock, run_chain, select_hours
+from klined.jobs.chain import chain_lock, run_chain
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.scheduler import ChainScheduler, select_hours
 from klined.lake import LakeStore, LakeWriter
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Origin, floor_hour
 from klined.rest.client import RetryPolicy, open_clients
 from klined.status import ChainStatus
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import open_database
 from tests.fixtures.sim import SIM_START
 from tests.support.truth import (
@@ -40,6 +42,7 @@ async def wait_for(condition: Any) -> None:
 PAIRS = ["BTC/USD", "REKT/USD"]
 FAST_RETRY = RetryPolicy(attempts=4, initial_s=0.02, max_s=0.2)
 H0 = floor_hour(SIM_START) - 2 * HOUR_MS  # two closed hours before the sim's start
+EVERY_PAIR = [(ex, p) for ex in ("binance", "kraken") for p in PAIRS]
 
 
 def ws_candle(sim: Any, exchange: str, pair: str, minute: int, *, final: bool) -> Candle | None:
@@ -195,12 +198,17 @@ async def test_select_hours_and_scheduler_catch_up(sim_factory: Any, pg_dsn: str
         now = H0 + 2 * HOUR_MS + 5 * MINUTE_MS
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
-            assert await select_hours(db, cfg, now) == [H0 - HOUR_MS, H0, H0 + HOUR_MS]
+            # nothing captured or backfilled: nothing to catch up on
+            assert await select_hours(db, cfg, now) == []
+            await extend_coverage(db, EVERY_PAIR, H0 - 10 * HOUR_MS)
+            # newest first
+            assert await select_hours(db, cfg, now) == [H0 + HOUR_MS, H0, H0 - HOUR_MS]
             status = ChainStatus()
             sched = ChainScheduler(db, cfg, status=status, clock_ms=lambda: now, lock_wait_s=0)
             report = await sched.run_once("catchup")
             assert report is not None and report.ok
-            assert [h.hour_ms for h in report.hours] == [H0 - HOUR_MS, H0, H0 + HOUR_MS]
+            assert [h.hour_ms for h in report.hours] == [H0 + HOUR_MS, H0, H0 - HOUR_MS]
+            assert (status.run_done, status.run_total, status.running) == (3, 3, False)
             # completed hours are not selected again; a dirty one is
             assert await select_hours(db, cfg, now) == []
             await db.execute(
@@ -299,6 +307,7 @@ async def test_daemon_chain_and_backfill_share_one_warehouse(
             ) as clients,
         ):
             await sync_configured_pairs(db, cfg)
+            await extend_coverage(db, EVERY_PAIR, hours[0])  # the daemon captured them
             sched = ChainScheduler(
                 db, cfg, lake=lake, clients=clients, clock_ms=sim.clock.now_ms, lock_wait_s=60
             )

@@ -15,6 +15,7 @@ from klined.jobs import bronze, completeness, gold, silver
 from klined.jobs.ops import record_step, run_step
 from klined.lake import LakeStore
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, to_datetime
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database, open_database, sync_pairs
 from tests.support.warehouse import (
     GOLD_TABLES,
@@ -80,6 +81,8 @@ async def _chain(db: Database, root: Path) -> None:
 
 async def test_completeness_counts_add_up(wdb: Database, tmp_path: Path) -> None:
     await sync_pairs(wdb, pairs_config(PAIRS))
+    # the daemon captured every configured pair from LATE on (SOL/USD sent nothing)
+    await extend_coverage(wdb, [(ex, p) for ex, ps in PAIRS.items() for p in ps], LATE)
     _lake(tmp_path)
     await _chain(wdb, tmp_path)
     rows = await wdb.fetch(
