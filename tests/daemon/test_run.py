@@ -34,6 +34,7 @@ from klined.sim import SimClock, Simulator
 from klined.status import StreamState
 from tests.fixtures.s3 import free_port
 from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.support.processes import postgres_for
 from tests.support.streams import (
     assert_exactly_once,
     assert_kraken_finality,
@@ -243,6 +244,49 @@ async def test_sigterm_mid_hour_exits_0_with_everything_sealed_and_uploaded(
     assert len(early) > 60
     assert not Counter(sent_key(e) for e in early) - captured
     assert_kraken_finality(sim, records)
+    assert not cfg.status_socket.exists()
+
+
+async def test_sighup_stops_like_sigterm_sealing_every_part_and_stopping_postgres(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """An SSH session closing on a foreground ``klined run`` sends SIGHUP: the daemon stops
+    gracefully (it was killed on the spot, parts left open, the embedded PostgreSQL running)."""
+    start = floor_hour(int(time.time() * 1000)) + 30 * MINUTE_MS
+    async with sim_factory(clock=SimClock(start, 60.0)) as sim:
+        cfg_path = write_config(tmp_path, sim, chain=True)  # no DSN: the embedded PostgreSQL
+        cfg = load_config(cfg_path)
+        pgdata = cfg.data_dir / "pgdata"
+        env = {k: v for k, v in os.environ.items() if k != "KLINED_DSN"}
+        async with await anyio.open_process(
+            [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
+            stdout=None,
+            stderr=None,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        ) as proc:
+            try:
+                await wait_streaming(cfg.status_socket, min_messages=60, limit_s=120)
+                with anyio.fail_after(120):  # the chain has its database (initdb included)
+                    while not (await fetch_status(cfg.status_socket)).chain.last_run_ms:  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+                assert postgres_for(pgdata)
+                snap = await fetch_status(cfg.status_socket)
+                assert snap.lake.open_parts > 0
+                proc.send_signal(signal.SIGHUP)
+                with anyio.fail_after(60):
+                    code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 0
+    assert not list(cfg.lake_root.rglob("*.open")), "every part is sealed"
+    assert local_parts(cfg.lake_root)
+    records = lake_records(cfg.lake_root)
+    assert not Counter(lake_key(r) for r in records if not is_derived_final(r)) - Counter(
+        sent_key(e) for e in sim.log
+    )
+    assert not postgres_for(pgdata), "the embedded PostgreSQL is stopped"
+    assert not (pgdata / "postmaster.pid").exists()
     assert not cfg.status_socket.exists()
 
 
