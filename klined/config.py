@@ -21,6 +21,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -156,6 +157,33 @@ class Config(_Section):
 
     def rest_url(self, exchange: str) -> str:
         return getattr(self.exchanges, exchange).rest_url or DEFAULT_URLS[exchange][1]
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password (in the user part or a ``password`` query parameter), for
+    logs, errors and ``klined config`` / ``klined sql --dsn``."""
+    try:
+        parts = urlsplit(dsn)
+        password = parts.password
+    except ValueError:
+        return "<unparseable dsn>"
+    if password:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
+
+
+def dsn_origin(cfg: Config) -> str:
+    """Where the DSN klined uses comes from: ``KLINED_DSN``, the TOML, or nowhere (embedded)."""
+    if os.environ.get("KLINED_DSN"):
+        return "KLINED_DSN (environment)"
+    if cfg.database.dsn:
+        return f"database.dsn in {cfg.source_path or 'the configuration'}"
+    return f"none: the embedded PostgreSQL under {cfg.data_dir / 'pgdata'}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
+import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from klined.cli import main
-from klined.config import load_config, parse_config
+from klined.config import Config, load_config, parse_config
 from klined.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +72,58 @@ def test_cli_exits_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "exchanges.binance.rest_ulr" in err and "did you mean 'rest_url'?" in err
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """Each ``[section]`` header of a TOML text (commented-out ones too) -> its lines."""
+    out: dict[str, list[str]] = {"": []}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        bare = line.lstrip("#").strip()
+        if bare.startswith("[") and bare.endswith("]") and "=" not in bare:
+            current = bare[1:-1].strip()
+            out.setdefault(current, [])
+            continue
+        out.setdefault(current, []).append(line)
+    return out
+
+
+def _keys_of(struct: type[msgspec.Struct], prefix: str) -> list[tuple[str, str, type | None]]:
+    """(section, key, struct of a dict's values or None) for every field, recursively."""
+    found: list[tuple[str, str, type | None]] = []
+    for field in msgspec.structs.fields(struct):
+        if field.name == "source_path":
+            continue  # not a TOML key
+        typ = field.type
+        if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+            found += _keys_of(typ, f"{prefix}.{field.name}".strip("."))
+        elif getattr(typ, "__origin__", None) is dict:
+            found.append((prefix, field.name, typ.__args__[1]))
+        else:
+            found.append((prefix, field.name, None))
+    return found
+
+
+def test_every_config_key_is_in_the_shipped_file_with_a_value() -> None:
+    """The README promises the shipped klined.toml lists every key: walk the config schema."""
+    text = (ROOT / "klined.toml").read_text()
+    sections = _sections(text)
+    missing = []
+    for section, key, values in _keys_of(Config, ""):
+        if values is None:
+            lines = sections.get(section, [])
+            if not any(re.match(rf"{re.escape(key)}\s*=", line) for line in lines):
+                missing.append(f"{section}.{key}")
+            continue
+        # a table of tables (symbol overrides): an example in the section, and every field
+        # shown in some example of it (commented out or not; the exchanges share the type)
+        tables = [name for name in sections if name.startswith(f"{section}.{key}.")]
+        if not tables:
+            missing.append(f"{section}.{key}.<name>")
+        kin = [name for name in sections if f".{key}." in name]
+        shown = [line.lstrip("#").strip() for name in kin for line in sections[name]]
+        for field in msgspec.structs.fields(values):
+            if not any(re.match(rf"{field.name}\s*=", line) for line in shown):
+                missing.append(f"{section}.{key}.<name>.{field.name}")
+    assert not missing, f"keys missing from the shipped klined.toml: {missing}"

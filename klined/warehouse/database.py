@@ -26,7 +26,7 @@ import anyio
 import asyncpg
 from loguru import logger
 
-from klined.config import Config, DatabaseConfig
+from klined.config import Config, DatabaseConfig, redact_dsn
 from klined.errors import DatabaseError
 from klined.model import DAY_MS, HOUR_MS, Pair, floor_hour, from_datetime, to_datetime
 from klined.warehouse import embedded as embedded_pg
@@ -45,18 +45,6 @@ EMBEDDED_DATABASE = "klined"
 _SCHEMA_LOCK_KEY = 0x6B6C696E  # "klin": serializes concurrent schema applications
 _CONNECT_TIMEOUT_S = 10.0
 _EMBEDDED_START_TIMEOUT_S = 120.0
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and error messages."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -492,29 +480,10 @@ async def open_database(
     ``session_settings`` overrides per-session settings (tests use it to prove that the
     session time zone does not matter).
     """
-    dsn = cfg.dsn
-    server: Any = None
-    if not dsn:
-        pgdata = cfg.data_dir / "pgdata"
-        logger.info("starting embedded PostgreSQL under {}", pgdata)
-        try:
-            with anyio.fail_after(_EMBEDDED_START_TIMEOUT_S):
-                server = await anyio.to_thread.run_sync(embedded_pg.start_server_sync, pgdata)
-                dsn = await _ensure_embedded_database(_embedded_dsn(server))
-        except anyio.get_cancelled_exc_class():
-            # the worker thread is never abandoned, so a server that came up is known here:
-            # an interrupted start-up must not leave it running
-            if server is not None:
-                await embedded_pg.stop_server(server)
-            raise
-        except Exception as exc:
-            if server is not None:
-                await embedded_pg.stop_server(server)
-            raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
-    try:
+    async with warehouse_server(cfg) as dsn:
         pool = await _create_pool(dsn, cfg.database, session_settings)
         try:
-            db = Database(pool, cfg.database, dsn, embedded=server is not None)
+            db = Database(pool, cfg.database, dsn, embedded=not cfg.dsn)
             if apply_schema:
                 await db.apply_schema()
                 await db.ensure_partitions_ahead(int(time.time() * 1000))
@@ -523,6 +492,34 @@ async def open_database(
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CONNECT_TIMEOUT_S):
                 await pool.close()
             pool.terminate()
-    finally:
+
+
+@asynccontextmanager
+async def warehouse_server(cfg: Config) -> AsyncIterator[str]:
+    """The warehouse's DSN for the ``async with`` body: the configured one, or the embedded
+    server under ``<data_dir>/pgdata``, started (with its ``klined`` database) for the body and
+    released after it (it stops when no other process, e.g. the daemon, still uses it)."""
+    if cfg.dsn:
+        yield cfg.dsn
+        return
+    pgdata = cfg.data_dir / "pgdata"
+    logger.info("starting embedded PostgreSQL under {}", pgdata)
+    server: Any = None
+    try:
+        with anyio.fail_after(_EMBEDDED_START_TIMEOUT_S):
+            server = await anyio.to_thread.run_sync(embedded_pg.start_server_sync, pgdata)
+            dsn = await _ensure_embedded_database(_embedded_dsn(server))
+    except anyio.get_cancelled_exc_class():
+        # the worker thread is never abandoned, so a server that came up is known here: an
+        # interrupted start-up must not leave it running
         if server is not None:
             await embedded_pg.stop_server(server)
+        raise
+    except Exception as exc:
+        if server is not None:
+            await embedded_pg.stop_server(server)
+        raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
+    try:
+        yield dsn
+    finally:
+        await embedded_pg.stop_server(server)
