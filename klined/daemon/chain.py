@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -147,7 +147,15 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
     from klined.warehouse.database import open_database
 
     cfg = daemon.cfg
-    async with open_database(cfg, apply_schema=True) as db, open_clients(cfg) as clients:
+    what = (
+        "connecting to PostgreSQL"
+        if cfg.dsn
+        else "the embedded PostgreSQL (initdb on a first start)"
+    )
+    async with AsyncExitStack() as stack:
+        with daemon.starting(what):
+            db = await stack.enter_async_context(open_database(cfg, apply_schema=True))
+        clients = await stack.enter_async_context(open_clients(cfg))
         await sync_configured_pairs(db, cfg)
         # capture began when the daemon did, even if the database came up later
         await record_capture_start(db, daemon.started_ms)

@@ -12,6 +12,12 @@ Start-up order (each step is up before the next starts):
    :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs);
 6. ``READY=1`` to systemd, then watchdog pings from the main loop's 1 Hz tick.
 
+Steps that can be slow on a first start (the embedded PostgreSQL's ``initdb``, the listing
+checks) run inside :meth:`Daemon.starting`: while one runs, the daemon asks systemd for more
+start time (``EXTEND_TIMEOUT_USEC``, renewed every ``EXTEND_EVERY_S``) and says which step it
+waits for (``STATUS=``). Each such step is bounded by its own timeout, so a start that hangs
+still fails.
+
 Shutdown on SIGTERM/SIGINT/SIGHUP (the last is what a closing SSH session sends a foreground
 ``klined run``; the daemon has no configuration to reload, so it stops just as gracefully), in
 order: streams and the scheduler are cancelled (sockets closed,
@@ -27,8 +33,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
 import anyio
@@ -47,6 +53,9 @@ from klined.streams.connection import now_ms
 STREAMS_STOP_S = 5.0
 #: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
 LISTING_ATTEMPTS = 3
+#: while a slow start-up step runs, systemd is asked for this much more start time, this often
+EXTEND_START_S = 60.0
+EXTEND_EVERY_S = 20.0
 #: the signals that stop the daemon gracefully (a second one skips the final upload)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -100,6 +109,7 @@ class Daemon:
         self._final_scope: anyio.CancelScope | None = None
         self._process: Any = None
         self.chain_figures = ChainFigures()
+        self._starting: list[str] = []
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -170,6 +180,23 @@ class Daemon:
         logger.warning("second signal: skipping the final upload (parts stay sealed on disk)")
         if self._final_scope is not None:
             self._final_scope.cancel()
+
+    @contextmanager
+    def starting(self, what: str) -> Iterator[None]:
+        """A start-up step that may take long: until the daemon is ready, systemd is asked for
+        more start time while it runs, and told what it is."""
+        self._starting.append(what)
+        self._extend_start()
+        try:
+            yield
+        finally:
+            self._starting.remove(what)
+
+    def _extend_start(self) -> None:
+        if self.notifier is None or self.ready.is_set() or not self._starting:
+            return
+        self.notifier.extend_timeout(EXTEND_START_S)
+        self.notifier.status("starting: " + "; ".join(self._starting))
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
@@ -320,7 +347,8 @@ class Daemon:
             self.stopped_streams.set()
 
     async def _start_exchange(self, tg: anyio.abc.TaskGroup, es: ExchangeStreams) -> None:
-        await tg.start(self._supervise_exchange, es, name=f"exchange {es.name}")
+        with self.starting(f"{es.name}: listing check and first connection"):
+            await tg.start(self._supervise_exchange, es, name=f"exchange {es.name}")
 
     async def _supervise_exchange(
         self, es: ExchangeStreams, *, task_status: TaskStatus[None]
@@ -362,10 +390,13 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             if self.notifier is not None:
                 tg.start_soon(watchdog_loop, self.notifier, heartbeat)
-            last = time.monotonic()
+            last = extended = time.monotonic()
             while True:
                 await anyio.sleep(1.0)
                 t = time.monotonic()
+                if t - extended >= EXTEND_EVERY_S:
+                    self._extend_start()
+                    extended = t
                 for es in self.streams:
                     es.refresh(t - last)
                 last = t

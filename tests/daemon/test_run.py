@@ -290,6 +290,39 @@ async def test_sighup_stops_like_sigterm_sealing_every_part_and_stopping_postgre
     assert not cfg.status_socket.exists()
 
 
+async def test_a_first_start_asks_systemd_for_more_time_while_initdb_runs(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """Under systemd, a first start's slow steps (initdb, listing checks) extend the start
+    timeout with EXTEND_TIMEOUT_USEC and say what they wait for, before READY=1."""
+    import socket
+
+    from klined.daemon.systemd import Notifier
+
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    messages: list[str] = []
+    try:
+        async with sim_factory() as sim:
+            cfg = load_config(write_config(tmp_path, sim, chain=True))  # a fresh embedded pgdata
+            async with running(cfg, notifier=Notifier(str(path))):
+                while True:
+                    try:
+                        messages.append(listener.recv(4096).decode())
+                    except BlockingIOError:
+                        break
+    finally:
+        listener.close()
+    ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    before = messages[:ready]
+    assert "EXTEND_TIMEOUT_USEC=60000000" in before
+    assert any(m.startswith("STATUS=starting: ") and "initdb" in m for m in before), before
+    assert any(m.startswith("STATUS=starting: ") and "listing check" in m for m in before)
+    assert not [m for m in messages[ready:] if m.startswith("EXTEND_TIMEOUT_USEC")]
+
+
 async def wait_streaming(sock: Path, *, min_messages: int, limit_s: float = 30.0) -> None:
     """Until the daemon's status shows every connection up and data flowing."""
     with anyio.fail_after(limit_s):
