@@ -85,6 +85,9 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     pairs: list[PairStatus] = msgspec.field(default_factory=list)
     lake: LakeStatus = msgspec.field(default_factory=LakeStatus)
     chain: ChainStatus = msgspec.field(default_factory=ChainStatus)
+    #: the exchanges are klined's simulator injecting faults on purpose (``klined demo``):
+    #: readers label the errors as simulated
+    simulated: bool = False
 
 
 def encode_snapshot(snapshot: StatusSnapshot) -> bytes:

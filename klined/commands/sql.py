@@ -114,7 +114,8 @@ def sql_command(config_path: str | None, show_dsn: bool, psql_args: tuple[str, .
             "psql not found: install the PostgreSQL client (Debian/Ubuntu: apt install"
             " postgresql-client), or use --dsn with another client"
         )
-    from klined.logs import setup_config_logging
+    from klined.logs import setup_logging
 
-    setup_config_logging(cfg.daemon)
+    # psql's output is the point: klined itself only speaks up about problems
+    setup_logging("WARNING", True if cfg.daemon.log_json else None)
     return anyio.run(_session, cfg, psql, psql_args)

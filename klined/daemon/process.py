@@ -74,12 +74,15 @@ class Daemon:
         uploader_options: dict[str, Any] | None = None,
         stream_options: dict[str, Any] | None = None,
         handle_signals: bool = True,
+        simulated: bool = False,
     ) -> None:
         """``handle_signals=False`` leaves SIGTERM/SIGINT/SIGHUP to the host program (the demo owns
         them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`).
         ``uploader_options`` / ``stream_options`` tune the uploader / every exchange's
-        :class:`ExchangeStreams` (tests shorten their timers)."""
+        :class:`ExchangeStreams` (tests shorten their timers). ``simulated``: the exchanges
+        are the simulator with injected faults (the demo); the status says so."""
         self.cfg = cfg
+        self.simulated = simulated
         self.handle_signals = handle_signals
         self.started_ms = now_ms()
         self._t0 = time.monotonic()
@@ -126,6 +129,7 @@ class Daemon:
             pairs=pairs,
             lake=self.lake_status,
             chain=self.chain_status,
+            simulated=self.simulated,
         )
 
     def _rss(self) -> int:

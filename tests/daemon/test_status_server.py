@@ -450,3 +450,12 @@ def test_status_never_shows_a_next_run_in_the_past() -> None:
     ) in render_status(snap)
     snap.chain = ChainStatus(running=False, next_run_ms=NOW - 1_000, last_run_ms=NOW - 60_000)
     assert "CHAIN: idle · next scheduled run due now\n" in render_status(snap)
+
+
+def test_a_demo_daemon_says_its_errors_are_simulated() -> None:
+    snap = make_snapshot()
+    assert "SIMULATED" not in render_status(snap)
+    snap.simulated = True
+    assert render_status(snap).splitlines()[1] == (
+        "SIMULATED: the exchanges are klined's simulator; its errors are injected faults"
+    )

@@ -16,7 +16,8 @@ def test_the_completeness_table_is_labelled_in_minutes() -> None:
     summary.completeness = [CompletenessLine("binance", rows=6, expected=360, counts=counts)]
     text = summary.render()
     section = text.split("completeness  ", 1)[1].split("\n\n", 1)[0]
-    assert "(minutes, summed over the seeded pair-hours of" in section
+    assert "(minutes, from monitoring.hourly_completeness)" in section
+    assert all(len(line) <= 80 for line in text.splitlines())
     assert "pair-hours from" not in text
     header, row = section.splitlines()[2:4]
     assert header.split()[0] == "expected" and row.split()[:2] == ["binance", "360"]

@@ -17,6 +17,7 @@ STATE_STYLE: dict[str, str] = {
 
 JOB_STYLE: dict[str, tuple[str, str]] = {
     "ok": ("✓", "#3fb950"),
+    "incomplete": ("!", "bold #d29922"),  # ran, but failed requests left minutes missing
     "failed": ("✗", "bold #f85149"),
     "running": ("▶", "bold #39c5cf"),
     "skipped": ("–", "#8b949e"),
