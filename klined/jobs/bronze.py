@@ -16,6 +16,9 @@ ref's ``local_path``) are read in place: a few tens of KB from the page cache ta
 while a worker-thread hop per part, fighting the busy loop for the GIL, cost more than decoding
 the part. Other parts are fetched a few at a time concurrently, ahead of the COPY.
 
+A loaded part is proof its pair was captured in its hour, so the same transaction starts the
+pair's coverage there if it started later (:mod:`klined.warehouse.coverage`).
+
 Torn or malformed lines are skipped and counted per part. A value the server refuses (a
 non-numeric price, NaN) fails the batch, which is then re-done in careful mode: every line is
 validated in Python and the bad ones are counted like torn lines. Rows filed under another

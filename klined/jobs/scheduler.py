@@ -68,7 +68,8 @@ async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
     An hour needs the chain when, inside ``chain.catchup_hours`` and the pairs' coverage, it
     was never completed or still has pending completeness rows; when it is dirty (any age: new
     lake parts, gap-fill or backfill rows); or when it is still incomplete inside
-    ``chain.rest_retry_hours`` (missing or partial minutes REST may still supply).
+    ``chain.rest_retry_hours`` (missing or partial minutes REST may still supply, pending
+    hours included).
     """
     closed_end = closed_end_ms(cfg, now_ms)
     catchup_start = closed_end - cfg.chain.catchup_hours * HOUR_MS
@@ -92,7 +93,7 @@ async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
         rows = await db.fetch(
             "SELECT DISTINCT h.hour_start FROM monitoring.hourly_completeness h"
             " JOIN ops.pairs p ON p.exchange = h.exchange AND p.symbol = h.symbol"
-            " WHERE p.active AND p.listed IS DISTINCT FROM false AND NOT h.pending"
+            " WHERE p.active AND p.listed IS DISTINCT FROM false"
             "   AND h.hour_start >= $1 AND h.hour_start < $2"
             "   AND (h.missing > 0 OR h.ws_partial > 0)",
             to_datetime(retry_start),

@@ -355,16 +355,28 @@ async def set_pair_listing(
     db: Database, exchange: str, pair: Pair, listed: bool | None, note: str = ""
 ) -> None:
     """Record the exchange listing check for a configured pair (``listed=False`` pairs are not
-    expected in completeness)."""
-    await db.execute(
-        "UPDATE ops.pairs SET listed = $3, note = $4, updated_at = now()"
-        " WHERE exchange = $1 AND symbol = $2"
-        "   AND (listed, note) IS DISTINCT FROM ($3, $4)",
-        exchange,
-        str(pair),
-        listed,
-        note,
-    )
+    expected in completeness: pending rows written for it while its listing was unknown are
+    removed, and written again should it be listed later)."""
+    async with db.transaction() as conn:
+        changed = await conn.fetchval(
+            "UPDATE ops.pairs SET listed = $3, note = $4, updated_at = now(),"
+            "   completeness_from = CASE WHEN $3 IS FALSE THEN NULL ELSE completeness_from END,"
+            "   completeness_to = CASE WHEN $3 IS FALSE THEN NULL ELSE completeness_to END"
+            " WHERE exchange = $1 AND symbol = $2"
+            "   AND (listed, note) IS DISTINCT FROM ($3, $4)"
+            " RETURNING 1",
+            exchange,
+            str(pair),
+            listed,
+            note,
+        )
+        if changed and listed is False:
+            await conn.execute(
+                "DELETE FROM monitoring.hourly_completeness"
+                " WHERE exchange = $1 AND symbol = $2 AND pending",
+                exchange,
+                str(pair),
+            )
 
 
 # ---------------------------------------------------------------------------------------------

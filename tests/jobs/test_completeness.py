@@ -247,3 +247,23 @@ async def hours_of(db: Database, symbol: str) -> list[int]:
         symbol,
     )
     return [int(r["hour_start"].timestamp() * 1000) for r in rows]
+
+
+async def test_a_pair_found_unlisted_later_drops_its_pending_hours(wdb: Database) -> None:
+    """The listing was unknown at start (the exchange's REST down): its hours were owed; once
+    the listing says the exchange does not trade it, the unprocessed ones are not."""
+    from klined.model import Pair
+    from klined.warehouse.database import set_pair_listing
+
+    await sync_pairs(wdb, pairs_config({"binance": ["BTC/USD", "PUMP/USD"]}))
+    await record_capture_start(wdb, H0)
+    await completeness.mark_pending(wdb, H0 + 3 * HOUR_MS)
+    assert len(await hours_of(wdb, "PUMP/USD")) == 3
+    await set_pair_listing(wdb, "binance", Pair.parse("PUMP/USD"), False, "not listed")
+    assert await hours_of(wdb, "PUMP/USD") == []
+    assert len(await hours_of(wdb, "BTC/USD")) == 3
+    await completeness.mark_pending(wdb, H0 + 4 * HOUR_MS)
+    assert await hours_of(wdb, "PUMP/USD") == []
+    await set_pair_listing(wdb, "binance", Pair.parse("PUMP/USD"), True)  # listed after all
+    await completeness.mark_pending(wdb, H0 + 4 * HOUR_MS)
+    assert len(await hours_of(wdb, "PUMP/USD")) == 4
