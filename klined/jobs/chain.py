@@ -401,7 +401,7 @@ async def run_chain(
             if publish:
                 status.last_run_ms = report.started_ms
                 status.last_result = report.summary()
-    if report.hours:
+    if report.hours and publish:  # a scheduler that does not publish logs its own progress
         logger.info("chain ({}): {}", trigger, report.summary())
     return report
 

@@ -276,10 +276,15 @@ class ChainScheduler:
         return len(new)
 
     def _estimate(self, hours: int) -> str:
-        per_hour = statistics.median(self._took) if self._took else self._per_hour_s
+        """What ``hours`` more hours take: the mean of this run's hours so far (older hours
+        can take much longer than recent ones: more to fetch), else recent runs' median."""
+        per_hour = statistics.fmean(self._took) if self._took else self._per_hour_s
         if per_hour is None:
             return "estimated duration known after the first hour"
-        return f"estimated {format_duration(per_hour * hours)} (about {per_hour:.0f} s per hour)"
+        return (
+            f"estimated {format_duration(per_hour * hours)}"
+            f" (about {format_duration(per_hour)} per hour)"
+        )
 
     async def _explain_coverage(self) -> None:
         """At start: say when coverage begins, and that history before it is a backfill's."""
@@ -350,7 +355,7 @@ class ChainScheduler:
                 else "done"
             )
             logger.info(
-                "chain ({}): {}/{} hours, {} {} in {:.1f} s; {}",
+                "chain ({}): {}/{} hours, {} {} in {:.1f}s; {}",
                 trigger,
                 self.status.run_done,
                 self.status.run_total,
