@@ -33,7 +33,7 @@ from klined.tui.present import (
 )
 from klined.tui.sources import ChainResult, JobRun
 from klined.tui.widgets.badge import job_badge
-from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.live_table import Columns, LiveTable, with_last_column
 
 _DIM = "#8b949e"
 _BAD = "#f85149"
@@ -56,8 +56,6 @@ def _step_cell(run: JobRun | None, now_ms: int) -> Text:
     return job_badge(run.status, fmt_span(duration) if duration is not None else "")
 
 
-Columns = list[tuple[str, str, int | None]]
-
 #: a step column: "✓ 3m05s" at most
 STEP_WIDTH = 7
 #: column labels for step names longer than a column
@@ -74,8 +72,7 @@ def detail_columns(width: int) -> Columns:
         ("trigger", "trigger", 8),  # catchup, schedule, manual, backfill, ...
         ("started", "started", 8),
     ]
-    used = sum((w or 0) + 2 for _, _, w in columns) + 2 + 1
-    return [*columns, ("error", "error", max(12, width - used))]
+    return with_last_column(width, columns, "error", "error")
 
 
 class JobsView(Vertical):

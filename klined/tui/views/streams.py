@@ -35,7 +35,7 @@ from klined.tui.present import (
     short_error,
 )
 from klined.tui.widgets.badge import state_badge
-from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.live_table import Columns, LiveTable, with_last_column
 
 _DIM = "#8b949e"
 _WARN = "#d29922"
@@ -116,9 +116,6 @@ def connection_cells(
     ]
 
 
-Columns = list[tuple[str, str, int | None]]
-
-
 def stream_columns(width: int) -> Columns:
     """The pairs table's columns for a table ``width`` cells wide (error gets the rest)."""
     columns: Columns = [
@@ -130,7 +127,7 @@ def stream_columns(width: int) -> Columns:
     if width >= WIDE:
         columns.append(("rate", "msg/s", 5))
     columns += [("reconnects", "rec", 3), ("final", "final", 5)]
-    return [*columns, ("error", "last error", _rest(width, columns))]
+    return with_last_column(width, columns, "error", "last error", MIN_ERROR)
 
 
 def connection_columns(width: int) -> Columns:
@@ -142,14 +139,7 @@ def connection_columns(width: int) -> Columns:
         ("reconnects", "rec", 3),
         ("up", "up", 6),
     ]
-    return [*columns, ("note", "retry / last error", _rest(width, columns))]
-
-
-def _rest(width: int, columns: Columns) -> int:
-    """What a last column may take: the width less the others, their padding (one cell on
-    each side of every column) and the scrollbar's column."""
-    used = sum((w or 0) + 2 for _, _, w in columns) + 2 + 1
-    return max(MIN_ERROR, width - used)
+    return with_last_column(width, columns, "note", "retry / last error", MIN_ERROR)
 
 
 _HEADER_SORTS = {
