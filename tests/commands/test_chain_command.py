@@ -18,7 +18,7 @@ import pytest
 from klined.config import load_config
 from klined.jobs.backfill import BackfillResult
 from klined.jobs.fetcher import PairReport
-from klined.jobs.lock import chain_lock
+from klined.jobs.lock import chain_lock, hour_label
 from klined.model import HOUR_MS, floor_hour, iso, to_datetime
 from klined.sim import SimClock
 from klined.warehouse.database import open_database
@@ -187,3 +187,16 @@ async def test_a_backfill_waiting_for_the_chain_lock_says_for_whom(
                 to_datetime(end - HOUR_MS),
             )
             assert silver == 60
+
+
+@pytest.mark.integration
+def test_a_chain_outside_the_coverage_says_how_to_cover_it(tmp_path: Path, pg_dsn: str) -> None:
+    """Nothing captured or backfilled for these pairs: the chain runs the hour, and says that
+    its completeness is not counted and how a backfill would cover it."""
+    cfg = write_config(tmp_path / "klined.toml", pg_dsn, {"binance": "http://x"}, ["BTC/USD"])
+    hour = floor_hour(int(time.time() * 1000)) - 5 * HOUR_MS
+    proc = klined("chain", "-c", str(cfg), "--hour", iso(hour), "--step", "completeness")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: 1 pair(s) are not covered for all of these hours" in proc.stderr
+    frm, to = hour_label(hour), hour_label(hour + HOUR_MS)
+    assert f"`klined backfill --from {frm} --to {to}` covers them" in proc.stderr
