@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,12 @@ from loguru import logger
 
 from klined.config import Config, DatabaseConfig, redact_dsn
 from klined.errors import DatabaseError
-from klined.model import DAY_MS, HOUR_MS, Pair, floor_hour, from_datetime, to_datetime
+from klined.model import DAY_MS, HOUR_MS, floor_hour, from_datetime, to_datetime
 from klined.warehouse import embedded as embedded_pg
+
+# ops.pairs (the configured pairs, their listing and coverage) lives in coverage.py
+from klined.warehouse.coverage import set_pair_listing as set_pair_listing
+from klined.warehouse.coverage import sync_pairs as sync_pairs
 
 #: The schema version this code writes and understands (schema.sql records it).
 SCHEMA_VERSION = 1
@@ -272,111 +276,6 @@ async def analyze_partition(db: Database, table: str, hour_ms: int) -> None:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.strip('"').replace('"', '""') + '"'
-
-
-# ---------------------------------------------------------------------------------------------
-# pairs
-
-
-async def sync_pairs(
-    db: Database,
-    pairs_by_exchange: Mapping[str, Sequence[tuple[Pair, str]]],
-    *,
-    now_ms: int | None = None,
-) -> int:
-    """Make ``ops.pairs`` match the configuration; return the number of rows changed.
-
-    Every listed ``(Pair, native_symbol)`` becomes active; pairs of these exchanges that are no
-    longer configured become inactive (their history stays). Exchanges absent from the mapping
-    are deactivated entirely: the mapping is the whole configuration.
-
-    Coverage (:mod:`klined.warehouse.coverage`): a pair leaving the configuration ends its
-    coverage at the current hour; a pair configured again starts afresh (its new coverage is
-    recorded when it is next captured or backfilled), after the pending rows of its ended
-    coverage were written, so that history stays as it was.
-    """
-    now = int(time.time() * 1000) if now_ms is None else now_ms
-    hour = to_datetime(floor_hour(now))
-    exchanges: list[str] = []
-    symbols: list[str] = []
-    quotes: list[str] = []
-    natives: list[str] = []
-    for exchange, pairs in pairs_by_exchange.items():
-        for pair, native in pairs:
-            exchanges.append(exchange)
-            symbols.append(str(pair))
-            quotes.append(pair.quote)
-            natives.append(native)
-    async with db.transaction() as conn:
-        reopened = await conn.fetchval(
-            "SELECT count(*) FROM ops.pairs p"
-            " JOIN unnest($1::text[], $2::text[]) AS t(e, s) ON t.e = p.exchange AND t.s = p.symbol"
-            " WHERE NOT p.active AND p.coverage_start IS NOT NULL",
-            exchanges,
-            symbols,
-        )
-        if reopened:
-            await conn.execute("SELECT ops.mark_pending_hours($1)", hour)
-        upserted = await conn.fetch(
-            "INSERT INTO ops.pairs AS p (exchange, symbol, quote_asset, native_symbol, active)"
-            " SELECT e, s, q, n, true FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
-            "   AS t(e, s, q, n)"
-            " ON CONFLICT (exchange, symbol) DO UPDATE"
-            "   SET native_symbol = EXCLUDED.native_symbol, quote_asset = EXCLUDED.quote_asset,"
-            "       active = true, updated_at = now(),"
-            "       coverage_start = CASE WHEN p.active THEN p.coverage_start END,"
-            "       coverage_end = CASE WHEN p.active THEN p.coverage_end END,"
-            "       completeness_from = CASE WHEN p.active THEN p.completeness_from END,"
-            "       completeness_to = CASE WHEN p.active THEN p.completeness_to END"
-            "   WHERE (p.native_symbol, p.quote_asset, p.active)"
-            "         IS DISTINCT FROM (EXCLUDED.native_symbol, EXCLUDED.quote_asset, true)"
-            " RETURNING 1",
-            exchanges,
-            symbols,
-            quotes,
-            natives,
-        )
-        deactivated = await conn.fetch(
-            "UPDATE ops.pairs p SET active = false, updated_at = now(),"
-            "   coverage_end = CASE WHEN p.coverage_start IS NOT NULL"
-            "                       THEN greatest(p.coverage_start, $3) END"
-            " WHERE p.active AND NOT EXISTS ("
-            "   SELECT 1 FROM unnest($1::text[], $2::text[]) AS t(e, s)"
-            "   WHERE t.e = p.exchange AND t.s = p.symbol)"
-            " RETURNING 1",
-            exchanges,
-            symbols,
-            hour,
-        )
-    return len(upserted) + len(deactivated)
-
-
-async def set_pair_listing(
-    db: Database, exchange: str, pair: Pair, listed: bool | None, note: str = ""
-) -> None:
-    """Record the exchange listing check for a configured pair (``listed=False`` pairs are not
-    expected in completeness: pending rows written for it while its listing was unknown are
-    removed, and written again should it be listed later)."""
-    async with db.transaction() as conn:
-        changed = await conn.fetchval(
-            "UPDATE ops.pairs SET listed = $3, note = $4, updated_at = now(),"
-            "   completeness_from = CASE WHEN $3 IS FALSE THEN NULL ELSE completeness_from END,"
-            "   completeness_to = CASE WHEN $3 IS FALSE THEN NULL ELSE completeness_to END"
-            " WHERE exchange = $1 AND symbol = $2"
-            "   AND (listed, note) IS DISTINCT FROM ($3, $4)"
-            " RETURNING 1",
-            exchange,
-            str(pair),
-            listed,
-            note,
-        )
-        if changed and listed is False:
-            await conn.execute(
-                "DELETE FROM monitoring.hourly_completeness"
-                " WHERE exchange = $1 AND symbol = $2 AND pending",
-                exchange,
-                str(pair),
-            )
 
 
 # ---------------------------------------------------------------------------------------------
