@@ -545,3 +545,25 @@ async def test_a_later_listing_check_updates_ops_pairs(
         tg.cancel_scope.cancel()
     assert after["BTC/USD"] == (True, "")
     assert after["ETH/USD"][0] is False and "not listed" in after["ETH/USD"][1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "[lake]\nflush_interval_s = nan\n",
+        "[lake]\npart_max_age_s = inf\n",
+        "[database]\npool_size = 100000000\n",
+        '[chain]\nschedule = "99 99 * * *"\n',
+        "[chain]\ncatchup_hours = 10000000000\n",
+    ],
+)
+async def test_hostile_config_values_exit_2_without_a_traceback(tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text(f'[daemon]\ndata_dir = "{tmp_path / "data"}"\n' + extra)
+    result = await anyio.run_process(
+        [sys.executable, "-m", "klined.cli", "run", "-c", str(path)], check=False
+    )
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr
+    key = extra.splitlines()[1].split(" =")[0]
+    assert f": {key}: ".encode() in result.stderr
