@@ -566,4 +566,4 @@ async def test_hostile_config_values_exit_2_without_a_traceback(tmp_path: Path, 
     assert result.returncode == 2
     assert b"Traceback" not in result.stderr
     key = extra.splitlines()[1].split(" =")[0]
-    assert f": {key}: ".encode() in result.stderr
+    assert f".{key}: ".encode() in result.stderr
