@@ -113,13 +113,15 @@ class ChainConfig(_Section):
     enabled: bool = True
     schedule: str = "5 * * * *"  # cron, UTC
     catchup_hours: Annotated[int, _span(0, 24 * 366)] = 48
-    rest_retry_hours: Annotated[int, _span(0, 24 * 31)] = 12  # keep trying to fill missing minutes this long after the hour
+    #: keep trying to fill missing minutes this long after the hour
+    rest_retry_hours: Annotated[int, _span(0, 24 * 31)] = 12
 
 
 class SymbolOverride(_Section):
     native: str = ""  # the exchange's own name, e.g. "1000REKTUSD"
     rest_native: str = ""  # Kraken REST name when it differs from the guess, e.g. "XBTUSD"
-    multiplier: Annotated[int, _span(1, 10**9)] = 1  # native unit = multiplier x base unit (price / multiplier, volume x it)
+    #: native unit = multiplier x base unit (price / multiplier, volume x it)
+    multiplier: Annotated[int, _span(1, 10**9)] = 1
 
 
 class ExchangeConfig(_Section):
@@ -131,11 +133,13 @@ class ExchangeConfig(_Section):
     stale_after_s: Annotated[float, _span(0.1, 3600.0)] = 30.0
     connect_timeout_s: ShortSeconds = 10.0
     ping_interval_s: Annotated[float, _span(0.1, 3600.0)] = 20.0
-    max_connection_age_s: Annotated[float, _span(0.0, 7 * DAY_S)] = 0.0  # 0: the exchange's own lifetime minus a margin
+    #: 0: the exchange's own lifetime minus a margin
+    max_connection_age_s: Annotated[float, _span(0.0, 7 * DAY_S)] = 0.0
     backoff_initial_s: Annotated[float, _span(0.01, 3600.0)] = 1.0
     backoff_max_s: Annotated[float, _span(0.01, DAY_S)] = 60.0
     rest_timeout_s: ShortSeconds = 10.0
-    rate_limit_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.8  # share of the documented REST budget klined may use
+    #: share of the documented REST budget klined may use
+    rate_limit_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.8
 
 
 class ExchangesConfig(_Section):
@@ -241,8 +245,12 @@ def _numeric_meta(path: str, root: type[msgspec.Struct]) -> msgspec.inspect.Type
     if parent is None:
         return None
     name = parts[-1].split("[")[0]
-    for f in msgspec.inspect.type_info(parent).fields:
-        if f.name == name and isinstance(f.type, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+    info = msgspec.inspect.type_info(parent)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for f in info.fields:
+        if f.name == name and isinstance(
+            f.type, msgspec.inspect.IntType | msgspec.inspect.FloatType
+        ):
             return f.type
     return None
 
@@ -377,7 +385,9 @@ def _validate(cfg: Config, path: str) -> None:
                 raise bad(where, str(exc)) from None
             if pair not in seen:
                 raise bad(
-                    where, f"{pair} is not in {base}.pairs", "add it to pairs or remove the override"
+                    where,
+                    f"{pair} is not in {base}.pairs",
+                    "add it to pairs or remove the override",
                 )
             ws_re, rest_re = NATIVE_PATTERNS[name]
             ws_eg, rest_eg = _NATIVE_EXAMPLES[name]

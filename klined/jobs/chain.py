@@ -14,6 +14,7 @@ cleared when the hour's silver, gold and completeness succeeded after the mark w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from cronsim import CronSim, CronSimError
 from loguru import logger
 
 from klined.config import Config
-from klined.errors import ChainError, ConfigError
+from klined.errors import ChainError, ConfigError, DatabaseError, describe_error, underlying
 from klined.jobs import ops
 from klined.model import HOUR_MS, floor_hour, from_datetime, iso, to_datetime
 from klined.rest.client import RestClient
@@ -177,10 +178,19 @@ async def chain_lock(
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_S):
+            # a lost connection (the server stopped) has released the lock by itself
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(_CLEANUP_S),
+                contextlib.suppress(Exception),
+            ):
                 await conn.execute("SELECT pg_advisory_unlock($1)", CHAIN_LOCK_KEY)
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_S):
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(_CLEANUP_S),
+            contextlib.suppress(Exception),
+        ):
             await conn.close()
         if not conn.is_closed():
             conn.terminate()
@@ -227,6 +237,19 @@ async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
         done = {from_datetime(r["hour_start"]) for r in rows}
         hours.update(h for h in range(catchup_start, closed_end, HOUR_MS) if h not in done)
     hours.update(d.hour_ms for d in await ops.list_dirty_hours(db, before_ms=closed_end))
+    # parts that could not be read are tried again; minutes the daemon had to drop are filled
+    rows = await db.fetch(
+        "SELECT DISTINCT hour_start FROM ("
+        "   SELECT hour_start FROM ops.lake_parts WHERE status = 'quarantined'"
+        "   UNION ALL"
+        "   SELECT generate_series(date_bin('1 hour', started_at, timestamptz 'epoch'),"
+        "                          ended_at - interval '1 minute', interval '1 hour')"
+        "   FROM monitoring.stream_incidents"
+        "   WHERE kind = 'lake_dropped' AND repaired_at IS NULL AND ended_at IS NOT NULL"
+        " ) h WHERE hour_start < $1",
+        to_datetime(closed_end),
+    )
+    hours.update(from_datetime(r["hour_start"]) for r in rows if r["hour_start"] is not None)
     if cfg.chain.rest_retry_hours:
         rows = await db.fetch(
             "SELECT DISTINCT h.hour_start FROM monitoring.hourly_completeness h"
@@ -323,7 +346,11 @@ class _Runner:
             run.skip("no REST clients (exchanges disabled)")
             return None
         retry_from = floor_hour(self.now_ms) - self.cfg.chain.rest_retry_hours * HOUR_MS
-        if hour < retry_from and await self._gapfilled_before(hour):
+        if (
+            hour < retry_from
+            and await self._gapfilled_before(hour)
+            and not await ops.has_lake_drops(self.db, hour)
+        ):
             run.skip("outside chain.rest_retry_hours (use klined backfill for older hours)")
             return None
         from klined.jobs.gapfill import fill_hour
@@ -369,7 +396,9 @@ class _Runner:
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                if lost_database(exc):
+                    raise
+                error = describe_error(exc)
                 logger.error("chain {} {}: {} failed: {}", iso(hour), self.trigger, name, error)
                 outcome.steps.append(
                     StepOutcome(name, "failed", 0, time.monotonic() - started, error[:500])
@@ -389,6 +418,8 @@ class _Runner:
         if dirty and all(s in steps for s in MERGE_STEPS):
             for d in dirty:
                 await ops.clear_dirty_hour(self.db, d)
+        if "silver" in steps:
+            await ops.settle_lake_drops(self.db, hour)
         return outcome
 
 
@@ -433,6 +464,7 @@ async def run_chain(
         async with chain_lock(db, wait_s=lock_wait_s):
             if status is not None:
                 status.running = True
+            await _mark_abandoned(db)
             if maintain_partitions:
                 await _maintain(db, trigger, now)
             for hour in todo:
@@ -441,6 +473,12 @@ async def run_chain(
     except ChainBusy as exc:
         report.skipped = str(exc)
         logger.warning("chain ({}) skipped: {}", trigger, exc)
+    except Exception as exc:
+        if not lost_database(exc):
+            raise
+        raise DatabaseError(f"lost the connection to PostgreSQL: {describe_error(exc)}") from (
+            underlying(exc)
+        )
     finally:
         report.duration_s = time.monotonic() - started
         if status is not None:
@@ -454,6 +492,32 @@ async def run_chain(
     return report
 
 
+def lost_database(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database went away (stopped, restarted, unreachable): then
+    nothing more can be recorded, and the chain stops with one clear error."""
+    cause = underlying(exc)
+    return isinstance(
+        cause,
+        DatabaseError
+        | OSError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
+
+
+async def _mark_abandoned(db: Database) -> None:
+    """Runs left ``running`` by a gone process become ``abandoned`` (never fatal)."""
+    try:
+        await ops.mark_abandoned(db)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        if lost_database(exc):
+            raise
+        logger.warning("could not mark abandoned step runs: {}", exc)
+
+
 async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
     """Partitions ahead and bronze retention: once per run, recorded, never fatal."""
     from klined.jobs import partitions
@@ -463,6 +527,8 @@ async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as exc:
+        if lost_database(exc):
+            raise
         logger.warning("partition upkeep failed (will retry next run): {}", exc)
 
 
@@ -557,9 +623,13 @@ class ChainScheduler:
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:
-                logger.opt(exception=exc).error("chain ({}) failed: {}", trigger, exc)
+                error = describe_error(exc)
+                if lost_database(exc):
+                    logger.error("chain ({}) stopped: {}", trigger, error)
+                else:
+                    logger.opt(exception=exc).error("chain ({}) failed: {}", trigger, error)
                 self.status.last_run_ms = self.clock_ms()
-                self.status.last_result = f"error: {type(exc).__name__}: {exc}"[:300]
+                self.status.last_result = f"error: {error}"[:300]
                 return None
             self.last_report = report
             return report
