@@ -12,8 +12,8 @@ platformdirs' ``XDG_RUNTIME_DIR`` warning off the terminal.
 from __future__ import annotations
 
 import atexit
-import logging
 import json
+import logging
 import os
 import threading
 import warnings

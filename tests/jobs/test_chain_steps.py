@@ -192,9 +192,11 @@ async def test_a_failure_inside_a_task_group_is_recorded_as_its_cause(wdb: Datab
         raise PermissionError(13, "Permission denied", "part-1.jsonl")
 
     with pytest.raises(BaseExceptionGroup):
-        async with record_step(wdb, "bronze", H0, trigger="manual"):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(unreadable)
+        async with (
+            record_step(wdb, "bronze", H0, trigger="manual"),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(unreadable)
     row = await wdb.fetchrow("SELECT status, error, pid, host FROM ops.job_runs")
     assert row is not None and row["status"] == "failed"
     assert row["error"].startswith("PermissionError: [Errno 13] Permission denied"), row["error"]
@@ -202,18 +204,12 @@ async def test_a_failure_inside_a_task_group_is_recorded_as_its_cause(wdb: Datab
 
 
 async def test_a_chain_marks_runs_of_gone_processes_abandoned(wdb: Database) -> None:
-    import subprocess
     import sys
 
     from klined.jobs.chain import run_chain
     from klined.jobs.ops import HOST
 
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    gone = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
     dead_pid = int(gone.stdout)
     await wdb.execute(
         "INSERT INTO ops.job_runs (hour_start, step, status, pid, host)"
