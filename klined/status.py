@@ -59,6 +59,10 @@ class LakeStatus(msgspec.Struct, kw_only=True):
     events_written: int = 0
     s3_enabled: bool = False
     last_upload_error: str = ""
+    held_bytes: int = 0  # events in memory the disk refused (yet)
+    dropped_events: int = 0  # dropped past lake.max_held_bytes since start
+    write_failing_since_ms: int | None = None
+    last_write_error: str = ""
 
 
 class ChainStatus(msgspec.Struct, kw_only=True):

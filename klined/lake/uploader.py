@@ -117,6 +117,8 @@ class LakeUploader(LakeStore):
         self._rescan_interval_s = rescan_interval_s
         self._pending: dict[str, _Pending] = {}
         self._uploaded: dict[str, int] = {}  # key -> uploaded_ms (parts still on disk)
+        self._markers_missing: dict[str, UploadMarker] = {}  # uploaded, marker not written
+        self._marker_logged_at = -ERROR_LOG_INTERVAL_S
         self._lock = anyio.Lock()
         self._nudge = anyio.Event()
         self.uploaded_count = 0
@@ -262,15 +264,53 @@ class LakeUploader(LakeStore):
             etag=str(head.get("ETag", "")).strip('"'),
             uploaded_ms=self._clock(),
         )
-        await anyio.to_thread.run_sync(self._write_marker, path, marker)
+        try:
+            await anyio.to_thread.run_sync(self._write_marker, path, marker)
+        except OSError as exc:
+            # the upload is done and verified; the marker only spares a HEAD after a restart.
+            # A full disk must not stop uploads: remember it and write it when the disk lets us
+            self._note_marker_failure(key, exc)
+            self._markers_missing[key] = marker
+        else:
+            self._markers_missing.pop(key, None)
         return outcome, len(data)
+
+    def _note_marker_failure(self, key: str, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._marker_logged_at >= ERROR_LOG_INTERVAL_S:
+            self._marker_logged_at = now
+            logger.warning(
+                "lake: uploaded {} but cannot write its marker ({}); uploads go on, the "
+                "markers are written once the disk allows ({} waiting)",
+                key,
+                exc,
+                len(self._markers_missing) + 1,
+            )
+
+    async def write_missing_markers(self) -> int:
+        """Write the markers a full disk refused earlier; return how many are still missing."""
+        for key, marker in list(self._markers_missing.items()):
+            path = self.root / key
+            if not path.exists():
+                self._markers_missing.pop(key, None)
+                continue
+            try:
+                await anyio.to_thread.run_sync(self._write_marker, path, marker)
+            except OSError:
+                break
+            self._markers_missing.pop(key, None)
+        return len(self._markers_missing)
 
     @staticmethod
     def _write_marker(path: Path, marker: UploadMarker) -> None:
         final = path.with_name(path.name + UPLOADED_SUFFIX)
         tmp = final.with_name(final.name + ".tmp")
-        tmp.write_bytes(msgspec.json.encode(marker))
-        os.replace(tmp, final)
+        try:
+            tmp.write_bytes(msgspec.json.encode(marker))
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     async def _upload_keys(self, keys: list[str], *, stop_on_error: bool) -> UploadReport:
         """Upload ``keys`` with bounded concurrency; failures are reported, not raised."""
@@ -340,6 +380,7 @@ class LakeUploader(LakeStore):
         """
         if not self.enabled:
             return UploadReport(enabled=False)
+        await self.write_missing_markers()
         await self.rescan(hour_ms)
         keys = [k for k, p in self._pending.items() if hour_ms is None or p.hour_ms == hour_ms]
         total = UploadReport(parts=len(keys))
@@ -427,6 +468,8 @@ class LakeUploader(LakeStore):
                 await self._guarded(self.rescan())
                 last_rescan = time.monotonic()
             ok = await self._guarded(self._pass())
+            if self._markers_missing:
+                await self._guarded(self.write_missing_markers())
             await self._guarded(self.apply_retention())
             if ok:
                 failures = 0
