@@ -92,6 +92,11 @@ class LakeError(KlinedError):
     """Local spool or S3 mirror trouble."""
 
 
+class EventsLost(LakeError):
+    """Captured events could be neither written to the lake nor uploaded to S3 (the daemon
+    exits 1 with this one line, so systemd sees a failure)."""
+
+
 class DatabaseError(KlinedError):
     """PostgreSQL could not be reached or refused a statement."""
 

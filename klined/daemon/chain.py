@@ -138,6 +138,8 @@ async def default_chain(daemon: Daemon) -> None:
 async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     from klined.jobs.chain import ChainScheduler
     from klined.jobs.gapfill import sync_configured_pairs
+    from klined.jobs.ops import DroppedRange, record_lake_drops
+    from klined.lake.held import Dropped
     from klined.rest.client import open_clients
     from klined.warehouse.database import open_database
 
@@ -155,7 +157,20 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
             seal_hour=daemon.writer.seal_hour,
         )
 
+        async def record(drops: list[Dropped]) -> None:
+            await record_lake_drops(
+                db,
+                [DroppedRange(d.exchange, d.symbol, d.start_ms, d.end_ms, d.events) for d in drops],
+            )
+
         async def run() -> None:
+            daemon.record_drops = record
+            try:
+                await run_scheduler()
+            finally:
+                daemon.record_drops = None
+
+        async def run_scheduler() -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(scheduler.run)
                 tg.start_soon(_follow_chain, daemon, db, scheduler, listings, name="chain follower")

@@ -17,6 +17,13 @@ bounded); every open lake part is sealed (everything buffered reaches the disk) 
 parts are uploaded, both shielded and bounded by ``daemon.shutdown_timeout_s``; then the status
 and metrics servers stop and the process exits 0. A second signal skips the upload: the parts
 are already sealed on disk and the next start uploads them.
+
+A disk that refuses writes at shutdown: the events it never took are uploaded to S3 straight
+from memory, as parts of their own; when that is impossible too (no bucket, S3 down, a second
+signal) :func:`run_daemon` raises :class:`~klined.errors.EventsLost` naming the pairs and
+minutes, and ``klined run`` exits 1 (systemd sees a failure). Minutes dropped past
+``lake.max_held_bytes`` while running are recorded as ``lake_dropped`` incidents (the chain
+repairs them over REST); any not recorded by the end are named the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from loguru import logger
 
 from klined.config import Config
 from klined.daemon.chain import ChainFigures, default_chain
+from klined.errors import EventsLost
 from klined.lake import LakeUploader, LakeWriter
+from klined.lake.held import Dropped, describe_held
 from klined.status import ChainStatus, LakeStatus, StatusSnapshot
 from klined.streams import ExchangeStreams, StreamSettings, streams_status
 from klined.streams.backoff import Backoff
@@ -45,6 +54,9 @@ from klined.streams.connection import now_ms
 STREAMS_STOP_S = 5.0
 #: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
 LISTING_ATTEMPTS = 3
+#: how often minutes dropped by the lake are recorded (or logged without a database)
+DROPS_EVERY_S = 10.0
+MINUTE_MS = 60_000
 
 __all__ = ["Daemon", "run_daemon", "tune_process"]
 
@@ -96,6 +108,10 @@ class Daemon:
         self._final_scope: anyio.CancelScope | None = None
         self._process: Any = None
         self.chain_figures = ChainFigures()
+        #: records dropped minutes as incidents (set by the chain plug-in while its database
+        #: is open); without it they are logged
+        self.record_drops: Callable[[list[Dropped]], Awaitable[None]] | None = None
+        self.lost = ""  # what shutdown could neither write nor upload
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -151,6 +167,9 @@ class Daemon:
                 await self.stop_requested.wait()
                 await self._shutdown()
                 root.cancel_scope.cancel()
+        if self.lost:
+            logger.error("klined stopped; {}", self.lost)
+            return 1
         logger.info("klined stopped")
         return 0
 
@@ -214,6 +233,7 @@ class Daemon:
             if self.forced:
                 scope.cancel()
             await self.writer.aclose()
+            await self._save_held()
             if self.uploader.enabled and not self.forced:
                 try:
                     report = await self.uploader.upload_pending()
@@ -225,9 +245,74 @@ class Daemon:
                 except Exception as exc:
                     logger.warning("final upload failed: {}", exc)
         self._final_scope = None
+        await self._settle_drops(final=True)
         left = len(self.uploader.pending)
         if left:
             logger.warning("{} sealed part(s) not uploaded yet; the next start uploads them", left)
+
+    async def _save_held(self) -> None:
+        """Events the disk never took: straight to S3 from memory, else named as lost."""
+        held = self.writer.held_parts()
+        if not held:
+            return
+        size = sum(len(p.data) for p in held)
+        events = sum(p.events for p in held)
+        why = "no S3 bucket is configured"
+        if self.uploader.enabled and not self.forced:
+            try:
+                for part in held:
+                    await self.uploader.upload_from_memory(part.key, part.data)
+            except Exception as exc:
+                why = f"S3 failed too ({exc})"
+            else:
+                self.writer.forget_held()
+                logger.warning(
+                    "lake: the disk refused {:,} bytes ({:,} events); uploaded them to S3 from "
+                    "memory as {} part(s)",
+                    size,
+                    events,
+                    len(held),
+                )
+                return
+        elif self.forced:
+            why = "a second signal skipped the upload"
+        self.lost = (
+            f"{events:,} events ({size:,} bytes) could not be written to {self.writer.root} "
+            f"and {why}; lost: {describe_held(held)}"
+        )
+
+    async def _settle_drops(self, *, final: bool = False) -> None:
+        """Record minutes the lake dropped (settled ones, or all at the end) as incidents."""
+        before = None if final else now_ms() - 2 * MINUTE_MS
+        drops = self.writer.take_dropped(before)
+        if not drops:
+            return
+        what = ", ".join(
+            f"{d.exchange} {d.symbol} {_hm(d.start_ms)}-{_hm(d.end_ms)}Z" for d in drops[:5]
+        ) + (f" and {len(drops) - 5} more" if len(drops) > 5 else "")
+        events = sum(d.events for d in drops)
+        if self.record_drops is not None:
+            try:
+                with anyio.fail_after(10):
+                    await self.record_drops(drops)
+            except Exception as exc:
+                if not final:
+                    self.writer.trouble.give_back(drops)
+                    logger.warning("lake: cannot record dropped minutes yet ({})", exc)
+                    return
+            else:
+                logger.error(
+                    "lake: {:,} events dropped (disk full past lake.max_held_bytes): {}; "
+                    "recorded for the chain's gap-fill",
+                    events,
+                    what,
+                )
+                return
+        message = f"{events:,} events dropped (disk full past lake.max_held_bytes): {what}"
+        if final:
+            self.lost = f"{self.lost}; {message}" if self.lost else message
+        else:
+            logger.error("lake: {}; no database to record them: gap-fill them by hand", message)
 
     # -- components ------------------------------------------------------------------------------
 
@@ -358,7 +443,7 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             if self.notifier is not None:
                 tg.start_soon(watchdog_loop, self.notifier, heartbeat)
-            last = time.monotonic()
+            last = drops_at = time.monotonic()
             while True:
                 await anyio.sleep(1.0)
                 t = time.monotonic()
@@ -366,6 +451,9 @@ class Daemon:
                     es.refresh(t - last)
                 last = t
                 heartbeat.beat()
+                if t - drops_at >= DROPS_EVERY_S:
+                    drops_at = t
+                    tg.start_soon(self._settle_drops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,5 +472,14 @@ def tune_process() -> None:
 
 
 async def run_daemon(cfg: Config, *, notifier: Any = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; return the exit code."""
-    return await Daemon(cfg, notifier=notifier).run()
+    """Run the daemon until SIGTERM/SIGINT; return the exit code. :class:`EventsLost` when
+    captured events could be neither written nor uploaded."""
+    daemon = Daemon(cfg, notifier=notifier)
+    code = await daemon.run()
+    if daemon.lost:
+        raise EventsLost(daemon.lost)
+    return code
+
+
+def _hm(ms: int) -> str:
+    return time.strftime("%H:%M", time.gmtime(ms // 1000))

@@ -232,29 +232,7 @@ class LakeUploader(LakeStore):
         except FileNotFoundError:
             return "gone", 0
         object_key = self.object_key(key)
-        head = await self._head(s3, object_key)
-        if head is not None:
-            if not _same_object(head, len(data), md5_hex, sha_b64):
-                raise LakeError(
-                    f"s3://{self.s3.bucket}/{object_key} exists with different content; "
-                    "not overwritten"
-                )
-            outcome = "already"
-        else:
-            with anyio.fail_after(self.op_timeout_s):
-                await s3.put_object(
-                    Bucket=self.s3.bucket,
-                    Key=object_key,
-                    Body=data,
-                    ContentMD5=md5_b64,
-                    ChecksumSHA256=sha_b64,
-                    ChecksumAlgorithm="SHA256",
-                    ContentType="application/x-ndjson",
-                )
-            head = await self._head(s3, object_key)
-            if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
-                raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
-            outcome = "uploaded"
+        outcome, head = await self._put_verified(s3, object_key, data, md5_hex, md5_b64, sha_b64)
         marker = UploadMarker(
             bucket=self.s3.bucket,
             object_key=object_key,
@@ -274,6 +252,51 @@ class LakeUploader(LakeStore):
         else:
             self._markers_missing.pop(key, None)
         return outcome, len(data)
+
+    async def _put_verified(
+        self, s3: Any, object_key: str, data: bytes, md5_hex: str, md5_b64: str, sha_b64: str
+    ) -> tuple[str, dict[str, Any]]:
+        """PUT unless identical content is there already, then verify; ``("uploaded" |
+        "already", head)``. Different content under the key is never overwritten."""
+        head = await self._head(s3, object_key)
+        if head is not None:
+            if not _same_object(head, len(data), md5_hex, sha_b64):
+                raise LakeError(
+                    f"s3://{self.s3.bucket}/{object_key} exists with different content; "
+                    "not overwritten"
+                )
+            return "already", head
+        with anyio.fail_after(self.op_timeout_s):
+            await s3.put_object(
+                Bucket=self.s3.bucket,
+                Key=object_key,
+                Body=data,
+                ContentMD5=md5_b64,
+                ChecksumSHA256=sha_b64,
+                ChecksumAlgorithm="SHA256",
+                ContentType="application/x-ndjson",
+            )
+        head = await self._head(s3, object_key)
+        if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
+            raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
+        return "uploaded", head
+
+    async def upload_from_memory(self, key: str, data: bytes) -> None:
+        """Upload a part that exists only in memory (the disk refused it), verified, with a
+        few quick retries; :class:`LakeError` when it cannot be done."""
+        if not self.enabled:
+            raise LakeError("no S3 bucket configured")
+        md5 = hashlib.md5(data, usedforsecurity=False)
+        md5_b64 = base64.b64encode(md5.digest()).decode()
+        sha_b64 = base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+        async def put() -> None:
+            async with self.client() as s3:
+                await self._put_verified(
+                    s3, self.object_key(key), data, md5.hexdigest(), md5_b64, sha_b64
+                )
+
+        await self.retrying(f"upload of {key} from memory", put)
 
     def _note_marker_failure(self, key: str, exc: OSError) -> None:
         now = time.monotonic()

@@ -567,3 +567,110 @@ async def test_hostile_config_values_exit_2_without_a_traceback(tmp_path: Path, 
     assert b"Traceback" not in result.stderr
     key = extra.splitlines()[1].split(" =")[0]
     assert f".{key}: ".encode() in result.stderr
+
+
+def s3_records(endpoint: str, bucket: str, skip: set[str]) -> list[Any]:
+    """Records of every S3 part whose lake key is not in ``skip``."""
+    from klined.lake import read_part
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    out = []
+    for key in s3_objects(endpoint, bucket):
+        lake = key.removeprefix("raw/")
+        if lake in skip:
+            continue
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        contents = read_part(body)
+        assert contents.bad_lines == 0, key
+        out.extend(contents.records)
+    return out
+
+
+async def _run_until_disk_full_then_sigterm(
+    sim: Simulator, tmp_path: Path, root: Path, s3: tuple[str, str]
+) -> tuple[int, str, int]:
+    """``klined run`` with its lake on ``root``; fill the disk while it streams, wait until
+    it holds events in memory, SIGTERM it. Returns exit code, stderr, signal time (ms)."""
+    from tests.support.disk import fill
+
+    cfg_path = write_config(tmp_path, sim, s3=s3)
+    cfg_path.write_text(cfg_path.read_text().replace("[lake]\n", f'[lake]\nroot = "{root}"\n'))
+    cfg = load_config(cfg_path)
+    log = bytearray()
+    async with await anyio.open_process(
+        [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+
+        async def read_log() -> None:
+            assert proc.stderr is not None
+            async for chunk in proc.stderr:
+                log.extend(chunk)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_log)
+                await wait_streaming(cfg.status_socket, min_messages=60)
+                fill(root)
+                with anyio.fail_after(30):
+                    while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:
+                        await anyio.sleep(0.2)
+                snap = await fetch_status(cfg.status_socket)
+                assert snap.lake.write_failing_since_ms is not None
+                assert "No space left" in snap.lake.last_write_error
+                signalled = int(time.time() * 1000)
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(60):
+                    code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    return code, log.decode(), signalled
+
+
+async def test_sigterm_on_a_full_disk_uploads_the_held_events_from_memory(
+    sim_factory: SimFactory, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    from klined.lake import seal_open_parts
+    from tests.support.disk import free, tiny_filesystem
+
+    start = floor_hour(int(time.time() * 1000)) + 30 * MINUTE_MS
+    with tiny_filesystem(tmp_path / "lake") as root:
+        async with sim_factory(clock=SimClock(start, 60.0)) as sim:
+            code, log, signalled = await _run_until_disk_full_then_sigterm(
+                sim, tmp_path, root, (s3_endpoint, s3_bucket)
+            )
+        assert code == 0, log
+        assert "uploaded them to S3 from memory" in log
+        assert log.count("cannot write to") == 1, log
+        free(root)
+        seal_open_parts(root)  # what the next start does with the parts the disk cut short
+        local = local_parts(root)
+        records = lake_records(root) + s3_records(s3_endpoint, s3_bucket, set(local))
+    sent = Counter(sent_key(e) for e in sim.log)
+    captured = Counter(lake_key(r) for r in records if not is_derived_final(r))
+    assert not captured - sent, "nothing twice, nothing that was not sent"
+    early = [e for e in sim.log if e.sent_ms < signalled - 500]
+    assert len(early) > 20
+    assert not Counter(sent_key(e) for e in early) - captured, "nothing lost"
+
+
+async def test_sigterm_on_a_full_disk_without_s3_exits_1_naming_what_was_lost(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from tests.support.disk import tiny_filesystem
+
+    closed = f"http://127.0.0.1:{free_port()}"  # S3 down as well
+    with tiny_filesystem(tmp_path / "lake") as root:
+        async with sim_factory(pairs=["BTC/USD"]) as sim:
+            code, log, _ = await _run_until_disk_full_then_sigterm(
+                sim, tmp_path, root, (closed, "bucket")
+            )
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log
+    assert "could not be written to" in errors[0] and "S3 failed too" in errors[0]
+    assert "binance BTC/USD" in errors[0] and "kraken BTC/USD" in errors[0]
+    assert "Traceback" not in log
