@@ -204,8 +204,8 @@ class _Part:
     __slots__ = (
         "carry",
         "created",
-        "fragment",
         "dev",
+        "fragment",
         "hour_end_ms",
         "key",
         "lines",

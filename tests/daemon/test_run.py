@@ -615,7 +615,7 @@ async def _run_until_disk_full_then_sigterm(
                 await wait_streaming(cfg.status_socket, min_messages=60)
                 fill(root)
                 with anyio.fail_after(30):
-                    while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:
+                    while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:  # noqa: ASYNC110 - another process
                         await anyio.sleep(0.2)
                 snap = await fetch_status(cfg.status_socket)
                 assert snap.lake.write_failing_since_ms is not None
