@@ -14,6 +14,7 @@ pages by a nanosecond ``last`` cursor, up to 1000 trades per page.
 
 from __future__ import annotations
 
+import itertools
 import re
 from decimal import Decimal
 
@@ -252,7 +253,7 @@ class KrakenRest:
             parsed.append((t_ms, row, item))
         if not parsed:
             return CandlePage(candles=[], covered=(start, start))
-        spacings = {b[0] - a[0] for a, b in zip(parsed, parsed[1:], strict=False)}
+        spacings = {b[0] - a[0] for a, b in itertools.pairwise(parsed)}
         if len(parsed) >= 3 and len(spacings) == 1 and spacings <= _OTHER_INTERVALS_MS:
             # Kraken sends a row for every minute of a 1-minute request (traded or not):
             # rows evenly one of its other intervals apart are candles of that interval (a
