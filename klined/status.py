@@ -20,6 +20,7 @@ class StreamState(enum.StrEnum):
     BACKOFF = "backoff"
     STALE = "stale"
     UNLISTED = "unlisted"
+    NO_DATA = "no data"  # subscribed, but nothing ever arrived for the pair
     DOWN = "down"  # given up for good (fatal error) or the exchange is disabled/stopped
 
 

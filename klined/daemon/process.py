@@ -5,8 +5,10 @@ Start-up order (each step is up before the next starts):
 1. config validated (exit 2 on errors), logging set up;
 2. lake writer (seals parts a crash left open) and uploader (rescans the spool);
 3. status socket, metrics endpoint (when ``daemon.metrics_port`` is set);
-4. per exchange, concurrently: listing check over REST (bounded; an unreachable exchange is
-   streamed with every configured pair and checked again later), then its connections;
+4. per exchange, concurrently: the listing check over REST starts, and its connections start
+   when it answers or after a few seconds at most (a 429 or an unreachable REST API never
+   delays capture), with the configured pairs minus those the last known listing (cached in
+   ``data_dir``) says are not listed; the check goes on in the background;
 5. the hourly chain scheduler, when ``[chain] enabled`` and the chain module is present (it
    needs the database; the daemon runs without one when the chain is disabled); see
    :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs);
@@ -47,6 +49,7 @@ from klined.lake import LakeUploader, LakeWriter
 from klined.lake.held import Dropped, describe_held
 from klined.status import ChainStatus, LakeStatus, StatusSnapshot
 from klined.streams import ExchangeStreams, StreamSettings, streams_status
+from klined.streams.supervisor import ListingCache
 from klined.streams.backoff import Backoff
 from klined.streams.connection import now_ms
 
@@ -359,6 +362,7 @@ class Daemon:
                     self.writer.append,
                     fetch_listing=client.fetch_listing,
                     listing_attempts=1,  # the REST client retries with backoff itself
+                    listing_cache=ListingCache(self.cfg.data_dir, name),
                     **self.stream_options,
                 )
             )

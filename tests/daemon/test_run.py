@@ -674,3 +674,55 @@ async def test_sigterm_on_a_full_disk_without_s3_exits_1_naming_what_was_lost(
     assert "could not be written to" in errors[0] and "S3 failed too" in errors[0]
     assert "binance BTC/USD" in errors[0] and "kraken BTC/USD" in errors[0]
     assert "Traceback" not in log
+
+
+async def test_a_listing_429_delays_neither_capture_nor_ready_and_the_cache_applies(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from klined.exchanges.base import ListedPair
+    from klined.model import Pair
+    from klined.sim import FaultPlan, FaultRule
+    from klined.streams.supervisor import ListingCache
+
+    slow_listing = FaultRule(
+        kind="http_429", exchange="binance", endpoint="exchangeInfo", retry_after_s=40, times=1
+    )
+    async with sim_factory(faults=FaultPlan(rules=[slow_listing])) as sim:
+        pairs = {"binance": ["BTC/USD", "ETH/USD"]}
+        cfg = load_config(write_config(tmp_path, sim, pairs=pairs))
+        # what an earlier run learned: ETH/USD is not listed on binance
+        cfg.data_dir.mkdir(parents=True)
+        btc = Pair("BTC", "USD")
+        ListingCache(cfg.data_dir, "binance").save(
+            {btc: ListedPair(btc, "BTCUSD", "BTCUSD", "BTCUSD")}
+        )
+        async with running(cfg) as daemon:
+            es = daemon.streams[0]
+            assert daemon.ready.is_set() and not es.listing_checked
+            by_pair = {p.symbol: p for p in es.pair_statuses()}
+            await until(lambda: by_pair["BTC/USD"].messages > 0)
+            assert not es.listing_checked, "capture runs while the listing is still refused"
+            assert by_pair["ETH/USD"].state == StreamState.UNLISTED
+            assert "as of the last listing" in by_pair["ETH/USD"].last_error
+    subscribed = [c.subscriptions for c in sim.stats.connections_of("binance")]
+    assert subscribed and all(s == ["BTC/USD"] for s in subscribed)
+
+
+async def test_a_refused_kraken_subscription_is_asked_again_once_the_listing_lists_it(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from klined.sim import FaultPlan, FaultRule
+
+    refusal = FaultRule(kind="subscribe_error", exchange="kraken", pair="ETH/USD", times=1)
+    async with sim_factory(faults=FaultPlan(rules=[refusal])) as sim:
+        cfg = load_config(write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD", "ETH/USD"]}))
+        async with running(cfg) as daemon:
+            es = daemon.streams[0]
+            by_pair = {p.symbol: p for p in es.pair_statuses()}
+            await until(lambda: "subscribe_error" in sim.faults.fired_kinds())
+            # refused once (a transient refusal), then asked again: the listing lists it
+            await until(lambda: by_pair["ETH/USD"].messages > 0, 30)
+            assert by_pair["ETH/USD"].state != StreamState.UNLISTED
+            assert not es.refused and not es.unlisted
+    subscribed = [s for c in sim.stats.connections_of("kraken") for s in c.subscriptions]
+    assert "ETH/USD" in subscribed
