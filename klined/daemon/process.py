@@ -49,9 +49,9 @@ from klined.lake import LakeUploader, LakeWriter
 from klined.lake.held import Dropped, describe_held
 from klined.status import ChainStatus, LakeStatus, StatusSnapshot
 from klined.streams import ExchangeStreams, StreamSettings, streams_status
-from klined.streams.supervisor import ListingCache
 from klined.streams.backoff import Backoff
 from klined.streams.connection import now_ms
+from klined.streams.supervisor import ListingCache
 
 #: how long stopping the streams may take before the lake is sealed anyway
 STREAMS_STOP_S = 5.0
