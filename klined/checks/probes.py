@@ -91,7 +91,10 @@ async def _bounded(
 async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> list[CheckResult]:
     """Every check, concurrently; rows in a fixed order (config first)."""
     plan: list[tuple[list[str], Callable[[], Awaitable[list[CheckResult]]]]] = [
-        (["postgresql", "schema", "read-only role"], functools.partial(check_postgres, cfg)),
+        (
+            ["postgresql", "schema", "read-only role", "lake parts"],
+            functools.partial(check_postgres, cfg),
+        ),
         (["s3"], _single(check_s3, cfg)),
         *[([f"exchange {name}"], _single(check_exchange, cfg, name)) for name in EXCHANGES],
         (["status socket"], _single(check_status_socket, cfg)),
@@ -179,6 +182,7 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             first,
             CheckResult("schema", Outcome.SKIP, why),
             CheckResult("read-only role", Outcome.SKIP, why),
+            CheckResult("lake parts", Outcome.SKIP, why),
         ]
 
     dsn = cfg.dsn
@@ -224,9 +228,37 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             )
             schema = await _schema_row(conn, SCHEMA_VERSION)
             role = await _role_row(conn, cfg.database.readonly_role, schema)
+            parts = await _quarantine_row(conn, schema)
     except DatabaseError as exc:
         return rows(CheckResult("postgresql", Outcome.FAIL, str(exc)), "database not reachable")
-    return [reach, schema, role]
+    return [reach, schema, role, parts]
+
+
+async def _quarantine_row(conn: Any, schema: CheckResult) -> CheckResult:
+    """Lake parts the loader could not read (quarantined, tried again by every chain run)."""
+    row = "lake parts"
+    has_status = await conn.fetchval(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'ops'"
+        " AND table_name = 'lake_parts' AND column_name = 'status'"
+    )
+    if schema.outcome is Outcome.FAIL or not has_status:
+        return CheckResult(row, Outcome.SKIP, "schema not applied yet")
+    found = await conn.fetch(
+        "SELECT lake_key, reason, attempts FROM ops.lake_parts WHERE status = 'quarantined'"
+        " ORDER BY hour_start DESC, lake_key LIMIT 21"
+    )
+    if not found:
+        return CheckResult(row, Outcome.OK, "no quarantined part: every part read was loaded")
+    total = await conn.fetchval("SELECT count(*) FROM ops.lake_parts WHERE status = 'quarantined'")
+    details = [f"{r['lake_key']}: {r['reason']} ({r['attempts']} tries)" for r in found[:20]]
+    if total > 20:
+        details.append(f"... and {total - 20} more")
+    return CheckResult(
+        row,
+        Outcome.WARN,
+        f"{total} part(s) quarantined (unreadable; fix them and the next chain loads them):",
+        details,
+    )
 
 
 async def _schema_row(conn: Any, code_version: int) -> CheckResult:
@@ -435,7 +467,10 @@ async def check_exchange(cfg: Config, name: str) -> CheckResult:
         else:
             why = f"listing from {url} failed: {exc}"
         return CheckResult(row, Outcome.FAIL, why)
-    listed, problems = check_listing(pairs, listing, exchange=name)
+    from klined.exchanges.listing import configured_natives
+
+    natives = configured_natives(adapter)
+    listed, problems = check_listing(pairs, listing, exchange=name, natives=natives)
     if problems:
         return CheckResult(
             row,

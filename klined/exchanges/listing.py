@@ -32,6 +32,13 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def configured_natives(adapter: object) -> dict[Pair, str]:
+    """The native names the config sets explicitly (``[exchanges.X.symbols."P"] native``)."""
+    symbols = getattr(adapter, "symbols", None)
+    overrides = getattr(symbols, "overrides", None) or {}
+    return {pair: ov.native for pair, ov in overrides.items() if ov.native}
+
+
 def check_listing(
     configured: list[Pair],
     listing: dict[Pair, ListedPair],

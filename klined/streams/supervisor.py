@@ -101,13 +101,6 @@ class ListingCache:
             tmp.unlink(missing_ok=True)
 
 
-def configured_natives(adapter: ExchangeAdapter) -> dict[Pair, str]:
-    """The native names the config sets explicitly (``[exchanges.X.symbols."P"] native``)."""
-    symbols = getattr(adapter, "symbols", None)
-    overrides = getattr(symbols, "overrides", {}) or {}
-    return {pair: ov.native for pair, ov in overrides.items() if ov.native}
-
-
 class ExchangeStreams:
     """Every connection of one exchange, with the per-pair status they share."""
 
@@ -212,7 +205,7 @@ class ExchangeStreams:
     def apply_listing(self, listing: dict[Pair, ListedPair], *, cached: bool = False) -> None:
         """Learn the listing's names; report newly unlisted pairs (and drop them from their
         connection), take back pairs it lists again (also refused ones)."""
-        from klined.exchanges.listing import check_listing
+        from klined.exchanges.listing import check_listing, configured_natives
 
         learn = getattr(self.adapter, "learn_listing", None)
         if learn is not None:

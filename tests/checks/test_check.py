@@ -124,7 +124,8 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
         m = re.match(
-            r"^  (config|postgresql|schema|read-only role|s3|exchange \w+|status socket|lake)"
+            r"^  (config|postgresql|schema|read-only role|lake parts|s3|exchange \w+|status socket"
+            r"|lake)"
             r"\s+(OK|WARN|FAIL|SKIP)\s+(.*)$",
             line,
         )
@@ -142,6 +143,7 @@ ALL_OK = {
     "postgresql": "OK",
     "schema": "OK",
     "read-only role": "OK",
+    "lake parts": "OK",
     "s3": "OK",
     "exchange binance": "OK",
     "exchange kraken": "OK",
@@ -232,7 +234,7 @@ async def test_wrong_dsn_fails_without_showing_the_password(
 
     assert code == 1
     assert outcomes(out) == {**ALL_OK, "postgresql": "FAIL", "schema": "SKIP",
-                             "read-only role": "SKIP", "s3": "SKIP"}  # fmt: skip
+                             "read-only role": "SKIP", "lake parts": "SKIP", "s3": "SKIP"}  # fmt: skip
     reason = rows(out)["postgresql"][1]
     assert reason.startswith("cannot connect to PostgreSQL at postgresql://klined:***@127.0.0.1:")
     assert "cannot reach the server" in reason
@@ -496,3 +498,47 @@ async def test_lake_root_that_is_a_file_fails(
     assert code == 1
     assert rows(out)["lake"] == ("FAIL", f"{lake} is not a directory")
     assert out.rstrip().endswith("1 failed: lake; 3 warning(s): config, postgresql, status socket")
+
+
+async def test_a_mistyped_native_name_is_reported(tmp_path: Path, sim_factory: SimFactory) -> None:
+    async with running(tmp_path, sim_factory) as sim:
+        config = write_config(tmp_path, sim, pairs={"binance": ["BTC/USD", "ETH/USD"]})
+        config.write_text(
+            config.read_text() + '[exchanges.binance.symbols."BTC/USD"]\nnative = "BTCUSDX"\n'
+        )
+        code, out = await klined("check", "-c", str(config))
+    assert code == 1
+    assert rows(out)["exchange binance"][0] == "FAIL"
+    assert (
+        "- BTC/USD: the configured native name 'BTCUSDX' is not listed on binance; it lists "
+        "BTC/USD as 'BTCUSD'"
+    ) in out
+    assert "all 2 pair(s) listed" not in out
+
+
+async def test_quarantined_lake_parts_are_listed(
+    tmp_path: Path, sim_factory: SimFactory, pg_dsn: str
+) -> None:
+    import asyncpg
+
+    await apply_schema(pg_dsn, tmp_path)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO ops.lake_parts (lake_key, hour_start, exchange, size, rows, status,"
+            " reason, attempts) VALUES ('exchange=binance/x/part-1.jsonl', now(), 'binance', 0, 0,"
+            " 'quarantined', 'LakeError: part cannot be read locally (Permission denied)', 3)"
+        )
+    finally:
+        await conn.close()
+    async with running(tmp_path, sim_factory) as sim:
+        config = write_config(tmp_path, sim, dsn=pg_dsn, pairs={})
+        code, out = await klined("check", "-c", str(config))
+    assert rows(out)["lake parts"] == (
+        "WARN",
+        "1 part(s) quarantined (unreadable; fix them and the next chain loads them):",
+    )
+    assert (
+        "- exchange=binance/x/part-1.jsonl: LakeError: part cannot be read locally "
+        "(Permission denied) (3 tries)"
+    ) in out
