@@ -88,8 +88,11 @@ async def _bounded(
     ]
 
 
-async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> list[CheckResult]:
-    """Every check, concurrently; rows in a fixed order (config first)."""
+async def run_checks(
+    cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S, lake_s3: bool = False
+) -> list[CheckResult]:
+    """Every check, concurrently; rows in a fixed order (config first). ``lake_s3`` adds the
+    comparison of the local parts with S3 (``klined check --lake``)."""
     plan: list[tuple[list[str], Callable[[], Awaitable[list[CheckResult]]]]] = [
         (
             ["postgresql", "schema", "read-only role", "lake parts"],
@@ -100,6 +103,8 @@ async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> l
         (["status socket"], _single(check_status_socket, cfg)),
         (["lake"], _single(check_lake, cfg)),
     ]
+    if lake_s3:
+        plan.append((["lake in s3"], _single(check_lake_in_s3, cfg)))
     slots: list[list[CheckResult]] = [[] for _ in plan]
 
     async def run(i: int) -> None:
@@ -552,6 +557,50 @@ def _lake_sync(root: Path) -> CheckResult:
 async def check_lake(cfg: Config) -> CheckResult:
     """The lake root is writable (or creatable); free disk space shown, WARN when low."""
     return await anyio.to_thread.run_sync(_lake_sync, cfg.lake_root, abandon_on_cancel=True)
+
+
+async def check_lake_in_s3(cfg: Config) -> CheckResult:
+    """The local parts marked uploaded are in S3 with the same size and checksum; the ones S3
+    lost are uploaded again (the only thing ``check`` writes, and only with ``--lake``)."""
+    row = "lake in s3"
+    if not cfg.s3.bucket:
+        return CheckResult(row, Outcome.SKIP, "no bucket configured (the lake is local only)")
+    from klined.lake import LakeUploader
+
+    uploader = LakeUploader(cfg.lake_root, cfg.lake, cfg.s3, attempts=2)
+    report = await uploader.verify()
+    if report.error:
+        return CheckResult(row, Outcome.FAIL, f"cannot compare with S3: {report.error}")
+    details = [f"differs (not overwritten): {k}" for k in report.different[:20]]
+    if report.missing:
+        try:
+            await uploader.upload_pending()
+        except Exception as exc:
+            return CheckResult(
+                row,
+                Outcome.FAIL,
+                f"{len(report.missing)} part(s) missing in S3 could not be uploaded again: {exc}",
+                [f"missing: {k}" for k in report.missing[:20]],
+            )
+        details += [f"uploaded again: {k}" for k in report.missing[:20]]
+    if report.different:
+        return CheckResult(
+            row,
+            Outcome.FAIL,
+            f"{len(report.different)} of {report.checked} part(s) differ from their S3 copy",
+            details,
+        )
+    if report.missing:
+        return CheckResult(
+            row,
+            Outcome.WARN,
+            f"{len(report.missing)} of {report.checked} part(s) were missing in S3 and are "
+            "uploaded again:",
+            details,
+        )
+    return CheckResult(
+        row, Outcome.OK, f"{report.checked} local part(s) match their S3 copy (size, MD5)"
+    )
 
 
 # -- output -----------------------------------------------------------------------------------

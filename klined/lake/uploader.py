@@ -1,5 +1,11 @@
 """Mirroring sealed parts to S3: idempotent, verified, patient through outages.
 
+Verification: every ``lake.verify_interval_s`` (and on ``klined check --lake``) the parts still
+on disk that are marked uploaded are compared with S3, by size and MD5 (the listing's ETag of a
+single-part upload; HEAD's SHA-256 otherwise), a day folder at a time. A part missing there
+(deleted, lost by the store) is uploaded again; one with different content is reported and
+never overwritten.
+
 Each sealed part is uploaded once to ``s3://<bucket>/<prefix>/<key>`` and verified (size, and
 the ETag as MD5 and/or the stored SHA-256 checksum); then a sidecar ``<key>.uploaded`` records
 the verified upload so a restart does not upload it again. A key that already holds identical
@@ -12,6 +18,7 @@ their verified upload, never before, and never in local-only mode.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import time
@@ -58,6 +65,15 @@ class UploadMarker(msgspec.Struct, kw_only=True):
     sha256: str
     etag: str = ""
     uploaded_ms: int
+
+
+class VerifyReport(msgspec.Struct, kw_only=True):
+    """What a verification found: parts compared, and the keys missing or different in S3."""
+
+    checked: int = 0
+    missing: list[str] = msgspec.field(default_factory=list)  # uploaded again
+    different: list[str] = msgspec.field(default_factory=list)  # never overwritten
+    error: str = ""
 
 
 class _Pending(msgspec.Struct):
@@ -433,6 +449,94 @@ class LakeUploader(LakeStore):
             )
         return total
 
+    # -- verification ---------------------------------------------------------------------------
+
+    def _markers(self) -> dict[str, UploadMarker]:
+        """Local parts marked uploaded to this bucket, with what their marker says."""
+        decoder = msgspec.json.Decoder(UploadMarker)
+        found: dict[str, UploadMarker] = {}
+        for part in iter_local_parts(self.root):
+            marker_path = part.path.with_name(part.path.name + UPLOADED_SUFFIX)
+            try:
+                marker = decoder.decode(marker_path.read_bytes())
+            except (OSError, msgspec.DecodeError):
+                continue
+            if marker.bucket == self.s3.bucket and marker.size == part.size:
+                found[part.key] = marker
+        return found
+
+    async def verify(self) -> VerifyReport:
+        """Compare the local parts marked uploaded with S3; upload the missing ones again.
+
+        Never raises for S3 trouble: the report's ``error`` says what went wrong.
+        """
+        report = VerifyReport()
+        if not self.enabled:
+            return report
+        markers = await anyio.to_thread.run_sync(self._markers)
+        report.checked = len(markers)
+        folders: dict[str, list[str]] = {}
+        for key in markers:
+            folders.setdefault(key.rsplit("/hour=", 1)[0] + "/", []).append(key)
+        missing: list[str] = []
+        try:
+            async with self.client() as s3:
+                for folder, keys in sorted(folders.items()):
+                    prefix = self.object_key(folder)
+                    objects = await self.retrying(
+                        "S3 listing", functools.partial(self._objects, s3, prefix)
+                    )
+                    listed = {o["Key"]: o for o in objects}
+                    for key in keys:
+                        marker = markers[key]
+                        obj = listed.get(self.object_key(key))
+                        if obj is None:
+                            missing.append(key)
+                        elif not await self._matches(s3, obj, marker):
+                            report.different.append(key)
+        except Exception as exc:
+            report.error = describe(exc)
+            logger.warning("lake: S3 verification failed: {}", report.error)
+        for key in report.different:
+            logger.error(
+                "lake: s3://{}/{} differs from the local part (size or checksum); not "
+                "overwritten: look at it by hand",
+                self.s3.bucket,
+                self.object_key(key),
+            )
+        if missing:
+            await anyio.to_thread.run_sync(self._forget_markers, missing)
+            for key in missing:
+                self._uploaded.pop(key, None)
+                try:
+                    size = (self.root / key).stat().st_size
+                except OSError:
+                    continue
+                self._pending[key] = _Pending(size, parse_key(key).hour_ms)
+                report.missing.append(key)
+            logger.error(
+                "lake: {} part(s) marked uploaded are missing in s3://{}; uploading them again",
+                len(report.missing),
+                self.s3.bucket,
+            )
+            self._nudge.set()
+            self._update_status()
+        return report
+
+    async def _matches(self, s3: Any, obj: dict[str, Any], marker: UploadMarker) -> bool:
+        if int(obj.get("Size", -1)) != marker.size:
+            return False
+        md5 = plain_md5(obj.get("ETag"))
+        if md5 is not None:
+            return md5 == marker.md5
+        head = await self._head(s3, obj["Key"])
+        return head is not None and _same_object(head, marker.size, marker.md5, marker.sha256)
+
+    def _forget_markers(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self.root / key
+            path.with_name(path.name + UPLOADED_SUFFIX).unlink(missing_ok=True)
+
     # -- retention ------------------------------------------------------------------------------
 
     def _delete_local(self, keys: list[str]) -> list[str]:
@@ -485,11 +589,15 @@ class LakeUploader(LakeStore):
         await self._guarded(self.rescan())
         task_status.started()
         failures = 0
-        last_rescan = time.monotonic()
+        last_rescan = last_verify = time.monotonic()
         while True:
             if time.monotonic() - last_rescan >= self._rescan_interval_s:
                 await self._guarded(self.rescan())
                 last_rescan = time.monotonic()
+            every = self.lake.verify_interval_s
+            if every and time.monotonic() - last_verify >= every:
+                await self._guarded(self.verify())
+                last_verify = time.monotonic()
             ok = await self._guarded(self._pass())
             if self._markers_missing:
                 await self._guarded(self.write_missing_markers())

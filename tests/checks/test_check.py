@@ -125,7 +125,7 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     for line in output.splitlines():
         m = re.match(
             r"^  (config|postgresql|schema|read-only role|lake parts|s3|exchange \w+|status socket"
-            r"|lake)"
+            r"|lake in s3|lake)"
             r"\s+(OK|WARN|FAIL|SKIP)\s+(.*)$",
             line,
         )
@@ -542,3 +542,40 @@ async def test_quarantined_lake_parts_are_listed(
         "- exchange=binance/x/part-1.jsonl: LakeError: part cannot be read locally "
         "(Permission denied) (3 tries)"
     ) in out
+
+
+async def test_check_lake_uploads_again_what_s3_lost(
+    tmp_path: Path, sim_factory: SimFactory, s3_endpoint: str, s3_bucket: str
+) -> None:
+    from klined.lake import LakeUploader, LakeWriter
+    from tests.lake.test_writer import HOUR, FakeClock, candle
+    from tests.lake.test_writer import config as lake_config
+
+    async with running(tmp_path, sim_factory) as sim:
+        path = write_config(tmp_path, sim, s3=(s3_endpoint, s3_bucket), pairs={})
+        cfg = load_config(path)
+        writer = LakeWriter(cfg.lake_root, lake_config(), clock=FakeClock(HOUR + 600_000))
+        for i, symbol in enumerate(["BTC/USD", "ETH/USD"]):
+            writer.append(candle(i, HOUR, symbol=symbol))
+        await writer.flush(close_all=True)
+        await LakeUploader(cfg.lake_root, cfg.lake, cfg.s3).upload_pending()
+        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        [first, _second] = sorted(
+            o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+        )
+        client.delete_object(Bucket=s3_bucket, Key=first)
+
+        _code, out = await klined("check", "-c", str(path))
+        assert "lake in s3" not in rows(out)
+        _code, out = await klined("check", "--lake", "-c", str(path))
+        assert rows(out)["lake in s3"] == (
+            "WARN",
+            "1 of 2 part(s) were missing in S3 and are uploaded again:",
+        ), out
+        assert f"- uploaded again: {first.removeprefix('raw/')}" in out
+        _code, out = await klined("check", "--lake", "-c", str(path))
+        assert rows(out)["lake in s3"] == (
+            "OK",
+            "2 local part(s) match their S3 copy (size, MD5)",
+        ), out
+    assert first in {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
