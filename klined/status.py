@@ -73,6 +73,8 @@ class ChainStatus(msgspec.Struct, kw_only=True):
     last_run_ms: int | None = None
     last_result: str = ""
     next_run_ms: int | None = None
+    quarantined_parts: int = 0  # lake parts bronze could not read (tried again every run)
+    quarantined_sample: list[str] = msgspec.field(default_factory=list)  # "key: reason"
 
 
 class StatusSnapshot(msgspec.Struct, kw_only=True):

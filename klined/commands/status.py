@@ -147,6 +147,12 @@ def render_status(s: StatusSnapshot) -> str:
         hour = _when(ch.current_hour_ms, now)
         line += f" · running {ch.current_step or '?'} for hour {hour}"
     out.append(line)
+    if ch.quarantined_parts:
+        out.append(
+            f"  {ch.quarantined_parts} lake part(s) quarantined (unreadable; tried again every "
+            "run; `klined check` lists them):"
+        )
+        out += [f"    {_one_line(item, 100)}" for item in ch.quarantined_sample[:3]]
     return "\n".join(out)
 
 

@@ -24,6 +24,7 @@ from klined.streams.connection import now_ms
 if TYPE_CHECKING:
     from klined.daemon.process import Daemon
     from klined.jobs.chain import ChainReport, ChainScheduler
+    from klined.status import ChainStatus
     from klined.streams import ExchangeStreams
     from klined.warehouse.database import Database
 
@@ -179,6 +180,15 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
         yield run
 
 
+async def refresh_quarantine(db: Database, status: ChainStatus) -> None:
+    """How many lake parts are quarantined, and a few of them, for status and the TUI."""
+    from klined.jobs.bronze import quarantined_parts
+
+    parts = await quarantined_parts(db, limit=1000)
+    status.quarantined_parts = len(parts)
+    status.quarantined_sample = [f"{p['lake_key']}: {p['reason']}" for p in parts[:5]]
+
+
 async def _follow_chain(
     daemon: Daemon, db: Database, scheduler: ChainScheduler, listings: ListingSync
 ) -> None:
@@ -197,6 +207,7 @@ async def _follow_chain(
                 if not status.running and finished is not None and finished != seen:
                     daemon.chain_figures.note_report(scheduler.last_report)
                     await daemon.chain_figures.refresh_completeness(db, daemon.cfg, now_ms())
+                    await refresh_quarantine(db, status)
                     seen = finished
         except anyio.get_cancelled_exc_class():
             raise

@@ -419,3 +419,19 @@ def test_render_status_empty_daemon() -> None:
     assert "CONNECTIONS (0)\n  none" in text
     assert "PAIRS (0)" in text
     assert "CHAIN: last run - · next -" in text
+
+
+def test_render_status_shows_no_data_pairs_and_quarantined_parts() -> None:
+    snap = make_snapshot(pairs=1)
+    snap.pairs = [
+        snap.pairs[0],
+        PairStatus(exchange="binance", symbol="BTC/USD", state=StreamState.NO_DATA),
+    ]
+    snap.chain.quarantined_parts = 2
+    snap.chain.quarantined_sample = ["exchange=binance/a/part-1.jsonl: LakeError: unreadable"]
+    text = render_status(snap)
+    assert "all pairs connected" not in text
+    assert "no data 1" in text
+    assert "binance   BTC/USD  no data" in text
+    assert "2 lake part(s) quarantined" in text
+    assert "exchange=binance/a/part-1.jsonl: LakeError: unreadable" in text

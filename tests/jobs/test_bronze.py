@@ -269,6 +269,14 @@ async def test_an_unreadable_part_is_quarantined_and_loaded_once_when_fixed(
     assert row["status"] == "quarantined" and "cannot be read" in row["reason"]
     [q] = await bronze.quarantined_parts(wdb)
     assert q["lake_key"] == bad_key and q["attempts"] == 1
+    # what the daemon's status (klined status, the TUI's Jobs view) shows
+    from klined.daemon.chain import refresh_quarantine
+    from klined.status import ChainStatus
+
+    status = ChainStatus()
+    await refresh_quarantine(wdb, status)
+    assert status.quarantined_parts == 1
+    assert status.quarantined_sample[0].startswith(f"{bad_key}: LakeError: part ")
     # still unreadable: tried again, still quarantined, nothing loaded twice
     again = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
     assert again.rows == 0 and again.details["parts_quarantined"] == 1

@@ -145,6 +145,11 @@ class JobsView(Vertical):
                 text.append(f" · next {fmt_hm(chain.next_run_ms)} UTC")
                 if chain.next_run_ms > now:
                     text.append(f" (in {fmt_span(chain.next_run_ms - now)})", style=_DIM)
+            if chain.quarantined_parts:
+                text.append(
+                    f" · {chain.quarantined_parts} lake part(s) quarantined (klined check)",
+                    style=_BAD,
+                )
         if now:
             text.append(f" · r: run now for {fmt_hm(last_closed_hour(now))}", style=_DIM)
         self.query_one("#chain-line", Static).update(text)
