@@ -254,35 +254,41 @@ class Daemon:
             logger.warning("{} sealed part(s) not uploaded yet; the next start uploads them", left)
 
     async def _save_held(self) -> None:
-        """Events the disk never took: straight to S3 from memory, else named as lost."""
+        """Events the disk never took: straight to S3 from memory, else named as lost (also
+        when the shutdown timeout or a second signal cuts the upload short)."""
         held = self.writer.held_parts()
         if not held:
             return
         size = sum(len(p.data) for p in held)
         events = sum(p.events for p in held)
         why = "no S3 bucket is configured"
-        if self.uploader.enabled and not self.forced:
-            try:
-                for part in held:
-                    await self.uploader.upload_from_memory(part.key, part.data)
-            except Exception as exc:
-                why = f"S3 failed too ({exc})"
-            else:
+        uploaded = False
+        try:
+            if self.forced:
+                why = "a second signal skipped the upload"
+            elif self.uploader.enabled:
+                why = "the shutdown timeout ran out before S3 took them"
+                try:
+                    for part in held:
+                        await self.uploader.upload_from_memory(part.key, part.data)
+                    uploaded = True
+                except Exception as exc:
+                    why = f"S3 failed too ({exc})"
+        finally:
+            if uploaded:
                 self.writer.forget_held()
                 logger.warning(
-                    "lake: the disk refused {:,} bytes ({:,} events); uploaded them to S3 from "
-                    "memory as {} part(s)",
+                    "lake: the disk refused {:,} bytes ({:,} events); uploaded them to S3 "
+                    "from memory as {} part(s)",
                     size,
                     events,
                     len(held),
                 )
-                return
-        elif self.forced:
-            why = "a second signal skipped the upload"
-        self.lost = (
-            f"{events:,} events ({size:,} bytes) could not be written to {self.writer.root} "
-            f"and {why}; lost: {describe_held(held)}"
-        )
+            else:
+                self.lost = (
+                    f"{events:,} events ({size:,} bytes) could not be written to "
+                    f"{self.writer.root} and {why}; lost: {describe_held(held)}"
+                )
 
     async def _settle_drops(self, *, final: bool = False) -> None:
         """Record minutes the lake dropped (settled ones, or all at the end) as incidents."""
