@@ -137,6 +137,16 @@ def render_status(s: StatusSnapshot) -> str:
     )
     if lake.last_upload_error:
         out.append(f"  last upload error: {_one_line(lake.last_upload_error, 100)}")
+    if lake.write_failing_since_ms is not None:
+        out.append(
+            f"  cannot write the lake since {_when(lake.write_failing_since_ms, now)}:"
+            f" {_bytes(lake.held_bytes)} held in memory: {_one_line(lake.last_write_error, 60)}"
+        )
+    if lake.dropped_events:
+        out.append(
+            f"  {lake.dropped_events:,} events dropped past lake.max_held_bytes (recorded for"
+            " gap-fill)"
+        )
 
     ch = s.chain
     line = f"CHAIN: last run {_when(ch.last_run_ms, now)}"

@@ -183,3 +183,19 @@ def test_cli_help_and_bad_refresh() -> None:
     assert "--refresh" in result.output and "--config" in result.output
     result = runner.invoke(tui_command, ["--refresh", "0"])
     assert result.exit_code == 2
+
+
+async def test_quarantined_lake_parts_show_on_the_chain_line() -> None:
+    snapshot = demo_snapshot()
+    snapshot.chain.quarantined_parts = 2
+    app = KlinedApp(
+        FakeStatusSource(snapshot),
+        FakeWarehouseSource([], demo_job_runs()),
+        FakeChainRunner(),
+        refresh=3600,
+        clock=lambda: DEMO_NOW_MS,
+    )
+    async with app.run_test(size=(120, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        assert "2 lake part(s) quarantined (klined check)" in text_of(app, "#chain-line")
