@@ -34,6 +34,7 @@ from klined.sim import SimClock, Simulator
 from klined.status import StreamState
 from tests.fixtures.s3 import free_port
 from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.support.process import command
 from tests.support.streams import (
     assert_exactly_once,
     assert_kraken_finality,
@@ -596,37 +597,20 @@ async def _run_until_disk_full_then_sigterm(
     cfg_path = write_config(tmp_path, sim, s3=s3)
     cfg_path.write_text(cfg_path.read_text().replace("[lake]\n", f'[lake]\nroot = "{root}"\n'))
     cfg = load_config(cfg_path)
-    log = bytearray()
-    async with await anyio.open_process(
-        [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    ) as proc:
-
-        async def read_log() -> None:
-            assert proc.stderr is not None
-            async for chunk in proc.stderr:
-                log.extend(chunk)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read_log)
-                await wait_streaming(cfg.status_socket, min_messages=60)
-                fill(root)
-                with anyio.fail_after(30):
-                    while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:  # noqa: ASYNC110 - another process
-                        await anyio.sleep(0.2)
-                snap = await fetch_status(cfg.status_socket)
-                assert snap.lake.write_failing_since_ms is not None
-                assert "No space left" in snap.lake.last_write_error
-                signalled = int(time.time() * 1000)
-                proc.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    code = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+    argv = [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)]
+    async with command(argv, {**os.environ, "PYTHONUNBUFFERED": "1"}) as (proc, log):
+        await wait_streaming(cfg.status_socket, min_messages=60)
+        fill(root)
+        with anyio.fail_after(30):
+            while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+        snap = await fetch_status(cfg.status_socket)
+        assert snap.lake.write_failing_since_ms is not None
+        assert "No space left" in snap.lake.last_write_error
+        signalled = int(time.time() * 1000)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await proc.wait()
     return code, log.decode(), signalled
 
 
