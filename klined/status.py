@@ -20,6 +20,7 @@ class StreamState(enum.StrEnum):
     BACKOFF = "backoff"
     STALE = "stale"
     UNLISTED = "unlisted"
+    NO_DATA = "no data"  # subscribed, but nothing ever arrived for the pair
     DOWN = "down"  # given up for good (fatal error) or the exchange is disabled/stopped
 
 
@@ -59,6 +60,10 @@ class LakeStatus(msgspec.Struct, kw_only=True):
     events_written: int = 0
     s3_enabled: bool = False
     last_upload_error: str = ""
+    held_bytes: int = 0  # events in memory the disk refused (yet)
+    dropped_events: int = 0  # dropped past lake.max_held_bytes since start
+    write_failing_since_ms: int | None = None
+    last_write_error: str = ""
 
 
 class ChainStatus(msgspec.Struct, kw_only=True):
@@ -72,6 +77,8 @@ class ChainStatus(msgspec.Struct, kw_only=True):
     run_done: int = 0  # hours of the current run finished so far
     run_total: int = 0  # hours the current run has had to do (it grows when an hour closes)
     waiting_for: str = ""  # who holds the chain lock while this run waits for it
+    quarantined_parts: int = 0  # lake parts bronze could not read (tried again every run)
+    quarantined_sample: list[str] = msgspec.field(default_factory=list)  # "key: reason"
 
 
 class StatusSnapshot(msgspec.Struct, kw_only=True):

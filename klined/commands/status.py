@@ -141,8 +141,25 @@ def render_status(s: StatusSnapshot) -> str:
     )
     if lake.last_upload_error:
         out.append(f"  last upload error: {_one_line(lake.last_upload_error, 100)}")
+    if lake.write_failing_since_ms is not None:
+        out.append(
+            f"  cannot write the lake since {_when(lake.write_failing_since_ms, now)}:"
+            f" {_bytes(lake.held_bytes)} held in memory: {_one_line(lake.last_write_error, 60)}"
+        )
+    if lake.dropped_events:
+        out.append(
+            f"  {lake.dropped_events:,} events dropped past lake.max_held_bytes (recorded for"
+            " gap-fill)"
+        )
 
-    out.extend(chain_lines(s.chain, now))
+    ch = s.chain
+    out.extend(chain_lines(ch, now))
+    if ch.quarantined_parts:
+        out.append(
+            f"  {ch.quarantined_parts} lake part(s) quarantined (unreadable; tried again every "
+            "run; `klined check` lists them):"
+        )
+        out += [f"    {_one_line(item, 100)}" for item in ch.quarantined_sample[:3]]
     return "\n".join(out)
 
 

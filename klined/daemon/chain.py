@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from klined.daemon.process import Daemon
     from klined.jobs.chain import ChainReport
     from klined.jobs.scheduler import ChainScheduler
+    from klined.status import ChainStatus
     from klined.streams import ExchangeStreams
     from klined.warehouse.database import Database
 
@@ -141,7 +142,9 @@ async def default_chain(daemon: Daemon) -> None:
 @asynccontextmanager
 async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     from klined.jobs.gapfill import sync_configured_pairs
+    from klined.jobs.ops import DroppedRange, record_lake_drops
     from klined.jobs.scheduler import ChainScheduler
+    from klined.lake.held import Dropped
     from klined.rest.client import open_clients
     from klined.warehouse.coverage import record_capture_start
     from klined.warehouse.database import open_database
@@ -170,13 +173,35 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
             seal_hour=daemon.writer.seal_hour,
         )
 
+        async def record(drops: list[Dropped]) -> None:
+            await record_lake_drops(
+                db,
+                [DroppedRange(d.exchange, d.symbol, d.start_ms, d.end_ms, d.events) for d in drops],
+            )
+
         async def run() -> None:
+            daemon.record_drops = record
+            try:
+                await run_scheduler()
+            finally:
+                daemon.record_drops = None
+
+        async def run_scheduler() -> None:
             async with anyio.create_task_group() as tg:
                 await tg.start(scheduler.run)
                 tg.start_soon(_follow_chain, daemon, db, scheduler, listings, name="chain follower")
                 daemon.chain_up.set()
 
         yield run
+
+
+async def refresh_quarantine(db: Database, status: ChainStatus) -> None:
+    """How many lake parts are quarantined, and a few of them, for status and the TUI."""
+    from klined.jobs.bronze import quarantined_parts
+
+    parts = await quarantined_parts(db, limit=1000)
+    status.quarantined_parts = len(parts)
+    status.quarantined_sample = [f"{p['lake_key']}: {p['reason']}" for p in parts[:5]]
 
 
 async def _follow_chain(
@@ -206,6 +231,7 @@ async def _follow_chain(
                 if not status.running and finished is not None and finished != seen:
                     daemon.chain_figures.note_report(scheduler.last_report)
                     await daemon.chain_figures.refresh_completeness(db, daemon.cfg, now_ms())
+                    await refresh_quarantine(db, status)
                     seen = finished
         except anyio.get_cancelled_exc_class():
             raise

@@ -16,16 +16,18 @@ cleared when the hour's silver, gold and completeness succeeded after the mark w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import asyncpg
 from loguru import logger
 
 from klined.config import Config
-from klined.errors import ChainError
+from klined.errors import ChainError, DatabaseError, describe_error, underlying
 from klined.jobs import ops
 from klined.jobs.fetcher import REQUEST_FAILED
 from klined.jobs.lock import ChainBusy, ChainLock, chain_lock, describe
@@ -244,7 +246,11 @@ class _Runner:
             run.skip("no REST clients (exchanges disabled)")
             return None
         retry_from = floor_hour(self.now_ms) - self.cfg.chain.rest_retry_hours * HOUR_MS
-        if hour < retry_from and await self._gapfilled_before(hour):
+        if (
+            hour < retry_from
+            and await self._gapfilled_before(hour)
+            and not await ops.has_lake_drops(self.db, hour)
+        ):
             run.skip("outside chain.rest_retry_hours (use klined backfill for older hours)")
             return None
         from klined.jobs.gapfill import fill_hour
@@ -299,7 +305,9 @@ class _Runner:
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                if lost_database(exc):
+                    raise
+                error = describe_error(exc)
                 logger.error("chain {} {}: {} failed: {}", iso(hour), self.trigger, name, error)
                 outcome.steps.append(
                     StepOutcome(name, "failed", 0, time.monotonic() - started, error[:500])
@@ -321,6 +329,8 @@ class _Runner:
         if dirty and all(s in steps for s in MERGE_STEPS):
             for d in dirty:
                 await ops.clear_dirty_hour(self.db, d)
+        if "silver" in steps:
+            await ops.settle_lake_drops(self.db, hour)
         return outcome
 
 
@@ -376,13 +386,22 @@ async def run_chain(
         status.running = True
     try:
         async with ChainLock(db, wait_s=lock_wait_s, on_wait=waiting) as lock:
+            if not todo:
+                # nothing to run: still tidy up after killed chains, if the lock is free
+                with contextlib.suppress(ChainBusy):
+                    async with lock.hold(describe(trigger)):
+                        await _mark_abandoned(db)
             for i, hour in enumerate(todo):
                 try:
                     async with lock.hold(describe(trigger, hour)):
                         if status is not None:
                             status.waiting_for = ""
-                        if i == 0 and maintain_partitions:
-                            await _maintain(db, trigger, now)
+                        if i == 0:
+                            # under the lock no other chain runs: a row left running is
+                            # abandoned when its process is gone
+                            await _mark_abandoned(db)
+                            if maintain_partitions:
+                                await _maintain(db, trigger, now)
                         report.hours.append(await runner.hour(hour, ordered))
                 except ChainBusy as exc:
                     report.skipped = str(exc)
@@ -391,6 +410,12 @@ async def run_chain(
                         "chain ({}): {} hour(s) not run: {}", trigger, len(report.not_run), exc
                     )
                     break
+    except Exception as exc:
+        if not lost_database(exc):
+            raise
+        raise DatabaseError(f"lost the connection to PostgreSQL: {describe_error(exc)}") from (
+            underlying(exc)
+        )
     finally:
         report.duration_s = time.monotonic() - started
         if status is not None:
@@ -406,6 +431,32 @@ async def run_chain(
     return report
 
 
+def lost_database(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database went away (stopped, restarted, unreachable): then
+    nothing more can be recorded, and the chain stops with one clear error."""
+    cause = underlying(exc)
+    return isinstance(
+        cause,
+        DatabaseError
+        | OSError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
+
+
+async def _mark_abandoned(db: Database) -> None:
+    """Runs left ``running`` by a gone process become ``abandoned`` (never fatal)."""
+    try:
+        await ops.mark_abandoned(db)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        if lost_database(exc):
+            raise
+        logger.warning("could not mark abandoned step runs: {}", exc)
+
+
 async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
     """Partitions ahead and bronze retention: once per run, recorded, never fatal."""
     from klined.jobs import partitions
@@ -415,4 +466,6 @@ async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as exc:
+        if lost_database(exc):
+            raise
         logger.warning("partition upkeep failed (will retry next run): {}", exc)

@@ -27,9 +27,9 @@ from cronsim import CronSim, CronSimError
 from loguru import logger
 
 from klined.config import Config
-from klined.errors import ConfigError
+from klined.errors import ConfigError, describe_error
 from klined.jobs import ops
-from klined.jobs.chain import ChainReport, run_chain
+from klined.jobs.chain import ChainReport, lost_database, run_chain
 from klined.jobs.completeness import mark_pending, pending_hours
 from klined.jobs.lock import hour_label
 from klined.model import HOUR_MS, floor_hour, format_duration, from_datetime, to_datetime
@@ -89,6 +89,19 @@ async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
         hours.update(h for h in range(start, closed_end, HOUR_MS) if h not in done)
         hours.update(await pending_hours(db, start, closed_end))
     hours.update(d.hour_ms for d in await ops.list_dirty_hours(db, before_ms=closed_end))
+    # parts that could not be read are tried again; minutes the daemon had to drop are filled
+    rows = await db.fetch(
+        "SELECT DISTINCT hour_start FROM ("
+        "   SELECT hour_start FROM ops.lake_parts WHERE status = 'quarantined'"
+        "   UNION ALL"
+        "   SELECT generate_series(date_bin('1 hour', started_at, timestamptz 'epoch'),"
+        "                          ended_at - interval '1 minute', interval '1 hour')"
+        "   FROM monitoring.stream_incidents"
+        "   WHERE kind = 'lake_dropped' AND repaired_at IS NULL AND ended_at IS NOT NULL"
+        " ) h WHERE hour_start < $1",
+        to_datetime(closed_end),
+    )
+    hours.update(from_datetime(r["hour_start"]) for r in rows if r["hour_start"] is not None)
     if cfg.chain.rest_retry_hours:
         rows = await db.fetch(
             "SELECT DISTINCT h.hour_start FROM monitoring.hourly_completeness h"
@@ -242,9 +255,15 @@ class ChainScheduler:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            logger.opt(exception=exc).error("chain ({}) cannot select hours: {}", trigger, exc)
+            error = describe_error(exc)
+            if lost_database(exc):
+                logger.error("chain ({}) cannot select hours: {}", trigger, error)
+            else:
+                logger.opt(exception=exc).error(
+                    "chain ({}) cannot select hours: {}", trigger, error
+                )
             self.status.last_run_ms = now
-            self.status.last_result = f"error: {type(exc).__name__}: {exc}"[:300]
+            self.status.last_result = f"error: {error}"[:300]
             return 0
         queued = {h for h, _ in self._queue}
         new = [(h, trigger) for h in hours if h not in queued]
@@ -326,9 +345,16 @@ class ChainScheduler:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            logger.opt(exception=exc).error("chain ({}) failed: {}", trigger, exc)
+            error = describe_error(exc)
+            report.skipped = f"error: {error}"[:300]
+            if lost_database(exc):
+                # nothing more can run or be recorded: the next cron time selects again
+                logger.error("chain ({}) stopped: {}", trigger, error)
+                report.not_run = [h for h, _ in self._queue]
+                self._queue.clear()
+                return False
+            logger.opt(exception=exc).error("chain ({}) failed: {}", trigger, error)
             self._queue.pop(0)
-            report.skipped = f"error: {type(exc).__name__}: {exc}"[:300]
             self.status.running = bool(self._queue)
             return True
         self.status.running = True

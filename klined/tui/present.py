@@ -20,6 +20,7 @@ STATE_SEVERITY: dict[str, int] = {
     StreamState.STALE: 1,
     StreamState.BACKOFF: 2,
     StreamState.UNLISTED: 3,
+    StreamState.NO_DATA: 3,
     StreamState.CONNECTING: 4,
     StreamState.CONNECTED: 5,
 }

@@ -67,14 +67,17 @@ CREATE TABLE IF NOT EXISTS ops.lake_parts (
 );
 CREATE INDEX IF NOT EXISTS lake_parts_hour_idx ON ops.lake_parts (hour_start, exchange);
 
--- Every run of every chain step: running -> ok | failed | skipped.
+-- Every run of every chain step: running -> ok | failed | skipped, or abandoned (the process
+-- that ran it is gone; marked by the next chain).
 CREATE TABLE IF NOT EXISTS ops.job_runs (
     run_id      bigserial PRIMARY KEY,
     hour_start  timestamptz,                   -- NULL for steps not tied to one hour
     step        text NOT NULL,
     -- incomplete: the step ran, but requests failed and left minutes missing (gap-fill)
+    -- abandoned: the process recording it is gone (a later chain marks it)
     status      text NOT NULL
-                CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped')),
+                CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped',
+                                  'abandoned')),
     rows        bigint,
     started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at timestamptz,
@@ -480,21 +483,53 @@ BEGIN
 END
 $$;
 
--- ops.job_runs learned the 'incomplete' status (a gap-fill whose requests failed).
+-- ---------------------------------------------------------------------------------------------
+-- robustness: quarantined lake parts, abandoned job runs, events the lake had to drop (issue 15)
+
+-- A part that cannot be read is quarantined (status, reason) instead of failing its hour; the
+-- loader claims it again on every later run and loads it exactly once when it reads.
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'loaded';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT '';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint
-                   WHERE conrelid = 'ops.job_runs'::regclass
-                     AND conname = 'job_runs_status_check'
-                     AND pg_get_constraintdef(oid) LIKE '%incomplete%') THEN
-        ALTER TABLE ops.job_runs DROP CONSTRAINT IF EXISTS job_runs_status_check;
-        ALTER TABLE ops.job_runs ADD CONSTRAINT job_runs_status_check
-            CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped'));
+                   WHERE conrelid = 'ops.lake_parts'::regclass
+                     AND conname = 'lake_parts_status_check') THEN
+        ALTER TABLE ops.lake_parts ADD CONSTRAINT lake_parts_status_check
+            CHECK (status IN ('loaded', 'quarantined'));
     END IF;
 END
 $$;
+CREATE INDEX IF NOT EXISTS lake_parts_quarantined_idx
+    ON ops.lake_parts (hour_start) WHERE status = 'quarantined';
 
--- ---------------------------------------------------------------------------------------------
+-- Who ran a step (process id and host), so a run left 'running' by a killed process can be
+-- told apart and marked 'abandoned' by the next chain. Databases made before the statuses
+-- 'incomplete' (a gap-fill whose requests failed) and 'abandoned' existed get the wider status
+-- check here (idempotent: replaced only while it lacks one of them).
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS pid integer;
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS host text;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint
+               WHERE conrelid = 'ops.job_runs'::regclass AND conname = 'job_runs_status_check'
+                 AND (pg_get_constraintdef(oid) NOT LIKE '%abandoned%'
+                      OR pg_get_constraintdef(oid) NOT LIKE '%incomplete%')) THEN
+        ALTER TABLE ops.job_runs DROP CONSTRAINT job_runs_status_check;
+        ALTER TABLE ops.job_runs ADD CONSTRAINT job_runs_status_check
+            CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped', 'abandoned'));
+    END IF;
+END
+$$;
+CREATE INDEX IF NOT EXISTS job_runs_running_idx ON ops.job_runs (run_id) WHERE status = 'running';
+
+-- kind 'lake_dropped': minutes [started_at, ended_at) of one pair whose events the daemon
+-- had to drop (the lake's disk refused them past lake.max_held_bytes). The chain gap-fills
+-- those hours over REST and sets repaired_at once nothing in the range is missing.
+ALTER TABLE monitoring.stream_incidents ADD COLUMN IF NOT EXISTS repaired_at timestamptz;
+CREATE INDEX IF NOT EXISTS stream_incidents_unrepaired_idx
+    ON monitoring.stream_incidents (started_at) WHERE kind = 'lake_dropped' AND repaired_at IS NULL;
 
 INSERT INTO ops.schema_version (version, description)
 VALUES (1, 'bronze, silver, gold, ops, monitoring; hourly partitions')

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from klined.cli import main
-from tests.support.processes import postgres_for
+from tests.support.process import postgres_for
 
 KLINED = [sys.executable, "-m", "klined.cli"]
 SECRET = "s3cr3t-Pa55"

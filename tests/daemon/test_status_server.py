@@ -459,3 +459,26 @@ def test_a_demo_daemon_says_its_errors_are_simulated() -> None:
     assert render_status(snap).splitlines()[1] == (
         "SIMULATED: the exchanges are klined's simulator; its errors are injected faults"
     )
+
+
+def test_render_status_shows_no_data_pairs_and_quarantined_parts() -> None:
+    snap = make_snapshot(pairs=1)
+    snap.pairs = [
+        snap.pairs[0],
+        PairStatus(exchange="binance", symbol="BTC/USD", state=StreamState.NO_DATA),
+    ]
+    snap.chain.quarantined_parts = 2
+    snap.lake.write_failing_since_ms = NOW - 90_000
+    snap.lake.held_bytes = 3 * 1024 * 1024
+    snap.lake.last_write_error = "OSError: [Errno 28] No space left on device"
+    snap.lake.dropped_events = 1234
+    snap.chain.quarantined_sample = ["exchange=binance/a/part-1.jsonl: LakeError: unreadable"]
+    text = render_status(snap)
+    assert "all pairs connected" not in text
+    assert "no data 1" in text
+    assert "binance   BTC/USD  no data" in text
+    assert "2 lake part(s) quarantined" in text
+    assert "exchange=binance/a/part-1.jsonl: LakeError: unreadable" in text
+    assert "cannot write the lake since" in text and "3.0 MB held in memory" in text
+    assert "No space left on device" in text
+    assert "1,234 events dropped past lake.max_held_bytes" in text

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from klined.lake import parse_key
-from tests.support.processes import postgres_for
+from tests.support.process import postgres_for
 
 pytestmark = pytest.mark.integration
 

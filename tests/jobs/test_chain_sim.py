@@ -334,3 +334,54 @@ async def test_daemon_chain_and_backfill_share_one_warehouse(
                 await assert_gold_is_truth(db, sim, ex, PAIRS, req.start_ms, req.end_ms)
             failed = await db.fetch("SELECT step, error FROM ops.job_runs WHERE status = 'failed'")
             assert not failed, [dict(r) for r in failed]
+
+
+async def test_minutes_the_lake_dropped_are_gap_filled_even_outside_the_retry_window(
+    sim_factory: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    from klined.jobs.ops import DroppedRange, record_lake_drops
+    from klined.model import to_datetime
+
+    async with sim_factory(pairs=PAIRS, rate_limit_time_scale=60) as sim:
+        cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
+        cfg.chain.catchup_hours = 0
+        cfg.chain.rest_retry_hours = 0  # H0 is older: gap-fill would normally be skipped
+        await write_lake(sim, cfg.lake_root, [H0])
+        lake = LakeStore(cfg.lake_root)
+        now = sim.clock.now_ms()
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            open_clients(
+                cfg, limiters=sim_limiters(sim), clock_ms=sim.clock.now_ms, retry=FAST_RETRY
+            ) as clients,
+        ):
+            await sync_configured_pairs(db, cfg)
+            await db.execute(
+                "INSERT INTO ops.job_runs (hour_start, step, status) VALUES ($1, 'gapfill', 'ok')",
+                to_datetime(H0),
+            )
+            # what the daemon records when the disk stayed full past lake.max_held_bytes
+            await record_lake_drops(
+                db,
+                [
+                    DroppedRange(ex, pair, H0 + 30 * MINUTE_MS, H0 + HOUR_MS, 99)
+                    for ex in ("binance", "kraken")
+                    for pair in PAIRS
+                ],
+            )
+            assert await select_hours(db, cfg, now) == [H0]
+            report = await run_chain(
+                db, cfg, [H0], trigger="manual", lake=lake, clients=clients, now_ms=now
+            )
+            assert report.ok, report.table()
+            gapfill = next(o for o in report.hours[0].steps if o.step == "gapfill")
+            assert gapfill.status == "ok" and gapfill.rows > 0
+            for ex in ("binance", "kraken"):
+                counts = await assert_silver_is_truth(db, sim, ex, PAIRS, H0, H0 + HOUR_MS)
+                assert "ws_partial" not in counts
+            open_incidents = await db.fetchval(
+                "SELECT count(*) FROM monitoring.stream_incidents"
+                " WHERE kind = 'lake_dropped' AND repaired_at IS NULL"
+            )
+            assert open_incidents == 0
+            assert await select_hours(db, cfg, now) == []

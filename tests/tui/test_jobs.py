@@ -229,3 +229,19 @@ async def test_catch_up_pending_hours_and_an_incomplete_gapfill() -> None:
         assert "gapfill: 95 minutes left missing, requests failed" in title
         line = text_of(app, "#chain-line")
         assert line.startswith("chain catch-up 2/6 waits for a backfill's merge of")
+
+
+async def test_quarantined_lake_parts_show_on_the_chain_line() -> None:
+    snapshot = demo_snapshot()
+    snapshot.chain.quarantined_parts = 2
+    app = KlinedApp(
+        FakeStatusSource(snapshot),
+        FakeWarehouseSource([], demo_job_runs()),
+        FakeChainRunner(),
+        refresh=3600,
+        clock=lambda: DEMO_NOW_MS,
+    )
+    async with app.run_test(size=(120, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        assert "2 part(s) quarantined (klined check)" in text_of(app, "#chain-line")

@@ -20,7 +20,7 @@ from loguru import logger
 import klined.warehouse.embedded as embedded_pg
 from klined.config import Config, DaemonConfig
 from klined.warehouse.database import open_database
-from tests.support.processes import postgres_for
+from tests.support.process import postgres_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -58,7 +58,6 @@ HOLDER = """
 import sys, anyio
 from klined.config import Config, DaemonConfig
 from klined.warehouse.database import open_database
-from tests.support.processes import postgres_for
 
 async def main():
     async with open_database(Config(daemon=DaemonConfig(data_dir=sys.argv[1]))):
@@ -155,8 +154,6 @@ OPEN_AND_CLOSE = """
 import sys, anyio
 from klined.config import Config, DaemonConfig
 from klined.warehouse.database import open_database
-from tests.support.processes import postgres_for
-from tests.support.processes import postgres_for
 
 async def main():
     async with open_database(Config(daemon=DaemonConfig(data_dir=sys.argv[1]))) as db:

@@ -253,6 +253,8 @@ def chain_line(chain: ChainStatus | None, now: int, upkeep: JobRun | None = None
                 text.append(f" ({what.strip()})")
     else:
         text.append("idle")
+    if chain.quarantined_parts:
+        text.append(f" · {chain.quarantined_parts} part(s) quarantined (klined check)", style=_BAD)
     if chain.next_run_ms is not None:
         if chain.next_run_ms > now:
             text.append(f" · next {fmt_hm(chain.next_run_ms)}")

@@ -12,6 +12,7 @@ STATE_STYLE: dict[str, str] = {
     StreamState.BACKOFF: "bold #d29922",
     StreamState.STALE: "bold #db6d28",
     StreamState.UNLISTED: "#bc8cff",
+    StreamState.NO_DATA: "bold #db6d28",
     StreamState.DOWN: "bold #f85149",
 }
 
@@ -21,6 +22,7 @@ JOB_STYLE: dict[str, tuple[str, str]] = {
     "failed": ("✗", "bold #f85149"),
     "running": ("▶", "bold #39c5cf"),
     "skipped": ("–", "#8b949e"),
+    "abandoned": ("✗", "#db6d28"),
 }
 
 
