@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo_command", "Run everything against the simulator, no internet."),
     "check": ("check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
     "config": ("config_command", "Validate a config file and print it."),
+    "sql": ("sql_command", "Open psql on the warehouse (--dsn prints its DSN)."),
 }
 
 

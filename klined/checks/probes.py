@@ -88,11 +88,14 @@ async def _bounded(
     ]
 
 
-async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> list[CheckResult]:
-    """Every check, concurrently; rows in a fixed order (config first)."""
+async def run_checks(
+    cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S, lake_s3: bool = False
+) -> list[CheckResult]:
+    """Every check, concurrently; rows in a fixed order (config first). ``lake_s3`` adds the
+    comparison of the local parts with S3 (``klined check --lake``)."""
     plan: list[tuple[list[str], Callable[[], Awaitable[list[CheckResult]]]]] = [
         (
-            ["postgresql", "schema", "read-only role", "reader role"],
+            ["postgresql", "schema", "read-only role", "reader role", "lake parts"],
             functools.partial(check_postgres, cfg),
         ),
         (["s3"], _single(check_s3, cfg)),
@@ -100,6 +103,8 @@ async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> l
         (["status socket"], _single(check_status_socket, cfg)),
         (["lake"], _single(check_lake, cfg)),
     ]
+    if lake_s3:
+        plan.append((["lake in s3"], _single(check_lake_in_s3, cfg)))
     slots: list[list[CheckResult]] = [[] for _ in plan]
 
     async def run(i: int) -> None:
@@ -184,6 +189,7 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             CheckResult("schema", Outcome.SKIP, why),
             CheckResult("read-only role", Outcome.SKIP, why),
             CheckResult("reader role", Outcome.SKIP, why),
+            CheckResult("lake parts", Outcome.SKIP, why),
         ]
 
     dsn = cfg.dsn
@@ -230,9 +236,37 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             schema = await _schema_row(conn, SCHEMA_VERSION)
             role = await _role_row(conn, LOOKER_ROLE, cfg.database.readonly_role, schema)
             reader = await _role_row(conn, READER_ROLE, cfg.database.reader_role, schema)
+            parts = await _quarantine_row(conn, schema)
     except DatabaseError as exc:
         return rows(CheckResult("postgresql", Outcome.FAIL, str(exc)), "database not reachable")
-    return [reach, schema, role, reader]
+    return [reach, schema, role, reader, parts]
+
+
+async def _quarantine_row(conn: Any, schema: CheckResult) -> CheckResult:
+    """Lake parts the loader could not read (quarantined, tried again by every chain run)."""
+    row = "lake parts"
+    has_status = await conn.fetchval(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'ops'"
+        " AND table_name = 'lake_parts' AND column_name = 'status'"
+    )
+    if schema.outcome is Outcome.FAIL or not has_status:
+        return CheckResult(row, Outcome.SKIP, "schema not applied yet")
+    found = await conn.fetch(
+        "SELECT lake_key, reason, attempts FROM ops.lake_parts WHERE status = 'quarantined'"
+        " ORDER BY hour_start DESC, lake_key LIMIT 21"
+    )
+    if not found:
+        return CheckResult(row, Outcome.OK, "no quarantined part: every part read was loaded")
+    total = await conn.fetchval("SELECT count(*) FROM ops.lake_parts WHERE status = 'quarantined'")
+    details = [f"{r['lake_key']}: {r['reason']} ({r['attempts']} tries)" for r in found[:20]]
+    if total > 20:
+        details.append(f"... and {total - 20} more")
+    return CheckResult(
+        row,
+        Outcome.WARN,
+        f"{total} part(s) quarantined (unreadable; fix them and the next chain loads them):",
+        details,
+    )
 
 
 async def _schema_row(conn: Any, code_version: int) -> CheckResult:
@@ -477,7 +511,10 @@ async def check_exchange(cfg: Config, name: str) -> CheckResult:
         else:
             why = f"listing from {url} failed: {exc}"
         return CheckResult(row, Outcome.FAIL, why)
-    listed, problems = check_listing(pairs, listing, exchange=name)
+    from klined.exchanges.listing import configured_natives
+
+    natives = configured_natives(adapter)
+    listed, problems = check_listing(pairs, listing, exchange=name, natives=natives)
     if problems:
         return CheckResult(
             row,
@@ -559,6 +596,50 @@ def _lake_sync(root: Path) -> CheckResult:
 async def check_lake(cfg: Config) -> CheckResult:
     """The lake root is writable (or creatable); free disk space shown, WARN when low."""
     return await anyio.to_thread.run_sync(_lake_sync, cfg.lake_root, abandon_on_cancel=True)
+
+
+async def check_lake_in_s3(cfg: Config) -> CheckResult:
+    """The local parts marked uploaded are in S3 with the same size and checksum; the ones S3
+    lost are uploaded again (the only thing ``check`` writes, and only with ``--lake``)."""
+    row = "lake in s3"
+    if not cfg.s3.bucket:
+        return CheckResult(row, Outcome.SKIP, "no bucket configured (the lake is local only)")
+    from klined.lake import LakeUploader
+
+    uploader = LakeUploader(cfg.lake_root, cfg.lake, cfg.s3, attempts=2)
+    report = await uploader.verify()
+    if report.error:
+        return CheckResult(row, Outcome.FAIL, f"cannot compare with S3: {report.error}")
+    details = [f"differs (not overwritten): {k}" for k in report.different[:20]]
+    if report.missing:
+        try:
+            await uploader.upload_pending()
+        except Exception as exc:
+            return CheckResult(
+                row,
+                Outcome.FAIL,
+                f"{len(report.missing)} part(s) missing in S3 could not be uploaded again: {exc}",
+                [f"missing: {k}" for k in report.missing[:20]],
+            )
+        details += [f"uploaded again: {k}" for k in report.missing[:20]]
+    if report.different:
+        return CheckResult(
+            row,
+            Outcome.FAIL,
+            f"{len(report.different)} of {report.checked} part(s) differ from their S3 copy",
+            details,
+        )
+    if report.missing:
+        return CheckResult(
+            row,
+            Outcome.WARN,
+            f"{len(report.missing)} of {report.checked} part(s) were missing in S3 and are "
+            "uploaded again:",
+            details,
+        )
+    return CheckResult(
+        row, Outcome.OK, f"{report.checked} local part(s) match their S3 copy (size, MD5)"
+    )
 
 
 # -- output -----------------------------------------------------------------------------------

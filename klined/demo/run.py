@@ -232,7 +232,7 @@ class Demo:
         """The daemon until the duration is over, the dashboard is closed, or a signal."""
         # no signal handling of its own: the demo owns the signals for the whole run (set-up,
         # daemon, shutdown), so one Ctrl-C stops everything in order
-        daemon = Daemon(run_cfg, handle_signals=False)
+        daemon = Daemon(run_cfg, handle_signals=False, simulated=True)
         self.daemon = daemon
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:

@@ -135,7 +135,7 @@ class Summary:
             out.append(
                 f"completeness  seeded hours {iso(first)} .. {iso(end)} ({len(self.hours)} h)"
             )
-            out.append("              (pair-hours from monitoring.hourly_completeness)")
+            out.append("              (minutes, from monitoring.hourly_completeness)")
         out.append(
             f"  {'':<9}{'expected':>9}{'ws_final':>9}{'rest':>7}{'trades':>7}{'no_trd':>7}"
             f"{'partial':>8}{'missing':>8}{'rate':>9}"

@@ -13,6 +13,11 @@ late event for a sealed hour opens a new part in the same folder. ``aclose`` wri
 everything that is open, so nothing buffered is lost on shutdown (a part whose compression did
 not fit in the time allowed stays ``.open``, durable, and the next start seals it).
 
+When the disk refuses writes (full, read-only), events wait in memory up to
+``lake.max_held_bytes`` and every flush tries again; what happens meanwhile (logging, the cap,
+the minutes dropped past it, what is left at close) is :mod:`klined.lake.held`. A write cut
+short by the disk is truncated back to where it started, so a retry never doubles a line.
+
 Durability, cheaply. A flush of a few parts syncs each one (``fdatasync``, and ``fsync`` of a
 new part's folder). A flush of many parts (2,000 at 1,000 pairs on two exchanges) instead
 writes them all and then calls Linux ``syncfs(2)`` once on the lake's filesystem: it writes back
@@ -51,6 +56,7 @@ from klined.config import LakeConfig
 from klined.errors import LakeError
 from klined.lake import compress
 from klined.lake.compress import fsync_dir as _fsync_dir
+from klined.lake.held import DiskTrouble, Dropped, HeldPart
 from klined.lake.layout import (
     GZ_SUFFIX,
     OPEN_SUFFIX,
@@ -72,6 +78,8 @@ SYNC_EACH_MAX = 16
 #: bytes of parts sealed (compressed) per shielded batch: shutdown waits for one batch at most
 #: (about a second), and each batch costs two ``syncfs``, so batches are large
 SEAL_BATCH_BYTES = 256 * 1024 * 1024
+#: a part that cannot be sealed (a full disk) is logged at most this often
+SEAL_ERROR_LOG_EVERY_S = 60.0
 LOCK_NAME = ".writer.lock"
 DEFAULT_LEVEL = LakeConfig().compress_level
 
@@ -215,6 +223,7 @@ class _Part:
         "carry",
         "created",
         "dev",
+        "fragment",
         "hour_end_ms",
         "key",
         "lines",
@@ -234,6 +243,7 @@ class _Part:
         self.opened_ms = opened_ms
         self.lines: list[bytes] = []  # encoded events, without their line breaks
         self.carry = b""  # bytes a failed write left over, written before ``lines``
+        self.fragment = b""  # a torn line's start on disk that could not be truncated away
         self.pending_bytes = 0  # of ``carry`` and ``lines`` with their line breaks
         self.pending_events = 0
         self.written = 0
@@ -269,8 +279,13 @@ def _write_jobs(jobs: list[_Job], *, sync: bool = True) -> None:
                 fd = os.open(part.path, _O_FLAGS, 0o644)
                 try:
                     view = memoryview(job.data)
-                    while job.done < len(view):
-                        job.done += os.write(fd, view[job.done :])
+                    start = os.fstat(fd).st_size if job.data else 0
+                    try:
+                        while job.done < len(view):
+                            job.done += os.write(fd, view[job.done :])
+                    except OSError:
+                        _undo_partial(fd, start, job)
+                        raise
                     if part.dev is None:
                         part.dev = os.fstat(fd).st_dev
                     if sync:
@@ -283,6 +298,19 @@ def _write_jobs(jobs: list[_Job], *, sync: bool = True) -> None:
                         _fsync_dir(part.path.parent)
         except OSError as exc:
             job.error = exc
+
+
+def _undo_partial(fd: int, start: int, job: _Job) -> None:
+    """A write the disk cut short: truncate the file back to where it started, so the retry
+    writes the whole data again and no line is ever doubled or torn for good."""
+    if not job.done:
+        return
+    try:
+        os.ftruncate(fd, start)
+    except OSError:
+        # kept as written; the retry continues the torn line (the disk has its start)
+        return
+    job.done = 0
 
 
 def _create_parts(jobs: list[_Job]) -> None:
@@ -418,8 +446,12 @@ class LakeWriter:
         self._fs = _FsSync(self.root)
         self._level = config.compress_level
         self._unsealed: list[_Part] = []  # closed, data durable in .open, not compressed yet
+        self._seal_error_logged = -SEAL_ERROR_LOG_EVERY_S
         self._seal_lock = anyio.Lock()
         self._seal_wake = anyio.Event()
+        self._held = 0  # bytes of events waiting in parts (not in a flush under way)
+        self._cap = config.max_held_bytes
+        self.trouble = DiskTrouble(str(self.root), self._cap)
         self.events_written = 0
         self.parts_closed = 0
 
@@ -428,6 +460,9 @@ class LakeWriter:
     def append(self, candle: Candle) -> None:
         """Buffer one event in its hour's open part. Synchronous, no I/O."""
         start = candle.interval_start
+        if self._held >= self._cap:  # the disk has refused writes for a while
+            self.trouble.drop(candle.exchange, candle.symbol, start)
+            return
         slot = (candle.exchange, candle.symbol, start - start % HOUR_MS)
         part = self._open.get(slot)
         if part is None:
@@ -435,6 +470,7 @@ class LakeWriter:
         line = self._encode(candle)
         part.lines.append(line)
         part.pending_bytes += len(line) + 1
+        self._held += len(line) + 1
         part.pending_events += 1
         self._unflushed += 1
         if part.written + part.pending_bytes >= self._max_bytes:
@@ -503,7 +539,10 @@ class LakeWriter:
                         else:
                             failed.append(part)
             finally:
-                if failed:
+                now = time.monotonic()
+                if failed and now - self._seal_error_logged >= SEAL_ERROR_LOG_EVERY_S:
+                    # a full disk fails every pass: say so once a minute, not every flush
+                    self._seal_error_logged = now
                     logger.error(
                         "lake: cannot seal {} part(s), kept as .open and tried again: {}",
                         len(failed),
@@ -577,6 +616,10 @@ class LakeWriter:
             if self._status is not None:
                 self._status.open_parts = len(self._open) + len(self._closing) + len(self._unsealed)
                 self._status.events_written = self.events_written
+                self._status.held_bytes = self._held
+                self._status.dropped_events = self.trouble.dropped_events
+                self._status.write_failing_since_ms = self.trouble.since_ms
+                self._status.last_write_error = self.trouble.last_error
 
     async def _write(self, jobs: list[_Job]) -> None:
         """Run the jobs in worker threads: many parts with one ``syncfs`` where the kernel has
@@ -623,8 +666,7 @@ class LakeWriter:
             for i in range(chunks):
                 tg.start_soon(anyio.to_thread.run_sync, work, items[i::chunks], *args)
 
-    @staticmethod
-    def _take(part: _Part, *, close: bool) -> _Job:
+    def _take(self, part: _Part, *, close: bool) -> _Job:
         lines = part.lines
         if lines:
             lines.append(b"")  # the last line's break
@@ -634,6 +676,7 @@ class LakeWriter:
         else:
             data = part.carry
         job = _Job(part, data, part.pending_events, close)
+        self._held -= part.pending_bytes
         part.written += len(data)
         part.lines = []
         part.carry = b""
@@ -651,29 +694,36 @@ class LakeWriter:
 
     def _settle(self, jobs: list[_Job]) -> None:
         """Account for a flush; put back whatever the disk refused, to retry next time."""
+        error: OSError | None = None
         for job in jobs:
             part = job.part
             if job.error is None:
                 self.events_written += job.events
+                part.fragment = b""
                 if job.close:
                     self._unsealed.append(part)
                     self._seal_wake.set()
                 continue
+            error = error or job.error
             rest = job.data[job.done :]
+            if job.done and job.data[job.done - 1 : job.done] != b"\n":
+                # the disk holds the start of a line it could not finish (and keep)
+                torn = job.data.rfind(b"\n", 0, job.done) + 1
+                part.fragment = job.data[torn : job.done]
             unwritten = rest.count(b"\n")
             part.written -= len(rest)
             self.events_written += job.events - unwritten
             part.pending_events += unwritten
             part.carry = rest + part.carry
             part.pending_bytes += len(rest)
+            self._held += len(rest)
             if job.close and part not in self._closing:
                 self._closing.append(part)
-            logger.error(
-                "lake: cannot write {} ({} bytes kept in memory, will retry): {}",
-                part.key,
-                part.pending_bytes,
-                job.error,
-            )
+        if error is not None:
+            events = sum(p.pending_events for p in (*self._open.values(), *self._closing))
+            self.trouble.failed(error, self._held, events, self._clock())
+        elif self.trouble.failing and not self._held:
+            self.trouble.recovered(self._clock())
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Lock the root, queue the leftovers of a crashed run for sealing, then flush, rotate and
@@ -709,19 +759,59 @@ class LakeWriter:
         """Seal every open part, writing everything buffered (shielded, bounded).
 
         Safe to call more than once; events appended afterwards open new parts that the next
-        ``aclose`` (or flush) writes.
+        ``aclose`` (or flush) writes. What the disk still refuses stays in memory:
+        :meth:`held_parts` hands it out (the daemon uploads it straight to S3).
         """
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self._close_timeout_s) as scope:
                 await self.flush(close_all=True)
-            left = sum(p.pending_bytes for p in self._closing) + sum(
-                p.pending_bytes for p in self._open.values()
+        if scope.cancelled_caught or self._held:
+            logger.error(
+                "lake: closing did not finish; {:,} bytes of events not written to {}",
+                self._held,
+                self.root,
             )
-        if scope.cancelled_caught or left:
-            logger.error("lake: closing did not finish; {} bytes not written", left)
         if self._unsealed:
             logger.warning(
                 "lake: {} part(s) written but not sealed yet; they stay .open and are sealed at "
                 "the next start",
                 len(self._unsealed),
             )
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of events in memory that the disk has not taken (yet)."""
+        return self._held
+
+    def held_parts(self) -> list[HeldPart]:
+        """Every part's events still in memory, each as a complete part under a fresh key of
+        its hour (never the key of the part on disk, which keeps what was written)."""
+        out = []
+        for part in (*self._open.values(), *self._closing):
+            if not part.pending_bytes:
+                continue
+            lines = part.lines
+            data = part.fragment + part.carry + b"".join(line + b"\n" for line in lines)
+            pk = parse_key(part.key)
+            self._counter += 1
+            key = part_key(
+                pk.exchange,
+                pk.symbol,
+                pk.hour_ms,
+                pk.first_event_ms,
+                f"{self.writer_id}-{self._counter:06d}",
+            )
+            out.append(HeldPart(key, data, part.pending_events, pk.exchange, pk.symbol))
+        return out
+
+    def forget_held(self) -> None:
+        """The held events are safe elsewhere (uploaded): drop them from memory."""
+        for part in (*self._open.values(), *self._closing):
+            part.lines, part.carry, part.fragment = [], b"", b""
+            part.pending_bytes = part.pending_events = 0
+        self._held = 0
+
+    def take_dropped(self, before_ms: int | None = None) -> list[Dropped]:
+        """Minutes whose events were dropped past ``lake.max_held_bytes`` (see
+        :meth:`DiskTrouble.take_dropped`)."""
+        return self.trouble.take_dropped(before_ms)

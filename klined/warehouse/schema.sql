@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS ops.schema_version (
 );
 
 -- The configured pairs, synced from the config at start (klined.db.sync_pairs). Completeness
--- expects 60 rows per hour for every pair that is active and not known to be unlisted.
+-- expects 60 minutes for every closed hour of a pair's coverage, [coverage_start,
+-- coverage_end), unless the pair is known to be unlisted (klined.warehouse.coverage).
 CREATE TABLE IF NOT EXISTS ops.pairs (
     exchange      text NOT NULL,
     symbol        text NOT NULL,              -- canonical BASE/QUOTE
@@ -41,6 +42,15 @@ CREATE TABLE IF NOT EXISTS ops.pairs (
     listed        boolean,                    -- exchange listing check: NULL = not checked yet
     note          text NOT NULL DEFAULT '',
     updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- the first hour klined tracked the pair: captured by the daemon (its start, or a lake part
+    -- loaded into bronze) or asked for by a backfill; NULL = never tracked
+    coverage_start timestamptz,
+    -- set when the pair leaves the configuration: the hour its coverage ended (exclusive)
+    coverage_end  timestamptz,
+    -- hours [completeness_from, completeness_to) have a monitoring.hourly_completeness row
+    -- (processed or pending), so new pending rows are only ever added outside that span
+    completeness_from timestamptz,
+    completeness_to   timestamptz,
     PRIMARY KEY (exchange, symbol)
 );
 
@@ -58,12 +68,17 @@ CREATE TABLE IF NOT EXISTS ops.lake_parts (
 );
 CREATE INDEX IF NOT EXISTS lake_parts_hour_idx ON ops.lake_parts (hour_start, exchange);
 
--- Every run of every chain step: running -> ok | failed | skipped.
+-- Every run of every chain step: running -> ok | failed | skipped, or abandoned (the process
+-- that ran it is gone; marked by the next chain).
 CREATE TABLE IF NOT EXISTS ops.job_runs (
     run_id      bigserial PRIMARY KEY,
     hour_start  timestamptz,                   -- NULL for steps not tied to one hour
     step        text NOT NULL,
-    status      text NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'skipped')),
+    -- incomplete: the step ran, but requests failed and left minutes missing (gap-fill)
+    -- abandoned: the process recording it is gone (a later chain marks it)
+    status      text NOT NULL
+                CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped',
+                                  'abandoned')),
     rows        bigint,
     started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at timestamptz,
@@ -244,6 +259,9 @@ CREATE TABLE IF NOT EXISTS monitoring.hourly_completeness (
     missing         integer NOT NULL,
     completion_rate numeric NOT NULL,          -- (ws_final+rest+trades+no_trades)/expected
     refreshed_at    timestamptz NOT NULL DEFAULT now(),  -- when the counts last changed
+    -- true: a closed hour of the pair's coverage the chain has not processed yet; its minutes
+    -- count as missing until it does
+    pending         boolean NOT NULL DEFAULT false,
     PRIMARY KEY (exchange, symbol, hour_start),
     CHECK (ws_final + rest + trades + no_trades + ws_partial + missing = expected),
     CHECK (completion_rate >= 0 AND completion_rate <= 1)
@@ -264,7 +282,9 @@ CREATE TABLE IF NOT EXISTS monitoring.stream_incidents (
 CREATE INDEX IF NOT EXISTS stream_incidents_started_idx
     ON monitoring.stream_incidents (started_at);
 
--- Days are UTC days, whatever the session's TimeZone. expected sums the hours refreshed so far.
+-- Days are UTC days, whatever the session's TimeZone. Every closed hour of a pair's coverage
+-- has a row (pending ones count 60 missing), so a covered day expects 1,440 minutes per pair;
+-- the first day counts from the coverage start, the current day its closed hours so far.
 CREATE OR REPLACE VIEW monitoring.daily_completeness AS
 SELECT exchange,
        symbol,
@@ -277,7 +297,9 @@ SELECT exchange,
        sum(ws_partial)::integer AS ws_partial,
        sum(missing)::integer    AS missing,
        round(sum(ws_final + rest + trades + no_trades)::numeric
-             / nullif(sum(expected), 0), 4) AS completion_rate
+             / nullif(sum(expected), 0), 4) AS completion_rate,
+       count(*)::integer        AS hours,
+       (count(*) FILTER (WHERE pending))::integer AS pending_hours
 FROM monitoring.hourly_completeness
 GROUP BY exchange, symbol, (hour_start AT TIME ZONE 'UTC')::date;
 
@@ -293,7 +315,8 @@ SELECT exchange,
        sum(ws_partial)::integer AS ws_partial,
        sum(missing)::integer    AS missing,
        round(sum(ws_final + rest + trades + no_trades)::numeric
-             / nullif(sum(expected), 0), 4) AS completion_rate
+             / nullif(sum(expected), 0), 4) AS completion_rate,
+       (count(*) FILTER (WHERE pending))::integer AS pending_pairs
 FROM monitoring.hourly_completeness
 GROUP BY exchange, hour_start;
 
@@ -394,6 +417,132 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- completeness coverage and pending hours (issue 14)
+--
+-- Warehouses created before these columns existed get them here. Once, when coverage_start
+-- is added, each pair's coverage starts at the earliest hour the chain counted for it (what
+-- the warehouse itself proves was tracked); from then on capture and backfill record it.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'ops.pairs'::regclass AND attname = 'coverage_start'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE ops.pairs ADD COLUMN coverage_start timestamptz;
+        UPDATE ops.pairs p SET coverage_start = h.first_hour
+        FROM (SELECT exchange, symbol, min(hour_start) AS first_hour
+              FROM monitoring.hourly_completeness GROUP BY exchange, symbol) h
+        WHERE h.exchange = p.exchange AND h.symbol = p.symbol;
+    END IF;
+END
+$$;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS coverage_end timestamptz;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_from timestamptz;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_to timestamptz;
+ALTER TABLE monitoring.hourly_completeness
+    ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS hourly_completeness_pending_idx
+    ON monitoring.hourly_completeness (hour_start) WHERE pending;
+
+-- A pending row (60 minutes missing) for every closed hour of every pair's coverage that has
+-- no monitoring.hourly_completeness row yet, up to p_closed_end (exclusive): completeness
+-- never hides an hour the chain has not processed. Returns the rows added. Only hours outside
+-- the span already done ([completeness_from, completeness_to)) are looked at, so calling it
+-- every minute costs next to nothing; rows the chain wrote are never touched.
+CREATE OR REPLACE FUNCTION ops.mark_pending_hours(p_closed_end timestamptz)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_added integer;
+BEGIN
+    WITH p AS (
+        SELECT exchange, symbol, coverage_start AS cs,
+               least(coalesce(coverage_end, p_closed_end), p_closed_end) AS ce,
+               completeness_from AS mf, completeness_to AS mt
+        FROM ops.pairs
+        WHERE coverage_start IS NOT NULL AND listed IS DISTINCT FROM false
+    ),
+    spans AS (
+        SELECT exchange, symbol, cs AS a,
+               CASE WHEN mf IS NULL OR mt IS NULL THEN ce ELSE least(mf, ce) END AS b
+        FROM p
+        UNION ALL
+        SELECT exchange, symbol, greatest(mt, cs), ce
+        FROM p WHERE mf IS NOT NULL AND mt IS NOT NULL
+    ),
+    added AS (
+        INSERT INTO monitoring.hourly_completeness
+            (exchange, symbol, hour_start, expected, ws_final, rest, trades, no_trades,
+             ws_partial, missing, completion_rate, pending)
+        SELECT s.exchange, s.symbol, g.hour, 60, 0, 0, 0, 0, 0, 60, 0, true
+        FROM spans s
+        CROSS JOIN LATERAL generate_series(s.a, s.b - interval '1 hour', interval '1 hour')
+            AS g(hour)
+        WHERE s.a < s.b
+        ON CONFLICT (exchange, symbol, hour_start) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_added FROM added;
+    UPDATE ops.pairs
+    SET completeness_from = coverage_start,
+        completeness_to = greatest(completeness_to,
+                                   least(coalesce(coverage_end, p_closed_end), p_closed_end))
+    WHERE coverage_start IS NOT NULL AND listed IS DISTINCT FROM false
+      AND (completeness_from IS DISTINCT FROM coverage_start
+           OR completeness_to IS DISTINCT FROM
+              greatest(completeness_to, least(coalesce(coverage_end, p_closed_end), p_closed_end)));
+    RETURN v_added;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- robustness: quarantined lake parts, abandoned job runs, events the lake had to drop (issue 15)
+
+-- A part that cannot be read is quarantined (status, reason) instead of failing its hour; the
+-- loader claims it again on every later run and loads it exactly once when it reads.
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'loaded';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT '';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = 'ops.lake_parts'::regclass
+                     AND conname = 'lake_parts_status_check') THEN
+        ALTER TABLE ops.lake_parts ADD CONSTRAINT lake_parts_status_check
+            CHECK (status IN ('loaded', 'quarantined'));
+    END IF;
+END
+$$;
+CREATE INDEX IF NOT EXISTS lake_parts_quarantined_idx
+    ON ops.lake_parts (hour_start) WHERE status = 'quarantined';
+
+-- Who ran a step (process id and host), so a run left 'running' by a killed process can be
+-- told apart and marked 'abandoned' by the next chain. Databases made before the statuses
+-- 'incomplete' (a gap-fill whose requests failed) and 'abandoned' existed get the wider status
+-- check here (idempotent: replaced only while it lacks one of them).
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS pid integer;
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS host text;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint
+               WHERE conrelid = 'ops.job_runs'::regclass AND conname = 'job_runs_status_check'
+                 AND (pg_get_constraintdef(oid) NOT LIKE '%abandoned%'
+                      OR pg_get_constraintdef(oid) NOT LIKE '%incomplete%')) THEN
+        ALTER TABLE ops.job_runs DROP CONSTRAINT job_runs_status_check;
+        ALTER TABLE ops.job_runs ADD CONSTRAINT job_runs_status_check
+            CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped', 'abandoned'));
+    END IF;
+END
+$$;
+CREATE INDEX IF NOT EXISTS job_runs_running_idx ON ops.job_runs (run_id) WHERE status = 'running';
+
+-- kind 'lake_dropped': minutes [started_at, ended_at) of one pair whose events the daemon
+-- had to drop (the lake's disk refused them past lake.max_held_bytes). The chain gap-fills
+-- those hours over REST and sets repaired_at once nothing in the range is missing.
+ALTER TABLE monitoring.stream_incidents ADD COLUMN IF NOT EXISTS repaired_at timestamptz;
+CREATE INDEX IF NOT EXISTS stream_incidents_unrepaired_idx
+    ON monitoring.stream_incidents (started_at) WHERE kind = 'lake_dropped' AND repaired_at IS NULL;
 
 INSERT INTO ops.schema_version (version, description)
 VALUES (1, 'bronze, silver, gold, ops, monitoring; hourly partitions')

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import boto3
-import psutil
 import pytest
 
 from klined.lake import parse_key
+from tests.support.process import postgres_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +29,6 @@ def demo_env() -> dict[str, str]:
     env.pop("KLINED_DSN", None)
     env.pop("KLINED_CONFIG", None)
     return env
-
-
-def postgres_for(pgdata: Path) -> list[int]:
-    """Live postgres processes whose command line names this data directory."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if "postgres" in (proc.info["name"] or "") and str(pgdata) in cmdline:
-            found.append(proc.pid)
-    return found
 
 
 def row(summary: str, name: str) -> list[str]:
