@@ -20,6 +20,7 @@ class StreamState(enum.StrEnum):
     BACKOFF = "backoff"
     STALE = "stale"
     UNLISTED = "unlisted"
+    NO_DATA = "no data"  # subscribed, but nothing ever arrived for the pair
     DOWN = "down"  # given up for good (fatal error) or the exchange is disabled/stopped
 
 
@@ -59,6 +60,10 @@ class LakeStatus(msgspec.Struct, kw_only=True):
     events_written: int = 0
     s3_enabled: bool = False
     last_upload_error: str = ""
+    held_bytes: int = 0  # events in memory the disk refused (yet)
+    dropped_events: int = 0  # dropped past lake.max_held_bytes since start
+    write_failing_since_ms: int | None = None
+    last_write_error: str = ""
 
 
 class ChainStatus(msgspec.Struct, kw_only=True):
@@ -67,7 +72,13 @@ class ChainStatus(msgspec.Struct, kw_only=True):
     current_step: str = ""
     last_run_ms: int | None = None
     last_result: str = ""
-    next_run_ms: int | None = None
+    next_run_ms: int | None = None  # the next cron time (a due run waits for the current hour)
+    trigger: str = ""  # what the running work is: catchup | schedule | ...
+    run_done: int = 0  # hours of the current run finished so far
+    run_total: int = 0  # hours the current run has had to do (it grows when an hour closes)
+    waiting_for: str = ""  # who holds the chain lock while this run waits for it
+    quarantined_parts: int = 0  # lake parts bronze could not read (tried again every run)
+    quarantined_sample: list[str] = msgspec.field(default_factory=list)  # "key: reason"
 
 
 class LiveStatus(msgspec.Struct, kw_only=True):
@@ -107,6 +118,9 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     lake: LakeStatus = msgspec.field(default_factory=LakeStatus)
     chain: ChainStatus = msgspec.field(default_factory=ChainStatus)
     live: LiveStatus = msgspec.field(default_factory=LiveStatus)
+    #: the exchanges are klined's simulator injecting faults on purpose (``klined demo``):
+    #: readers label the errors as simulated
+    simulated: bool = False
 
 
 def encode_snapshot(snapshot: StatusSnapshot) -> bytes:

@@ -110,6 +110,8 @@ def backfill_command(
     for m in result.merges:
         if not m.ok:
             click.echo(m.table(), err=True)
+    if result.published is not None:
+        click.echo(result.published.publish_line())
     if not result.ok:
         click.echo(
             "some minutes are still missing for reasons a later run may fix; run the same "

@@ -1,4 +1,5 @@
-"""``klined run``: the daemon in the foreground until SIGTERM/SIGINT (see :mod:`klined.daemon`)."""
+"""``klined run``: the daemon in the foreground until SIGTERM/SIGINT/SIGHUP (see
+:mod:`klined.daemon.process`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from klined.commands.options import config_option
 from klined.config import load_config
 from klined.daemon.process import run_daemon, tune_process
 from klined.daemon.systemd import Notifier
-from klined.errors import KlinedError
+from klined.errors import ConfigError, EventsLost, KlinedError
 from klined.logs import setup_config_logging
 
 __all__ = ["run_command"]
@@ -34,7 +35,11 @@ def _klined_error(exc: BaseException) -> KlinedError | None:
 @click.command("run")
 @config_option
 def run_command(config_path: str | None) -> int:
-    """Run the daemon: streams, lake, status, hourly chain (until SIGTERM/SIGINT)."""
+    """Run the daemon: streams, lake, status, hourly chain.
+
+    Runs until SIGTERM, SIGINT or SIGHUP (a closed SSH session), then stops gracefully: every
+    open lake part is sealed and uploaded, an embedded PostgreSQL stopped; exit code 0.
+    """
     cfg = load_config(config_path)  # ConfigError: the CLI prints it and exits 2
     setup_config_logging(cfg.daemon)
     notifier = Notifier.from_env()
@@ -51,6 +56,11 @@ def run_command(config_path: str | None) -> int:
         err = _klined_error(exc)
         if err is None:
             raise
+        if isinstance(err, EventsLost):  # logged by the daemon already
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
         logger.error("klined cannot run: {}", err)
         click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        # a config problem found only at run time is still a config problem: exit 2, which
+        # systemd's RestartPreventExitStatus=2 does not restart in a loop
+        sys.exit(2 if isinstance(err, ConfigError) else 1)

@@ -23,8 +23,8 @@ from klined.model import EXCHANGES, Pair
 
 __all__ = ["format_candle", "tail_command"]
 
-INTERVALS = ("1m", "5m", "15m", "30m", "1h")
-_MINUTES = {"1m": 1, "5m": 5, "15m": 15, "30m": 30, "1h": 60}
+INTERVALS = ("1m", "5m", "15m", "30m", "1h", "4h", "1d")
+_MINUTES = {"1m": 1, "5m": 5, "15m": 15, "30m": 30, "1h": 60, "4h": 240, "1d": 1440}
 
 
 def format_candle(row: object) -> str:

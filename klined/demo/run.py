@@ -50,7 +50,14 @@ from klined.demo.prepare import (
     sim_config,
     write_config,
 )
-from klined.demo.summary import LakeLine, Summary, completeness_lines, gold_rows, stream_lines
+from klined.demo.summary import (
+    LakeLine,
+    Summary,
+    completeness_lines,
+    datasets_line,
+    gold_rows,
+    stream_lines,
+)
 from klined.model import HOUR_MS, iso
 from klined.sim import Simulator, run_simulator
 from klined.status import StreamState
@@ -233,7 +240,7 @@ class Demo:
         ``demo.log`` behind the dashboard)."""
         # no signal handling of its own: the demo owns the signals for the whole run (set-up,
         # daemon, shutdown), so one Ctrl-C stops everything in order
-        daemon = Daemon(run_cfg, handle_signals=False)
+        daemon = Daemon(run_cfg, handle_signals=False, simulated=True)
         self.daemon = daemon
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
@@ -354,6 +361,7 @@ class Demo:
             summary.live = await live_line(db, daemon, pairs, *self.daemon_span)
             summary.completeness = await completeness_lines(db, hours, pairs)
             summary.gold = await gold_rows(db, hours, pairs)
+            summary.datasets = await datasets_line(db, str(run_cfg.lake_root / "datasets"))
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:

@@ -16,7 +16,7 @@ from klined.model import HOUR_MS, iso, to_datetime
 from klined.status import StatusSnapshot
 from klined.warehouse.database import Database
 
-GOLD_TABLES = ("5m", "15m", "30m", "1h")
+GOLD_TABLES = ("5m", "15m", "30m", "1h", "4h", "1d")
 SOURCES = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")
 
 
@@ -59,6 +59,16 @@ class LakeLine:
 
 
 @dataclass(slots=True)
+class DatasetsLine:
+    """The Parquet day files the chain's publish step wrote (``ops.published``)."""
+
+    files: int = 0
+    rows: int = 0
+    mirrored: int = 0  # of them in S3
+    root: str = ""
+
+
+@dataclass(slots=True)
 class Summary:
     workdir: Path
     ran_s: float
@@ -70,6 +80,7 @@ class Summary:
     live: LiveLine = field(default_factory=LiveLine)
     completeness: list[CompletenessLine] = field(default_factory=list)
     gold: dict[str, dict[str, int]] = field(default_factory=dict)  # exchange -> table -> rows
+    datasets: DatasetsLine = field(default_factory=DatasetsLine)
     problems: list[str] = field(default_factory=list)
     temporary: bool = False  # the working directory is removed at exit
 
@@ -128,7 +139,7 @@ class Summary:
             out.append(
                 f"completeness  seeded hours {iso(first)} .. {iso(end)} ({len(self.hours)} h)"
             )
-            out.append("              (pair-hours from monitoring.hourly_completeness)")
+            out.append("              (minutes, from monitoring.hourly_completeness)")
         out.append(
             f"  {'':<9}{'expected':>9}{'ws_final':>9}{'rest':>7}{'trades':>7}{'no_trd':>7}"
             f"{'partial':>8}{'missing':>8}{'rate':>9}"
@@ -146,6 +157,13 @@ class Summary:
         out.append(f"{'gold rows':<11}" + "".join(f"{t:>8}" for t in GOLD_TABLES))
         for ex, tables in self.gold.items():
             out.append(f"  {ex:<9}" + "".join(f"{tables.get(t, 0):>8,}" for t in GOLD_TABLES))
+        out.append("")
+        d = self.datasets
+        out.append(
+            f"datasets      {d.files:,} Parquet day file(s), {d.rows:,} rows, under {d.root}"
+        )
+        if d.mirrored:
+            out.append(f"              {d.mirrored:,} mirrored to S3 under datasets/")
         out.append("")
         out.extend(f"problem: {p}" for p in self.problems)
         if self.ok:
@@ -221,10 +239,20 @@ async def completeness_lines(
     ]
 
 
+async def datasets_line(db: Database, root: str) -> DatasetsLine:
+    row = await db.fetchrow(
+        "SELECT count(*) AS files, coalesce(sum(rows), 0) AS rows, count(s3_key) AS mirrored"
+        " FROM ops.published"
+    )
+    if row is None:  # pragma: no cover - an aggregate always returns a row
+        return DatasetsLine(root=root)
+    return DatasetsLine(int(row["files"]), int(row["rows"]), int(row["mirrored"]), root)
+
+
 async def gold_rows(
     db: Database, hours: Sequence[int], pairs: dict[str, list[str]]
 ) -> dict[str, dict[str, int]]:
-    """Gold rows per exchange and interval whose bucket starts in the seeded hours."""
+    """Gold rows per exchange and interval whose bucket overlaps the seeded hours."""
     out: dict[str, dict[str, int]] = {ex: {} for ex in pairs}
     if not hours:
         return out
@@ -235,7 +263,7 @@ async def gold_rows(
             f"SELECT g.exchange, count(*) AS n FROM gold.ohlcv_{table} g"  # fixed table names
             " JOIN unnest($3::text[], $4::text[]) AS c(exchange, symbol)"
             "   ON c.exchange = g.exchange AND c.symbol = g.symbol"
-            " WHERE g.interval_start >= $1 AND g.interval_start < $2 GROUP BY g.exchange",
+            " WHERE g.interval_end > $1 AND g.interval_start < $2 GROUP BY g.exchange",
             to_datetime(hours[0]),
             to_datetime(hours[-1] + HOUR_MS),
             exchanges,

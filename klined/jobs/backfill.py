@@ -5,7 +5,14 @@ the warehouse lacks (final WS candles are never fetched again; ``refetch`` re-ve
 rows) into bronze, and :func:`klined.jobs.chain.run_chain` with the merge steps (silver, gold,
 completeness) turns every touched hour into silver and gold, under the chain's advisory lock,
 while the fetching goes on (hours are merged as soon as every pair of the exchange has
-passed them, so the merge overlaps the rate-limited fetching).
+passed them, so the merge overlaps the rate-limited fetching). The lock is taken per hour, so
+the daemon's hourly chain never waits behind more than one hour of merging; while the merge
+waits for the lock, the progress says for whom. At the end, the chain's ``publish`` step
+writes the changed days as Parquet datasets (when ``publish.enabled``).
+
+A backfill is how klined starts tracking history: the range's start becomes the requested
+pairs' coverage start (:mod:`klined.warehouse.coverage`) and their closed hours get pending
+completeness rows at once, so until the merge reaches an hour it counts as missing.
 
 Pairs run concurrently in a task group, bounded, sharing each exchange's limiter. Progress is
 checkpointed per exchange and pair in ``ops.backfill_progress`` (``done_through`` = the hour
@@ -25,8 +32,9 @@ from loguru import logger
 
 from klined.config import Config
 from klined.errors import UsageError
-from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
-from klined.jobs.fetcher import LOOKBACK_FAILED, PairReport
+from klined.jobs.chain import MERGE_STEPS, RUN_STEPS, ChainReport, run_chain
+from klined.jobs.completeness import mark_pending
+from klined.jobs.fetcher import REQUEST_FAILED, PairReport
 from klined.jobs.gapfill import (
     PAIR_CONCURRENCY,
     configured_pairs,
@@ -36,6 +44,7 @@ from klined.jobs.gapfill import (
 )
 from klined.jobs.gapplan import Estimate, estimate, plan_windows
 from klined.jobs.progress import Progress
+from klined.jobs.scheduler import closed_end_ms
 from klined.model import (
     EXCHANGES,
     HOUR_MS,
@@ -48,16 +57,16 @@ from klined.model import (
     to_datetime,
 )
 from klined.rest.client import RestClient
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database
 
-#: Hours merged per chain-lock hold (the lock is released between batches so the daemon's
-#: hourly chain is never starved by a long backfill).
+#: Hours merged per call of the chain (which takes the lock hour by hour anyway).
 MERGE_BATCH_HOURS = 24
 #: How often the merger looks for hours every pair has passed.
 MERGE_POLL_S = 1.0
 
-#: Reasons a minute stays missing that a later run may fix (the exit code says so).
-RETRYABLE = {"rate limited", "exchange error", "exchange ban (418)", LOOKBACK_FAILED}
+#: Reasons a minute stays missing that a later run may fix (failed requests: exit code 1).
+RETRYABLE = REQUEST_FAILED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +79,10 @@ class BackfillRequest:
     end_ms: int
     pairs: dict[str, list[Pair]]  # exchange -> pairs
     note: str = ""  # e.g. the end was clamped to now
+
+
+def ceil_hour(ms: int) -> int:
+    return -(-ms // HOUR_MS) * HOUR_MS
 
 
 def resolve_request(
@@ -201,6 +214,7 @@ class BackfillResult:
     reports: list[PairReport] = field(default_factory=list)
     merges: list[ChainReport] = field(default_factory=list)
     duration_s: float = 0.0
+    published: ChainReport | None = None  # the publish run after the merges
 
     @property
     def rows(self) -> int:
@@ -208,7 +222,7 @@ class BackfillResult:
 
     @property
     def merged_ok(self) -> bool:
-        return all(m.ok for m in self.merges)
+        return all(m.ok for m in self.merges) and (self.published is None or self.published.ok)
 
     @property
     def retryable_missing(self) -> int:
@@ -232,6 +246,7 @@ class _Merger:
         reports: Mapping[str, list[PairReport]],
         dirty: Mapping[str, set[int]],
         result: BackfillResult,
+        progress: Progress | None = None,
     ) -> None:
         self.db = db
         self.cfg = cfg
@@ -240,6 +255,11 @@ class _Merger:
         self.pending = {ex: set(hours) for ex, hours in dirty.items()}
         self.merged: dict[str, set[int]] = {ex: set() for ex in reports}
         self.result = result
+        self.progress = progress
+
+    def _waiting(self, holder: str) -> None:
+        if self.progress is not None:
+            self.progress.waiting_for = holder
 
     def _ready(self, ex: str, final: bool) -> list[int]:
         reps = self.reports[ex]
@@ -260,7 +280,10 @@ class _Merger:
                 report = await run_chain(
                     self.db, self.cfg, batch, trigger="backfill", steps=MERGE_STEPS,
                     exchange=ex, lock_wait_s=None, maintain_partitions=False,
+                    on_wait=self._waiting,
                 )  # fmt: skip
+                if self.progress is not None:
+                    self.progress.waiting_for = ""
                 self.result.merges.append(report)
                 self.merged[ex].update(batch)
 
@@ -297,8 +320,15 @@ async def run_backfill(
         result.reports.extend(reports[ex])
     if progress is not None:
         progress.reports[:] = result.reports
+    # klined tracks these pairs from the range's start now: their hours count from here on,
+    # as pending until the merge reaches them
+    # (from the first whole hour of the range)
+    await extend_coverage(
+        db, [(ex, str(p)) for ex, plist in by_exchange.items() for p in plist], ceil_hour(start)
+    )
+    await mark_pending(db, closed_end_ms(cfg, now))
     dirty = await dirty_hours(db, start, end)
-    merger = _Merger(db, cfg, start, reports, dirty, result)
+    merger = _Merger(db, cfg, start, reports, dirty, result, progress)
     fetched = anyio.Event()
 
     async def one_pair(
@@ -363,6 +393,12 @@ async def run_backfill(
             tg.start_soon(merger.run, fetched)
             tg.start_soon(fetch_all)
         outer.cancel_scope.cancel()
+    if cfg.publish.enabled and any(m.hours for m in result.merges):
+        # the days the merges changed, as Parquet datasets (queued by gold, published once)
+        result.published = await run_chain(
+            db, cfg, [], trigger="backfill", steps=RUN_STEPS, lock_wait_s=None,
+            maintain_partitions=False,
+        )  # fmt: skip
     result.duration_s = time.monotonic() - started
     return result
 

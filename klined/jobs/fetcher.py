@@ -49,6 +49,13 @@ WRITE_TIMEOUT_S = 30.0
 NO_PREVIOUS_CLOSE = "no previous close"
 NOT_YET = "not yet available at the exchange"
 LOOKBACK_FAILED = "previous close unknown (lookback failed)"
+UNREACHABLE = "exchange unreachable"
+#: Reasons that mean a request failed (not that the exchange has no data): minutes missing for
+#: them make a chain's gap-fill ``incomplete`` and ``chain`` / ``backfill`` exit 1; a later run
+#: may fill them.
+REQUEST_FAILED = frozenset(
+    {"rate limited", "exchange error", "exchange ban (418)", UNREACHABLE, LOOKBACK_FAILED}
+)
 #: A trade is assumed visible on the Trades endpoint this long after it happened.
 PUBLISH_LAG_MS = 2_000
 
@@ -392,7 +399,7 @@ class PairFetcher:
             reason, outcome = "pair not listed", "error"
             self._stopped, self._stop_outcome = reason, outcome
         elif isinstance(exc, ExchangeUnreachable):
-            reason, outcome = "exchange unreachable", "error"
+            reason, outcome = UNREACHABLE, "error"
         else:
             reason, outcome = "exchange error", "error"
         n = await self._give_up(start, end, reason, outcome, str(exc)[:500])

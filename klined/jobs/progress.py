@@ -46,6 +46,9 @@ class Progress:
         self.log_every_s = log_every_s
         self._lines = 0
         self.stage = "fetching"
+        #: who holds the chain lock while the merge waits for it ("" when it does not wait)
+        self.waiting_for = ""
+        self._said = ""
 
     # ------------------------------------------------------------------------------- numbers
 
@@ -90,9 +93,22 @@ class Progress:
                 f"{t['rate']:,.0f} candles/s  ETA {fmt_duration(t['eta'])}  "
                 f"req {int(t['requests']):,}{throttle}"
             )
-        elapsed = fmt_duration(self.clock() - self.started)
-        out.append(f"{self.stage} ... {elapsed} elapsed")
+        out.append(self.stage_line())
         return out
+
+    def stage_line(self) -> str:
+        """What the backfill is doing now, e.g. waiting for the chain lock and for whom."""
+        elapsed = fmt_duration(self.clock() - self.started)
+        if self.waiting_for:
+            return (
+                f"{self.stage}: waiting for the chain lock, held by {self.waiting_for}"
+                f" ... {elapsed} elapsed"
+            )
+        return f"{self.stage} ... {elapsed} elapsed"
+
+    @property
+    def fetched_all(self) -> bool:
+        return bool(self.reports) and all(r.done >= r.wanted for r in self.reports)
 
     # ------------------------------------------------------------------------------- output
 
@@ -104,6 +120,12 @@ class Progress:
             self.stream.write(text)
             self.stream.flush()
             self._lines = len(lines)
+        elif self.waiting_for or self.fetched_all:
+            # the figures no longer move: say what the backfill waits for, once per change
+            line = lines[-1].rsplit(" ... ", 1)[0]
+            if line != self._said:
+                logger.info("backfill {}", line)
+                self._said = line
         else:
             for line in lines[:-1]:
                 logger.info("backfill {}", line)

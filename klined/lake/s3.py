@@ -267,14 +267,19 @@ class LakeStore:
     # -- reading --------------------------------------------------------------------------------
 
     async def read_part_bytes(self, ref: PartRef) -> bytes:
-        """A part's bytes: the local file if it is (still) there, else an S3 GET (verified)."""
+        """A part's bytes: the local file if it is (still) there and readable, else an S3 GET
+        (verified); :class:`LakeError` when neither works."""
         local = self.root / ref.key
         try:
             return await anyio.Path(local).read_bytes()
         except FileNotFoundError:
-            pass
+            problem = "is not in the local lake"
+        except OSError as exc:  # unreadable here (permissions, I/O error): S3 may have it
+            problem = f"cannot be read locally ({exc.strerror or exc})"
+            if not (self.enabled and ref.s3_key):
+                raise LakeError(f"part {ref.key} {problem}") from exc
         if not self.enabled:
-            raise LakeError(f"part {ref.key} is not in the local lake and S3 is not configured")
+            raise LakeError(f"part {ref.key} {problem} and S3 is not configured")
         object_key = ref.s3_key or self.object_key(ref.key)
 
         async def get() -> bytes:

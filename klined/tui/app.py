@@ -18,6 +18,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker
 
@@ -257,10 +258,10 @@ class KlinedApp(App[None]):
 
     def action_run_chain(self) -> None:
         if self.chain_runner is None:
-            self.notify("running the chain is not available here", severity="warning")
+            self.jobs.show_manual(Text("running the chain is not available here", "#d29922"))
             return
         if self._chain_worker is not None and not self._chain_worker.is_finished:
-            self.notify("a manual chain run is already in progress", severity="warning")
+            self.jobs.show_manual(Text("a manual chain run is already in progress", "#d29922"))
             return
         hour = last_closed_hour(self.clock())
         question = (
@@ -285,15 +286,19 @@ class KlinedApp(App[None]):
             logger.opt(exception=exc).warning("manual chain run failed to start")
             text = Text(f"manual chain for {fmt_when(hour_ms)} could not run: {exc}", "#f85149")
             self.jobs.show_manual(text)
-            self.notify(str(text), severity="error")
+            self.tell(text.plain, severity="error")
             return
         self.jobs.show_manual(manual_finished(result))
-        self.notify(
-            manual_finished(result).plain,
-            severity="information" if result.ok else "error",
-            timeout=8,
-        )
+        self.tell(manual_finished(result).plain, severity="information" if result.ok else "error")
         self._tick_warehouse()
+
+    def tell(self, message: str, *, severity: SeverityLevel = "information") -> None:
+        """One notification at a time, and none while the Jobs view shows the same news on
+        its own line (a toast there covered that line and the table)."""
+        if self.query_one(TabbedContent).active == "jobs":
+            return
+        self.clear_notifications()
+        self.notify(message, severity=severity, timeout=8)
 
 
 # -- wiring ---------------------------------------------------------------------------------------

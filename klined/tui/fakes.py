@@ -244,7 +244,23 @@ def demo_so_far(now_ms: int = DEMO_NOW_MS) -> list[HourSoFar]:
 def hour_row(exchange: str, symbol: str, hour_ms: int, **counts: int) -> HourCompleteness:
     """An hour whose counts add up to 60: ``ws_final`` takes what the others leave."""
     rest = sum(counts.values())
-    return HourCompleteness(exchange, symbol, hour_ms, 60, ws_final=60 - rest, **counts)
+    return HourCompleteness(
+        exchange,
+        symbol,
+        hour_ms,
+        60,
+        ws_final=60 - rest,
+        rest=counts.get("rest", 0),
+        trades=counts.get("trades", 0),
+        no_trades=counts.get("no_trades", 0),
+        ws_partial=counts.get("ws_partial", 0),
+        missing=counts.get("missing", 0),
+    )
+
+
+def pending_row(exchange: str, symbol: str, hour_ms: int) -> HourCompleteness:
+    """An hour the chain has not processed yet: all 60 minutes missing."""
+    return HourCompleteness(exchange, symbol, hour_ms, 60, missing=60, pending=True)
 
 
 def demo_completeness(
@@ -320,4 +336,87 @@ def demo_job_runs(now_ms: int = DEMO_NOW_MS, hours: int = 30) -> list[JobRun]:
                 t2 = hour + 2 * HOUR_MS + 5 * MINUTE_MS
                 runs.append(JobRun(run_id, hour, step, "ok", 240, t2, t2 + 800, 800, "", "dirty"))
                 run_id += 1
+    return runs
+
+
+# -- trouble ------------------------------------------------------------------------------------
+
+#: errors as the streams report them, long ones included (the table must still fit 80 columns)
+_ERRORS = (
+    "ConnectionClosedError: no close frame received or sent",
+    "StaleConnection: no message for 15 s; reconnecting",
+    "ConnectionClosedOK: received 1000 (OK); then sent 1000 (OK)",
+    "connection reset by peer",
+    "TimeoutError: subscribe not acknowledged within 10 s",
+    "InvalidStatus: server rejected WebSocket connection: HTTP 503",
+)
+
+
+def error_heavy_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
+    """The demo's simulator after a bad few minutes: every pair has an error, most of them
+    long, some pairs down or backing off; the errors are simulated (injected faults)."""
+    snap = demo_snapshot(now_ms)
+    states = (StreamState.CONNECTED, StreamState.BACKOFF, StreamState.STALE, StreamState.DOWN)
+    for i, p in enumerate(snap.pairs):
+        if p.state == StreamState.UNLISTED:
+            continue
+        p.last_error = _ERRORS[i % len(_ERRORS)]
+        p.reconnects = 3 + i % 7
+        if i % 4:
+            p.state = states[i % len(states)]
+    for i, c in enumerate(snap.connections):
+        c.last_error = _ERRORS[(i + 1) % len(_ERRORS)]
+        c.reconnects += 4
+    snap.simulated = True
+    return snap
+
+
+def catching_up_completeness(
+    now_ms: int = DEMO_NOW_MS, hours: int = 72, pending: int = 6
+) -> list[HourCompleteness]:
+    """The demo's hours, but the daemon was down: the newest ``pending`` closed hours are not
+    processed yet, except the newest one, which the catch-up did first."""
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    owed = {last - i * HOUR_MS for i in range(1, pending)}
+    return [
+        pending_row(r.exchange, r.symbol, r.hour_ms) if r.hour_ms in owed else r
+        for r in demo_completeness(now_ms, hours)
+    ]
+
+
+def catching_up_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
+    """The daemon's status during that catch-up: the second of six hours waits for the lock,
+    held by a backfill's merge, and the 13:05 run is due (its time has passed)."""
+    snap = demo_snapshot(now_ms)
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    snap.chain = ChainStatus(
+        running=True,
+        trigger="catchup",
+        run_done=1,
+        run_total=6,
+        current_hour_ms=last - HOUR_MS,
+        waiting_for="a backfill's merge of 2026-11-20T04:00Z (PostgreSQL backend pid 48213)",
+        last_run_ms=now_ms - 3 * HOUR_MS,
+        last_result="6 hour(s), 2.1s",
+        next_run_ms=now_ms - now_ms % HOUR_MS + 5 * MINUTE_MS,
+    )
+    return snap
+
+
+def catching_up_job_runs(now_ms: int = DEMO_NOW_MS) -> list[JobRun]:
+    """The demo's runs, then the catch-up's newest hour, whose gap-fill was incomplete."""
+    runs = demo_job_runs(now_ms, hours=30)
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    gap = set(range(last - 5 * HOUR_MS, last + HOUR_MS, HOUR_MS))
+    runs = [r for r in runs if r.hour_ms not in gap]
+    run_id = max(r.run_id for r in runs) + 1
+    t = now_ms - 40_000
+    for step in STEPS:
+        status, error = "ok", ""
+        if step == "gapfill":
+            status = "incomplete"
+            error = "95 minutes left missing, requests failed: exchange unreachable (95)"
+        runs.append(JobRun(run_id, last, step, status, 60, t, t + 900, 900, error, "catchup"))
+        run_id += 1
+        t += 900
     return runs

@@ -47,6 +47,7 @@ class HourCompleteness:
     no_trades: int = 0
     ws_partial: int = 0
     missing: int = 0
+    pending: bool = False  # the chain has not processed the hour yet: all of it is missing
 
     @property
     def complete(self) -> int:
@@ -213,7 +214,7 @@ def _ms(value: datetime | None) -> int | None:
 
 _COMPLETENESS_SQL = """
 SELECT exchange, symbol, hour_start, expected, ws_final, rest, trades, no_trades,
-       ws_partial, missing
+       ws_partial, missing, pending
 FROM monitoring.hourly_completeness
 WHERE hour_start >= $1 AND hour_start < $2
 """
@@ -328,6 +329,7 @@ class PgWarehouseSource:
                 no_trades=int(r["no_trades"] or 0),
                 ws_partial=int(r["ws_partial"] or 0),
                 missing=int(r["missing"] or 0),
+                pending=bool(r["pending"]),
             )
             for r in rows
         ]

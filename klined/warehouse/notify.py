@@ -16,7 +16,8 @@ bytes or more), rows ordered by exchange, symbol and start. Each object::
 
 Prices and volumes are decimal strings, exactly as stored. Silver rows (``"interval": "1m"``)
 carry their ``source`` (``ws_final``, ``rest``...) and ``vwap``; gold rows (``5m``, ``15m``,
-``30m``, ``1h``) carry ``"source": "derived"``, ``minutes`` and ``traded_minutes``. A row
+``30m``, ``1h``, ``4h``, ``1d``) carry their ``vwap``, ``"source": "derived"``, ``minutes``
+and ``traded_minutes``. A row
 whose JSON would exceed ``ROW_MAX_BYTES`` (only absurdly long numbers could) is announced by
 its keys with ``"fetch": true``: read it from ``silver.fact_ohlcv`` or ``gold.ohlcv_<interval>``.
 Delivery is PostgreSQL's: at most once per listening session, nothing for a session that was
@@ -59,7 +60,7 @@ def notify_sql(rows: str, interval: str, *, gold: bool = False) -> str:
     concatenated (names through ``to_json`` for escaping): ``json_build_object`` cost the
     hourly merge twice as much.
     """
-    if interval not in ("1m", "5m", "15m", "30m", "1h"):
+    if interval not in ("1m", "5m", "15m", "30m", "1h", "4h", "1d"):
         raise ValueError(f"unknown interval label {interval!r}")
 
     def keys(alias: str) -> str:
@@ -76,8 +77,8 @@ def notify_sql(rows: str, interval: str, *, gold: bool = False) -> str:
     )
     if gold:
         values += (
-            """, ',"source":"derived","minutes":', r.minutes,"""
-            """ ',"traded_minutes":', r.traded_minutes"""
+            """, ',"vwap":', """ + _text("r.vwap") + """, ',"source":"derived","""
+            """"minutes":', r.minutes, ',"traded_minutes":', r.traded_minutes"""
         )
     else:
         values += f""", ',"vwap":', {_text("r.vwap")}, ',"source":', to_json(r.source)::text"""
@@ -141,7 +142,7 @@ KEEPALIVE_S = 15.0
 #: a lost connection is retried after this long, doubling up to the cap
 RETRY_S, RETRY_MAX_S = 0.5, 30.0
 
-_GOLD_TABLES = {"5m": "ohlcv_5m", "15m": "ohlcv_15m", "30m": "ohlcv_30m", "1h": "ohlcv_1h"}
+_GOLD_TABLES = {i: f"ohlcv_{i}" for i in ("5m", "15m", "30m", "1h", "4h", "1d")}
 _FETCH_SILVER = """
 SELECT open::text, high::text, low::text, close::text, volume::text, quote_volume::text,
        trade_count, vwap::text, source
@@ -150,7 +151,7 @@ WHERE exchange = $1 AND symbol = $2 AND interval_start = $3::text::timestamptz
 """
 _FETCH_GOLD = """
 SELECT open::text, high::text, low::text, close::text, volume::text, quote_volume::text,
-       trade_count, minutes, traded_minutes
+       trade_count, vwap::text, minutes, traded_minutes
 FROM gold.{}
 WHERE exchange = $1 AND symbol = $2 AND interval_start = $3::text::timestamptz
 """

@@ -127,7 +127,7 @@ async def test_every_change_is_announced_in_small_payloads(
         events.append(candle(H0, symbol="LONG/USD", price="1" + "0" * 1200))  # absurd, but valid
         await upsert(wdb, *events)
         await gold.refresh(wdb)
-        everything = {"1m", "5m", "15m", "30m", "1h"}
+        everything = {"1m", "5m", "15m", "30m", "1h", "4h", "1d"}
         await until(lambda: {r.interval for p in heard for r in decode_payload(p)} == everything)
     finally:
         await conn.close()
@@ -146,7 +146,7 @@ async def test_every_change_is_announced_in_small_payloads(
     long = next(r for r in silver_rows if r.symbol == "LONG/USD")
     assert long.fetch and long.close is None  # keys only: the reader fetches the row
     gold_rows = [r for r in rows if r.interval != "1m"]
-    assert {r.interval for r in gold_rows} == {"5m", "15m", "30m", "1h"}
+    assert {r.interval for r in gold_rows} == {"5m", "15m", "30m", "1h", "4h", "1d"}
     five = next(r for r in gold_rows if r.interval == "5m" and r.symbol == "P0/USD")
     assert five.source == "derived" and five.minutes is not None and five.minutes >= 1
 

@@ -28,8 +28,14 @@ HEAT_COLOR: dict[str, str] = {
     "partial": "#d29922",
     "gaps": "#db6d28",
     "bad": "#f85149",
+    "pending": "#a5b4c8",
     "none": "#6e7681",
 }
+
+#: an hour the chain has not processed yet: hatched, so it reads as "not looked at", apart
+#: from red (looked at, missing) and from "·" (not covered)
+PENDING_GLYPH = "░"
+_PENDING = Style(color=HEAT_COLOR["pending"])
 
 #: indexes into CATEGORIES that must never be rounded away
 _KEEP = (CATEGORIES.index("ws_partial"), CATEGORIES.index("missing"))
@@ -46,6 +52,9 @@ def stacked_bar(h: HourCompleteness | None, rows: int = 3, width: int = 2) -> Te
     if h is None or h.expected <= 0:
         lines = [" " * glyphs + gap] * (rows - 1) + ["·" * glyphs + gap]
         return Text("\n".join(lines), style=_EMPTY)
+    if h.pending:
+        lines = [" " * glyphs + gap] + [PENDING_GLYPH * glyphs + gap] * (rows - 1)
+        return Text("\n".join(lines), style=_PENDING)
     px: list[str | None] = []
     for name, cells in zip(CATEGORIES, allocate(h.counts(), rows * 2 - 1, _KEEP), strict=True):
         px.extend([CATEGORY_COLOR[name]] * cells)
@@ -68,6 +77,8 @@ def heat_cell(h: HourCompleteness | None, width: int = 2) -> Text:
     level = heat_level(h)
     if level == "none":
         return Text("·" * glyphs + gap, style=_EMPTY)
+    if level == "pending":
+        return Text(PENDING_GLYPH * glyphs + gap, style=_PENDING)
     return Text("█" * glyphs + gap, style=Style(color=HEAT_COLOR[level]))
 
 
@@ -99,10 +110,14 @@ def legend(heat: bool) -> Text:
         for level, label in items:
             text.append("█", Style(color=HEAT_COLOR[level]))
             text.append(f" {label}  ")
+        gap = "  "
     else:
+        gap = " "  # seven categories must fit 80 columns: the colours keep them apart
         for name in CATEGORIES:
             text.append("█", Style(color=CATEGORY_COLOR[name]))
-            text.append(f" {name}  ")
+            text.append(f" {name}{gap}")
+    text.append(PENDING_GLYPH, _PENDING)
+    text.append(f" pending{gap}")
     text.append("·", _EMPTY)
     text.append(" n/a")
     return text
@@ -111,6 +126,10 @@ def legend(heat: bool) -> Text:
 def counts_text(h: HourCompleteness) -> Text:
     """``ws_final 55 · rest 3 · missing 2`` with each name in its colour (zeros left out)."""
     text = Text()
+    if h.pending:
+        text.append("pending", _PENDING)
+        text.append(f": not processed by the chain yet, its {h.missing} minutes count as missing")
+        return text
     parts = [(n, v) for n, v in zip(CATEGORIES, h.counts(), strict=True) if v]
     for i, (name, value) in enumerate(parts):
         if i:
