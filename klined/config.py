@@ -35,7 +35,7 @@ import msgspec
 from cronsim import CronSim, CronSimError
 
 from klined.errors import ConfigError
-from klined.model import EXCHANGES, Pair
+from klined.model import EXCHANGES, Pair, parse_shard, shard_of
 
 DEFAULT_PAIRS = [
     "ETH/USD", "SOL/USD", "BTC/USD", "LINK/USD", "APE/USD", "DOT/USD", "PEPE/USD", "TRUMP/USD",
@@ -77,6 +77,13 @@ class DaemonConfig(_Section):
     log_json: bool = False
     metrics_port: Port = 0  # 0 disables the Prometheus endpoint (always bound to loopback)
     shutdown_timeout_s: Annotated[float, _span(0.1, 3600.0)] = 20.0
+    # beyond one machine: what this host does, and its share of the pairs when capturing
+    role: str = "all"  # all | capture | chain
+    shard: str = "1/1"  # "k/n": this host streams the pairs of shard k of n
+
+
+#: what a daemon can be (``daemon.role``, ``klined run --role``)
+ROLES = ("all", "capture", "chain")
 
 
 class DatabaseConfig(_Section):
@@ -213,7 +220,28 @@ class Config(_Section):
         return os.environ.get("KLINED_DSN") or self.database.dsn
 
     def pairs(self, exchange: str) -> list[Pair]:
+        """Every configured pair of the exchange (what completeness and gap-fill cover)."""
         return [Pair.parse(p) for p in getattr(self.exchanges, exchange).pairs]
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(k, n)`` of ``daemon.shard`` (validated at load)."""
+        return parse_shard(self.daemon.shard)
+
+    def capture_pairs(self, exchange: str) -> list[Pair]:
+        """The configured pairs this host streams: its shard's share (all of them at 1/1)."""
+        k, n = self.shard
+        return [p for p in self.pairs(exchange) if shard_of(exchange, p, n) == k]
+
+    @property
+    def captures(self) -> bool:
+        """Whether this host runs streams (role ``all`` or ``capture``)."""
+        return self.daemon.role in ("all", "capture")
+
+    @property
+    def chains(self) -> bool:
+        """Whether this host runs the hourly chain (role ``all`` or ``chain``, and enabled)."""
+        return self.daemon.role in ("all", "chain") and self.chain.enabled
 
     def ws_url(self, exchange: str) -> str:
         return getattr(self.exchanges, exchange).ws_url or DEFAULT_URLS[exchange][0]
@@ -417,6 +445,16 @@ def _validate(cfg: Config, path: str) -> None:
     problem = check_schedule(cfg.chain.schedule)
     if problem is not None:
         raise bad("chain.schedule", problem, "e.g. '5 * * * *' for five past every hour")
+    if cfg.daemon.role not in ROLES:
+        raise bad(
+            "daemon.role",
+            f"unknown role {cfg.daemon.role!r}",
+            _suggest(cfg.daemon.role, list(ROLES)).replace("keys", "roles"),
+        )
+    try:
+        parse_shard(cfg.daemon.shard)
+    except ValueError as exc:
+        raise bad("daemon.shard", str(exc), "e.g. '1/2' on the first of two hosts") from None
     if cfg.database.dsn and not cfg.database.dsn.startswith(("postgres://", "postgresql://")):
         raise bad("database.dsn", "must be a postgresql:// URL", "or leave it empty for embedded")
     if cfg.s3.endpoint_url and not cfg.s3.endpoint_url.startswith(("http://", "https://")):

@@ -108,6 +108,10 @@ class LiveStatus(msgspec.Struct, kw_only=True):
 
 class StatusSnapshot(msgspec.Struct, kw_only=True):
     version: int = 1
+    role: str = "all"  # all | capture | chain (``daemon.role``)
+    shard: str = "1/1"  # ``daemon.shard``: this host streams shard k of n
+    shard_pairs: int = 0  # configured pairs (all exchanges) in this host's shard; 0 for chain
+    configured_pairs: int = 0  # configured pairs of every enabled exchange
     pid: int = 0
     started_ms: int = 0
     now_ms: int = 0

@@ -278,3 +278,30 @@ def test_live_typo_gets_a_suggestion() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[live]\nflush_interval = 1.0\n", "k.toml")
     assert info.value.key == "live.flush_interval" and "flush_interval_s" in info.value.hint
+
+
+def test_role_and_shard() -> None:
+    cfg = parse_config('[daemon]\nrole = "capture"\nshard = "2/3"\n')
+    assert cfg.daemon.role == "capture" and cfg.shard == (2, 3)
+    assert cfg.captures and not cfg.chains
+    shares = [
+        parse_config(f'[daemon]\nshard = "{k}/3"\n').capture_pairs("binance") for k in (1, 2, 3)
+    ]
+    assert sorted(map(str, sum(shares, []))) == sorted(map(str, cfg.pairs("binance")))
+    chain = parse_config('[daemon]\nrole = "chain"\nshard = "1/2"\n')
+    assert chain.chains and not chain.captures
+    assert len(chain.pairs("kraken")) == 15  # completeness and gap-fill cover every pair
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "hint"),
+    [
+        ('[daemon]\nrole = "chian"', "daemon.role", "did you mean 'chain'?"),
+        ('[daemon]\nshard = "3/2"', "daemon.shard", "e.g. '1/2'"),
+        ('[daemon]\nshard = "half"', "daemon.shard", "e.g. '1/2'"),
+    ],
+)
+def test_bad_role_or_shard(text: str, key: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "k.toml")
+    assert info.value.key == key and hint in str(info.value)

@@ -16,7 +16,7 @@ from klined.errors import StatusError
 from klined.model import format_duration
 from klined.status import ChainStatus, LiveStatus, StatusSnapshot, StreamState, encode_snapshot
 
-__all__ = ["live_line", "render_status", "status_command"]
+__all__ = ["live_line", "render_status", "role_line", "status_command"]
 
 #: problem pairs listed before "... and N more"
 MAX_PROBLEM_PAIRS = 20
@@ -64,12 +64,25 @@ def _one_line(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def role_line(s: StatusSnapshot) -> str:
+    """``capture, shard 1/2 (8 of 15 pairs)`` / ``chain (no streams; ...)`` / ``all``."""
+    if s.role == "chain":
+        return f"chain (no streams; loads the lake for all {s.configured_pairs} pairs)"
+    text = s.role
+    if s.shard != "1/1":
+        text += f", shard {s.shard} ({s.shard_pairs} of {s.configured_pairs} pairs)"
+    if s.role == "capture":
+        text += " (no chain: another host builds the warehouse)"
+    return text
+
+
 def render_status(s: StatusSnapshot) -> str:
     """The human view: connections, pair summary and problem pairs, lake, chain, process."""
     now = s.now_ms
     out = [
         f"klined pid {s.pid} · up {format_duration(s.uptime_s)} · RSS {_bytes(s.rss_bytes)}"
         f" · at {datetime.fromtimestamp(now / 1000, UTC):%Y-%m-%d %H:%M:%S}Z",
+        f"ROLE {role_line(s)}",
     ]
     if s.simulated:
         out.append(

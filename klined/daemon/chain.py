@@ -118,6 +118,10 @@ async def default_chain(daemon: Daemon) -> None:
     lake is the source of truth and the chain catches up on missed hours when it starts).
     """
     cfg = daemon.cfg
+    if not cfg.chains and cfg.daemon.role == "capture":
+        logger.info("capture role: no chain here (a chain host builds the warehouse)")
+        daemon.chain_status.last_result = "capture role: no chain"
+        return
     if not cfg.chain.enabled:
         logger.info("chain disabled ([chain] enabled = false): running without a database")
         daemon.chain_status.last_result = "disabled"
@@ -166,14 +170,18 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
         # capture began when the daemon did, even if the database came up later
         await record_capture_start(db, daemon.started_ms)
         listings = ListingSync()
-        await listings.sync(db, daemon.streams)
+        for es in daemon.listings:  # the chain role checks every pair's listing itself
+            await es.check_listing()
+        await listings.sync(db, daemon.streams + daemon.listings)
+        writer = daemon.writer
         scheduler = ChainScheduler(
             db,
             cfg,
             lake=daemon.uploader,
             clients=clients,
             status=daemon.chain_status,
-            seal_hour=daemon.writer.seal_hour,
+            seal_hour=writer.seal_hour if writer is not None else None,
+            clock_ms=daemon.clock_ms,
         )
 
         async def record(drops: list[Dropped]) -> None:
@@ -223,12 +231,19 @@ async def _follow_chain(
     seen: int | None = None
     marked: int | None = None
     failing = False
+    recheck = Backoff(30.0, 300.0)
+    recheck_at = anyio.current_time() + recheck.next()
     while True:
         await anyio.sleep(FOLLOW_INTERVAL_S)
+        unchecked = [es for es in daemon.listings if not es.listing_checked]
+        if unchecked and anyio.current_time() >= recheck_at:
+            for es in unchecked:  # the exchange's REST API did not answer at start
+                await es.check_listing(quiet=True)
+            recheck_at = anyio.current_time() + recheck.next()
         try:
             with anyio.fail_after(30):
-                await listings.sync(db, daemon.streams)
-                closed = closed_end_ms(daemon.cfg, now_ms())
+                await listings.sync(db, daemon.streams + daemon.listings)
+                closed = closed_end_ms(daemon.cfg, (daemon.clock_ms or now_ms)())
                 if closed != marked:
                     await mark_pending(db, closed)
                     marked = closed

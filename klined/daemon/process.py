@@ -59,6 +59,7 @@ from klined.daemon.chain import ChainFigures, default_chain
 from klined.errors import EventsLost
 from klined.lake import LakeUploader, LakeWriter
 from klined.lake.held import Dropped, describe_held
+from klined.lake.writer import wall_ms
 from klined.live import LiveWriter, live_sink
 from klined.model import Candle
 from klined.status import ChainStatus, LakeStatus, LiveStatus, StatusSnapshot
@@ -96,14 +97,19 @@ class Daemon:
         stream_options: dict[str, Any] | None = None,
         handle_signals: bool = True,
         simulated: bool = False,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         """``handle_signals=False`` leaves SIGTERM/SIGINT/SIGHUP to the host program (the demo owns
         them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`).
         ``uploader_options`` / ``stream_options`` tune the uploader / every exchange's
         :class:`ExchangeStreams` (tests shorten their timers). ``simulated``: the exchanges
-        are the simulator with injected faults (the demo); the status says so."""
+        are the simulator with injected faults (the demo); the status says so. ``clock_ms``
+        replaces the wall clock of the lake writer and the chain scheduler (tests run them on a
+        simulator's accelerated clock)."""
         self.cfg = cfg
         self.simulated = simulated
+        self.role = cfg.daemon.role
+        self.clock_ms = clock_ms
         self.handle_signals = handle_signals
         self.started_ms = now_ms()
         self._t0 = time.monotonic()
@@ -112,20 +118,30 @@ class Daemon:
         self.uploader = LakeUploader(
             cfg.lake_root, cfg.lake, cfg.s3, status=self.lake_status, **(uploader_options or {})
         )
-        self.writer = LakeWriter(
-            cfg.lake_root,
-            cfg.lake,
-            status=self.lake_status,
-            on_part_closed=self.uploader.part_closed,
-        )
+        # a chain host writes no capture parts (its gap-fill parts are sealed as they are
+        # written), so it takes no writer lock and can share a lake folder with a capture host
+        self.writer: LakeWriter | None = None
         self.live: LiveWriter | None = None
-        if cfg.live.enabled and cfg.chain.enabled:
-            self.live = LiveWriter(
-                cfg.live,
-                lake_mark=lambda: self.writer.appended,
-                wait_durable=self.writer.wait_durable,
+        if cfg.captures:
+            k, n = cfg.shard
+            writer = self.writer = LakeWriter(
+                cfg.lake_root,
+                cfg.lake,
+                status=self.lake_status,
+                on_part_closed=self.uploader.part_closed,
+                writer_tag=f"s{k}of{n}_" if n > 1 else "",
+                clock=clock_ms or wall_ms,
             )
+            # the live path needs this host's streams and its warehouse: role all only
+            if cfg.live.enabled and cfg.chains:
+                self.live = LiveWriter(
+                    cfg.live,
+                    lake_mark=lambda: writer.appended,
+                    wait_durable=writer.wait_durable,
+                )
         self.streams: list[ExchangeStreams] = []
+        #: the chain role's listing check of every configured pair (never streamed)
+        self.listings: list[ExchangeStreams] = []
         self.notifier = notifier
         self.chain_factory = chain_factory
         self.stream_options = dict(stream_options or {})
@@ -151,7 +167,14 @@ class Daemon:
     def snapshot(self) -> StatusSnapshot:
         """The status feed's document (status socket, metrics, ``klined status``)."""
         conns, pairs = streams_status(self.streams)
+        cfg = self.cfg
         return StatusSnapshot(
+            role=self.role,
+            shard=cfg.daemon.shard,
+            shard_pairs=sum(len(cfg.capture_pairs(e)) for e in cfg.exchanges.enabled())
+            if cfg.captures
+            else 0,
+            configured_pairs=sum(len(cfg.pairs(e)) for e in cfg.exchanges.enabled()),
             pid=os.getpid(),
             started_ms=self.started_ms,
             now_ms=now_ms(),
@@ -187,7 +210,8 @@ class Daemon:
             async with anyio.create_task_group() as root:
                 if self.handle_signals:
                     root.start_soon(self._watch_signals, name="signals")
-                await root.start(self.writer.run)
+                if self.writer is not None:
+                    await root.start(self.writer.run)
                 await root.start(self.uploader.run)
                 if self.live is not None:
                     await root.start(self.live.run_batcher)
@@ -270,10 +294,17 @@ class Daemon:
     def _announce_ready(self) -> None:
         conns = sum(len(s.connections) for s in self.streams)
         pairs = sum(len(s.pairs) for s in self.streams)
-        logger.info("klined ready: {} connection(s), {} pair(s)", conns, pairs)
+        if self.cfg.captures:
+            what = f"streaming {pairs} pairs on {conns} connections"
+            k, n = self.cfg.shard
+            if n > 1:
+                what += f" (shard {k}/{n})"
+        else:
+            what = "chain host: no streams, loading the lake"
+        logger.info("klined ready ({}): {}", self.role, what)
         self.ready.set()
         if self.notifier is not None:
-            self.notifier.ready(f"streaming {pairs} pairs on {conns} connections")
+            self.notifier.ready(what)
 
     async def _shutdown(self) -> None:
         if self.notifier is not None:
@@ -288,7 +319,8 @@ class Daemon:
             scope.deadline = anyio.current_time() + timeout
             if self.forced:
                 scope.cancel()
-            await self.writer.aclose()
+            if self.writer is not None:
+                await self.writer.aclose()
             await self._save_held()
             if self.uploader.enabled and not self.forced:
                 try:
@@ -309,7 +341,10 @@ class Daemon:
     async def _save_held(self) -> None:
         """Events the disk never took: straight to S3 from memory, else named as lost (also
         when the shutdown timeout or a second signal cuts the upload short)."""
-        held = self.writer.held_parts()
+        writer = self.writer
+        if writer is None:
+            return
+        held = writer.held_parts()
         if not held:
             return
         size = sum(len(p.data) for p in held)
@@ -329,7 +364,7 @@ class Daemon:
                     why = f"S3 failed too ({exc})"
         finally:
             if uploaded:
-                self.writer.forget_held()
+                writer.forget_held()
                 logger.warning(
                     "lake: the disk refused {:,} bytes ({:,} events); uploaded them to S3 "
                     "from memory as {} part(s)",
@@ -340,13 +375,16 @@ class Daemon:
             else:
                 self.lost = (
                     f"{events:,} events ({size:,} bytes) could not be written to "
-                    f"{self.writer.root} and {why}; lost: {describe_held(held)}"
+                    f"{writer.root} and {why}; lost: {describe_held(held)}"
                 )
 
     async def _settle_drops(self, *, final: bool = False) -> None:
         """Record minutes the lake dropped (settled ones, or all at the end) as incidents."""
+        writer = self.writer
+        if writer is None:
+            return
         before = None if final else now_ms() - 2 * MINUTE_MS
-        drops = self.writer.take_dropped(before)
+        drops = writer.take_dropped(before)
         if not drops:
             return
         what = ", ".join(
@@ -359,7 +397,7 @@ class Daemon:
                     await self.record_drops(drops)
             except Exception as exc:
                 if not final:
-                    self.writer.trouble.give_back(drops)
+                    writer.trouble.give_back(drops)
                     logger.warning("lake: cannot record dropped minutes yet ({})", exc)
                     return
             else:
@@ -409,25 +447,27 @@ class Daemon:
         return clients
 
     def _build_streams(self, clients: dict[str, Any]) -> None:
-        sink: Callable[[Candle], None] = self.writer.append
-        if self.live is not None:
-            sink = live_sink(self.writer.append, self.live.offer)
+        """Capture roles: this shard's pairs, streamed into the lake (and the live path). The
+        chain role: every configured pair, for the listing check only (``self.listings``)."""
+        writer = self.writer
+        sink: Callable[[Candle], None] = writer.append if writer is not None else _no_sink
+        if writer is not None and self.live is not None:
+            sink = live_sink(writer.append, self.live.offer)
         for name, section in self.cfg.exchanges.enabled().items():
             client = clients[name]
             adapter = client.adapter
-            self.streams.append(
-                ExchangeStreams(
-                    adapter,
-                    self.cfg.ws_url(name),
-                    self.cfg.pairs(name),
-                    StreamSettings.from_config(section, adapter.limits),
-                    sink,
-                    fetch_listing=client.fetch_listing,
-                    listing_attempts=1,  # the REST client retries with backoff itself
-                    listing_cache=ListingCache(self.cfg.data_dir, name),
-                    **self.stream_options,
-                )
+            es = ExchangeStreams(
+                adapter,
+                self.cfg.ws_url(name),
+                self.cfg.capture_pairs(name) if writer is not None else self.cfg.pairs(name),
+                StreamSettings.from_config(section, adapter.limits),
+                sink,
+                fetch_listing=client.fetch_listing,
+                listing_attempts=1,  # the REST client retries with backoff itself
+                listing_cache=ListingCache(self.cfg.data_dir, name),
+                **self.stream_options,
             )
+            (self.streams if writer is not None else self.listings).append(es)
 
     async def _serve_status(self, *, task_status: TaskStatus[None]) -> None:
         from klined.daemon.status_server import StatusServer
@@ -524,6 +564,10 @@ class Daemon:
                 if t - drops_at >= DROPS_EVERY_S:
                     drops_at = t
                     tg.start_soon(self._settle_drops)
+
+
+def _no_sink(candle: Any) -> None:  # pragma: no cover - listing-only streams never run
+    raise AssertionError("a chain host streams nothing")
 
 
 # ---------------------------------------------------------------------------------------------

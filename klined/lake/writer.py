@@ -40,6 +40,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import secrets
 import sys
 import time
@@ -424,9 +425,14 @@ class LakeWriter:
         clock: Callable[[], int] = wall_ms,
         flush_after_events: int = FLUSH_AFTER_EVENTS,
         close_timeout_s: float = 60.0,
+        writer_tag: str = "",
     ) -> None:
         self.root = Path(root)
-        self.writer_id = secrets.token_hex(4)
+        # 64 random bits, after a tag saying who writes (a capture shard, ``s1of2_``): part
+        # keys never collide across processes, restarts or hosts sharing one bucket
+        if not re.fullmatch(r"[A-Za-z0-9_]*", writer_tag):
+            raise LakeError(f"writer tag {writer_tag!r} cannot be used in a part key")
+        self.writer_id = writer_tag + secrets.token_hex(8)
         self._cfg = config
         self._status = status
         self._on_part_closed = on_part_closed

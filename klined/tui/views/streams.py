@@ -281,6 +281,10 @@ class StreamsView(Vertical):
             text.append("simulated", style="bold " + _WARN)
             text.append(" · ")
         text.append("daemon ", style="bold")
+        if snap.role != "all" or snap.shard != "1/1":
+            # a single VM says nothing; a host of a larger setup says what it is
+            role = snap.role if snap.shard == "1/1" else f"{snap.role} {snap.shard}"
+            text.append(f"{role} · ", style="bold")
         text.append(f"pid {snap.pid} · up {fmt_span(int(snap.uptime_s * 1000))}")
         lake = snap.lake
         if lake.last_upload_error:
