@@ -5,8 +5,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klined.model import (
-    parse_shard,
-    shard_of,
     HOUR_MS,
     MINUTE_MS,
     SOURCE_RANK,
@@ -18,8 +16,10 @@ from klined.model import (
     from_datetime,
     iso,
     minutes_of_hour,
+    parse_shard,
     parse_time,
     plain_decimal,
+    shard_of,
     silver_source,
 )
 
