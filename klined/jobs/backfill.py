@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from loguru import logger
@@ -43,6 +44,7 @@ from klined.jobs.gapfill import (
     wanted_minutes,
 )
 from klined.jobs.gapplan import Estimate, estimate, plan_windows
+from klined.jobs.ingest import ingest_for
 from klined.jobs.progress import Progress
 from klined.jobs.scheduler import closed_end_ms
 from klined.model import (
@@ -307,9 +309,12 @@ async def run_backfill(
     now_ms: int | None = None,
     concurrency: int = PAIR_CONCURRENCY,
     progress: Progress | None = None,
+    lake: Any = None,
 ) -> BackfillResult:
-    """Fetch what the warehouse lacks in the range, then merge every touched hour."""
+    """Fetch what the warehouse lacks in the range (into the lake, then bronze), then merge
+    every touched hour. ``lake``: a :class:`~klined.lake.LakeStore` (default: configured)."""
     started = time.monotonic()
+    ingest = ingest_for(db, cfg, lake)
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     start, end = request.start_ms, request.end_ms
     result = BackfillResult()
@@ -351,7 +356,7 @@ async def run_backfill(
             status, detail = "failed", "interrupted"
             try:
                 await fill_pair_range(
-                    db, client, pair, resume, end, now_ms=now, refetch=refetch,
+                    db, client, pair, resume, end, ingest=ingest, now_ms=now, refetch=refetch,
                     bronze_hours=dirty.get(client.exchange, ()), reason="backfill",
                     report=rep, on_progress=checkpoint,
                 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Bronze: load lake parts (and gap-fill rows) into ``bronze.bronze_ohlcv_native`` with COPY.
+"""Bronze: load lake parts into ``bronze.bronze_ohlcv_native`` with COPY.
 
 Exactly once: a batch of parts is loaded in ONE transaction that first claims the parts in
 ``ops.lake_parts`` (``INSERT ... ON CONFLICT DO NOTHING``), then COPYs their rows, then records
@@ -479,7 +479,12 @@ def _decode(
 
 
 async def _load_batch(
-    db: Database, hour: int, refs: Sequence[Any], source: PartSource, careful: bool
+    db: Database,
+    hour: int,
+    refs: Sequence[Any],
+    source: PartSource,
+    careful: bool,
+    reason: str = "lake_parts",
 ) -> _Batch:
     batch = _Batch()
     lo, hi = hour, hour + HOUR_MS
@@ -585,7 +590,7 @@ async def _load_batch(
             ],
             [batch.stats[k].quarantined for k in keys],
         )
-        await mark_dirty_hours(conn, batch.dirty, "lake_parts")
+        await mark_dirty_hours(conn, batch.dirty, reason)
         # a part is proof the pair was captured in its hour: its coverage starts there at
         # the latest (klined.warehouse.coverage)
         await extend_coverage(conn, batch.pairs, hour)
@@ -641,21 +646,7 @@ async def load_hour(
     size = max(1, batch_parts)
     for start in range(0, len(todo), size):
         group = todo[start : start + size]
-        try:
-            batch = await _load_batch(db, hour, group, parts, careful=False)
-        except _SERVER_REFUSED as exc:
-            if _missing_partition(exc):
-                db.forget_partitions()
-                await db.ensure_partitions([hour])
-            else:
-                logger.warning(
-                    "bronze {}: the server refused a value ({}); loading {} parts carefully",
-                    iso(hour),
-                    exc,
-                    len(group),
-                )
-                details["careful_batches"] += 1
-            batch = await _load_batch(db, hour, group, parts, careful=True)
+        batch = await _load_group(db, hour, group, parts, details, "lake_parts")
         stats = batch.stats
         quarantined = {k: st for k, st in stats.items() if st.quarantined}
         for key, st in quarantined.items():
@@ -702,8 +693,54 @@ async def quarantined_parts(
     ]
 
 
+async def _load_group(
+    db: Database,
+    hour: int,
+    group: Sequence[Any],
+    parts: PartSource,
+    details: dict[str, int],
+    reason: str,
+) -> _Batch:
+    """One batch transaction; a value the server refuses makes it redo the batch carefully."""
+    try:
+        return await _load_batch(db, hour, group, parts, careful=False, reason=reason)
+    except _SERVER_REFUSED as exc:
+        if _missing_partition(exc):
+            db.forget_partitions()
+            await db.ensure_partitions([hour])
+        else:
+            logger.warning(
+                "bronze {}: the server refused a value ({}); loading {} parts carefully",
+                iso(hour),
+                exc,
+                len(group),
+            )
+            details["careful_batches"] = details.get("careful_batches", 0) + 1
+        return await _load_batch(db, hour, group, parts, careful=True, reason=reason)
+
+
+async def load_parts(
+    db: Database, refs: Sequence[Any], parts: PartSource, *, reason: str = "lake_parts"
+) -> int:
+    """Load these parts (refs with ``key``, ``hour_ms``, ideally ``exchange`` and
+    ``local_path``) through the ledger, each exactly once; mark their hours dirty with
+    ``reason``. Returns the rows loaded (0 for parts a loader took before)."""
+    by_hour: dict[int, list[Any]] = {}
+    for ref in refs:
+        by_hour.setdefault(floor_hour(ref.hour_ms), []).append(ref)
+    if not by_hour:
+        return 0
+    await db.ensure_partitions(by_hour)
+    rows = 0
+    details: dict[str, int] = {}
+    for hour, group in sorted(by_hour.items()):
+        batch = await _load_group(db, hour, group, parts, details, reason)
+        rows += sum(s.rows for s in batch.stats.values())
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
-# gap-fill rows
+# rows inserted directly (tests and tools: production rows enter through the lake)
 
 
 async def insert_candles(
@@ -713,10 +750,12 @@ async def insert_candles(
     reason: str = "gapfill",
     lake_key: str | None = None,
 ) -> int:
-    """Append REST / trades / no_trades candles to bronze (one transaction); mark their hours.
+    """Append candles to bronze directly (one transaction); mark their hours.
 
-    Every candle is validated first; an invalid one raises ``ValueError`` and nothing is
-    written. Returns the number of rows inserted.
+    For tests and tools that build a warehouse by hand: rows inserted here are in no lake part,
+    so a rebuild from the lake would not have them. The gap-fill and every other producer go
+    through the lake (:mod:`klined.jobs.ingest`). Every candle is validated first; an invalid
+    one raises ``ValueError`` and nothing is written. Returns the number of rows inserted.
     """
     items = list(candles)
     for candle in items:

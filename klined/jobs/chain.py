@@ -291,7 +291,9 @@ class _Runner:
         clients = self.clients
         if self.exchange is not None:
             clients = {k: v for k, v in clients.items() if k == self.exchange}
-        result = await fill_hour(self.db, self.cfg, hour, clients, now_ms=self.now_ms)
+        result = await fill_hour(
+            self.db, self.cfg, hour, clients, now_ms=self.now_ms, lake=self.lake
+        )
         step = result.step_result(hour)
         failed = {
             why: n for why, n in step.details["missing_reasons"].items() if why in REQUEST_FAILED

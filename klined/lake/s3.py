@@ -24,7 +24,8 @@ from loguru import logger
 from klined.config import S3Config
 from klined.errors import LakeError
 from klined.lake.layout import hour_path, parse_key, s3_key, strip_prefix
-from klined.lake.reader import iter_local_parts
+from klined.lake.reader import LocalPart, iter_local_parts
+from klined.model import DAY_MS, HOUR_MS, floor_interval, hours_between
 
 T = TypeVar("T")
 
@@ -172,8 +173,11 @@ class LakeStore:
             out.extend(page.get("Contents", []))
         return out
 
-    async def _list_hour_s3(self, hour_ms: int, exchange: str | None) -> list[PartRef]:
-        """The hour's parts in S3: exchange and symbol folders first, then each hour folder."""
+    async def _list_s3(
+        self, tails: list[str], exchange: str | None, keep: Callable[[int], bool]
+    ) -> list[PartRef]:
+        """Parts in S3 under every symbol folder + each of ``tails`` (hour or day folders),
+        whose hour ``keep`` accepts: exchange and symbol folders first, then the folders."""
         base = self.object_key("")
         refs: list[PartRef] = []
         async with self.client() as s3:
@@ -189,15 +193,13 @@ class LakeStore:
                     "S3 listing", functools.partial(self._prefixes, s3, ex_prefix + "symbol=")
                 )
             limiter = anyio.CapacityLimiter(CONCURRENCY)
-            tail = f"interval_minutes=1/{hour_path(hour_ms)}/"
-
             errors: list[LakeError] = []
 
-            async def one(sym_prefix: str) -> None:
+            async def one(prefix: str) -> None:
                 async with limiter:
                     try:
                         objects = await self.retrying(
-                            "S3 listing", lambda: self._objects(s3, sym_prefix + tail)
+                            "S3 listing", lambda: self._objects(s3, prefix)
                         )
                     except LakeError as exc:
                         errors.append(exc)
@@ -207,6 +209,8 @@ class LakeStore:
                     try:
                         pk = parse_key(key or "")
                     except ValueError:
+                        continue
+                    if not keep(pk.hour_ms):
                         continue
                     refs.append(
                         PartRef(
@@ -222,24 +226,26 @@ class LakeStore:
 
             async with anyio.create_task_group() as tg:
                 for sym_prefix in symbol_prefixes:
-                    tg.start_soon(one, sym_prefix)
+                    for tail in tails:
+                        tg.start_soon(one, sym_prefix + tail)
         if errors:
             raise errors[0]
         return refs
 
-    async def list_parts(self, hour_ms: int, exchange: str | None = None) -> list[PartRef]:
-        """Every closed part of the hour (local spool united with S3), sorted by key.
+    async def _list_hour_s3(self, hour_ms: int, exchange: str | None) -> list[PartRef]:
+        tail = f"interval_minutes=1/{hour_path(hour_ms)}/"
+        return await self._list_s3([tail], exchange, lambda h: h == hour_ms)
 
-        Raises :class:`LakeError` if S3 is configured but cannot be listed: a partial listing
-        would make the loader miss parts silently.
-        """
-        local = await anyio.to_thread.run_sync(
-            lambda: list(iter_local_parts(self.root, hour_ms=hour_ms, exchange=exchange))
-        )
+    async def _list(
+        self,
+        local: list[LocalPart],
+        remote: Callable[[], Awaitable[list[PartRef]]],
+    ) -> list[PartRef]:
+        """Local parts united with S3's (when configured), sorted by key."""
         refs: dict[str, PartRef] = {}
         if self.enabled:
             try:
-                listed = await self._list_hour_s3(hour_ms, exchange)
+                listed = await remote()
             except LakeError:
                 raise
             except Exception as exc:
@@ -251,7 +257,7 @@ class LakeStore:
                 pk = parse_key(part.key)
             except ValueError:
                 continue
-            remote = refs.get(part.key)
+            found = refs.get(part.key)
             refs[part.key] = PartRef(
                 key=part.key,
                 exchange=pk.exchange,
@@ -259,10 +265,50 @@ class LakeStore:
                 hour_ms=pk.hour_ms,
                 size=part.size,
                 local_path=str(part.path),
-                s3_key=remote.s3_key if remote else None,
-                etag=remote.etag if remote else None,
+                s3_key=found.s3_key if found else None,
+                etag=found.etag if found else None,
             )
         return [refs[k] for k in sorted(refs)]
+
+    async def list_parts(self, hour_ms: int, exchange: str | None = None) -> list[PartRef]:
+        """Every closed part of the hour (local spool united with S3), sorted by key.
+
+        Raises :class:`LakeError` if S3 is configured but cannot be listed: a partial listing
+        would make the loader miss parts silently.
+        """
+        local = await anyio.to_thread.run_sync(
+            lambda: list(iter_local_parts(self.root, hour_ms=hour_ms, exchange=exchange))
+        )
+        return await self._list(local, lambda: self._list_hour_s3(hour_ms, exchange))
+
+    async def list_range(
+        self, start_ms: int, end_ms: int, exchange: str | None = None
+    ) -> list[PartRef]:
+        """Every closed part of the hours in ``[start_ms, end_ms)`` (local united with S3),
+        sorted by key. In S3 one listing per pair and UTC *day* folder (a day of one pair is a
+        few dozen keys, one page), not one per hour."""
+        hours = hours_between(start_ms, end_ms)
+        if not hours:
+            return []
+        lo, hi = hours[0], hours[-1] + HOUR_MS
+
+        def keep(hour: int) -> bool:
+            return lo <= hour < hi
+
+        def scan() -> list[LocalPart]:
+            found = []
+            for part in iter_local_parts(self.root, exchange=exchange):
+                try:
+                    if keep(parse_key(part.key).hour_ms):
+                        found.append(part)
+                except ValueError:
+                    continue  # not one of ours
+            return found
+
+        days = sorted({floor_interval(h, DAY_MS) for h in hours})
+        tails = [f"interval_minutes=1/{hour_path(d).rsplit('/', 1)[0]}/" for d in days]
+        local = await anyio.to_thread.run_sync(scan)
+        return await self._list(local, lambda: self._list_s3(tails, exchange, keep))
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -426,6 +426,20 @@ class LakeUploader(LakeStore):
         await self.write_missing_markers()
         await self.rescan(hour_ms)
         keys = [k for k, p in self._pending.items() if hour_ms is None or p.hour_ms == hour_ms]
+        what = "all hours" if hour_ms is None else f"hour {iso(hour_ms)}"
+        return await self._upload_with_retries(keys, what)
+
+    async def upload(self, parts: list[tuple[str, int]]) -> UploadReport:
+        """Upload these sealed local parts (``(key, size)``) now, verified, with retries;
+        :class:`LakeError` if one still fails (it stays queued for the upload loop). Without a
+        bucket it does nothing."""
+        if not self.enabled:
+            return UploadReport(enabled=False)
+        for key, size in parts:
+            self.part_closed(key, size)
+        return await self._upload_with_retries([k for k, _ in parts], f"{len(parts)} part(s)")
+
+    async def _upload_with_retries(self, keys: list[str], what: str) -> UploadReport:
         total = UploadReport(parts=len(keys))
         for attempt in range(self.attempts):
             async with self._lock:
@@ -445,7 +459,6 @@ class LakeUploader(LakeStore):
                 )
         total.failed = sorted(k for k in keys if k in self._pending)
         if total.failed:
-            what = "all hours" if hour_ms is None else f"hour {iso(hour_ms)}"
             self._record_error(total.error)
             raise LakeError(
                 f"{len(total.failed)} of {total.parts} part(s) of {what} could not be uploaded "

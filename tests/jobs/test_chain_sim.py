@@ -130,6 +130,7 @@ async def test_chain_end_to_end_and_twice_changes_nothing(
                 assert await assert_gold_is_truth(db, sim, ex, PAIRS, start, end) > 0
                 await assert_completeness(db, ex, PAIRS, hours)
             assert not await db.fetch("SELECT 1 FROM ops.dirty_hours")
+            await assert_bronze_is_the_lake(db, cfg.lake_root)
             steps = await db.fetch(
                 "SELECT step, status FROM ops.job_runs WHERE hour_start IS NOT NULL"
             )
@@ -147,6 +148,38 @@ async def test_chain_end_to_end_and_twice_changes_nothing(
             assert all(o.rows == 0 for h in again.hours for o in h.steps), again.table()
             assert await table_hashes(db) == before
         assert sim.stats.http_418 == 0
+
+
+async def assert_bronze_is_the_lake(db: Any, root: Path) -> None:
+    """Every bronze row came from a lake part, every part was loaded exactly once, and the
+    gap-fill's rows are in parts of their own (``fill_`` writers) with their origin."""
+    from collections import Counter
+
+    from klined.lake import iter_local_parts, read_part_file
+
+    assert (
+        await db.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native WHERE lake_key IS NULL")
+        == 0
+    )
+    parts = {p.key: read_part_file(p.path).records for p in iter_local_parts(root)}
+    ledger = {
+        r["lake_key"]: r["rows"]
+        for r in await db.fetch("SELECT lake_key, rows FROM ops.lake_parts")
+    }
+    assert ledger == {k: len(v) for k, v in parts.items()}
+    in_bronze = Counter(
+        {
+            r["lake_key"]: r["n"]
+            for r in await db.fetch(
+                "SELECT lake_key, count(*) AS n FROM bronze.bronze_ohlcv_native GROUP BY 1"
+            )
+        }
+    )
+    assert in_bronze == Counter(ledger)
+    fill = {k: v for k, v in parts.items() if "-fill_" in k}
+    origins = {r.origin for rows in fill.values() for r in rows}
+    assert fill and origins <= {"rest", "trades", "no_trades"} and "rest" in origins
+    assert all(r.origin == "ws" for k, rows in parts.items() if k not in fill for r in rows)
 
 
 async def test_advisory_lock_keeps_two_chains_apart(sim_factory: Any, pg_dsn: str) -> None:
