@@ -99,7 +99,7 @@ async def _chain_main(
                 min(hours),
                 max(hours) + HOUR_MS,
             )
-        chosen = hours if hours is not None else await select_hours(db, cfg, now)
+        chosen = hours if hours is not None else await select_hours(db, cfg, now, lake)
         if not chosen or set(steps) <= set(RUN_STEPS):
             # no hour to run: still publish what is queued (a day an earlier run could not)
             run_steps = [s for s in steps if s in RUN_STEPS]

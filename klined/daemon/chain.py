@@ -182,6 +182,7 @@ async def _chain_scheduler(daemon: Daemon) -> AsyncIterator[Callable[[], Awaitab
             status=daemon.chain_status,
             seal_hour=writer.seal_hour if writer is not None else None,
             clock_ms=daemon.clock_ms,
+            **daemon.chain_options,
         )
 
         async def record(drops: list[Dropped]) -> None:

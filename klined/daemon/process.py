@@ -98,6 +98,7 @@ class Daemon:
         handle_signals: bool = True,
         simulated: bool = False,
         clock_ms: Callable[[], int] | None = None,
+        chain_options: dict[str, Any] | None = None,
     ) -> None:
         """``handle_signals=False`` leaves SIGTERM/SIGINT/SIGHUP to the host program (the demo owns
         them for its whole run and calls :meth:`request_stop` / :meth:`force_stop`).
@@ -105,11 +106,12 @@ class Daemon:
         :class:`ExchangeStreams` (tests shorten their timers). ``simulated``: the exchanges
         are the simulator with injected faults (the demo); the status says so. ``clock_ms``
         replaces the wall clock of the lake writer and the chain scheduler (tests run them on a
-        simulator's accelerated clock)."""
+        simulator's accelerated clock); ``chain_options`` go to the chain scheduler."""
         self.cfg = cfg
         self.simulated = simulated
         self.role = cfg.daemon.role
         self.clock_ms = clock_ms
+        self.chain_options = dict(chain_options or {})
         self.handle_signals = handle_signals
         self.started_ms = now_ms()
         self._t0 = time.monotonic()

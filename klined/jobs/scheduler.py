@@ -65,14 +65,16 @@ def closed_end_ms(cfg: Config, now_ms: int) -> int:
     return floor_hour(now_ms - int(cfg.lake.hour_grace_s * 1000))
 
 
-async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
+async def select_hours(db: Database, cfg: Config, now_ms: int, lake: Any = None) -> list[int]:
     """Closed hours that need the chain, newest first.
 
     An hour needs the chain when, inside ``chain.catchup_hours`` and the pairs' coverage, it
     was never completed or still has pending completeness rows; when it is dirty (any age: new
-    lake parts, gap-fill or backfill rows); or when it is still incomplete inside
+    lake parts, gap-fill or backfill rows); when it is still incomplete inside
     ``chain.rest_retry_hours`` (missing or partial minutes REST may still supply, pending
-    hours included).
+    hours included); or, with a ``lake`` (a :class:`~klined.lake.LakeStore`), when it has
+    parts inside ``chain.catchup_hours`` that ``ops.lake_parts`` does not know: parts another
+    host uploaded late, or a late event's part.
     """
     closed_end = closed_end_ms(cfg, now_ms)
     catchup_start = closed_end - cfg.chain.catchup_hours * HOUR_MS
@@ -116,7 +118,29 @@ async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
             to_datetime(closed_end),
         )
         hours.update(from_datetime(r["hour_start"]) for r in rows)
+    if cfg.chain.catchup_hours and hasattr(lake, "list_range"):
+        hours.update(await unloaded_hours(db, lake, catchup_start, closed_end))
     return sorted(hours, reverse=True)
+
+
+async def unloaded_hours(db: Database, lake: Any, start_ms: int, end_ms: int) -> set[int]:
+    """Hours of ``[start_ms, end_ms)`` with lake parts (local or S3) not in ``ops.lake_parts``.
+
+    A listing that fails (S3 unreachable) is logged and finds nothing: the hours come back once
+    S3 does, and the flush step reports the outage."""
+    try:
+        refs = await lake.list_range(start_ms, end_ms)
+    except Exception as exc:
+        logger.warning("chain: cannot list the lake for unloaded parts: {}", exc)
+        return set()
+    if not refs:
+        return set()
+    rows = await db.fetch(
+        "SELECT lake_key FROM ops.lake_parts WHERE lake_key = ANY($1::text[])",
+        [r.key for r in refs],
+    )
+    known = {r["lake_key"] for r in rows}
+    return {r.hour_ms for r in refs if r.key not in known}
 
 
 async def seconds_per_hour(db: Database) -> float | None:
@@ -158,10 +182,12 @@ class ChainScheduler:
         seal_hour: Callable[[int], Awaitable[None]] | None = None,
         clock_ms: Callable[[], int] | None = None,
         lock_wait_s: float | None = 120.0,
+        nap_s: float = 30.0,
     ) -> None:
         self.db = db
         self.cfg = cfg
         self.lake = lake
+        self.nap_s = nap_s  # longest sleep between clock readings while waiting for a run
         self.clients = clients
         self.status = status if status is not None else ChainStatus()
         self.seal_hour = seal_hour
@@ -226,7 +252,7 @@ class ChainScheduler:
             delay = (target_ms - self.clock_ms()) / 1000
             if delay <= 0:
                 return
-            await anyio.sleep(min(delay, 30.0))
+            await anyio.sleep(min(delay, self.nap_s))
 
     async def run_once(self, trigger: str = "manual") -> ChainReport | None:
         """Select the hours due now and run them all, newest first; the report of the run
@@ -254,7 +280,7 @@ class ChainScheduler:
         now = self.clock_ms()
         try:
             await mark_pending(self.db, closed_end_ms(self.cfg, now))
-            hours = await select_hours(self.db, self.cfg, now)
+            hours = await select_hours(self.db, self.cfg, now, self.lake)
             if hours and self._per_hour_s is None:
                 self._per_hour_s = await seconds_per_hour(self.db)
         except anyio.get_cancelled_exc_class():
