@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chain": ("chain_command", "Run the hourly chain by hand."),
     "backfill": ("backfill_command", "Repair or seed a time range."),
     "export": ("export_command", "Export candles to Parquet, CSV or JSON-lines files."),
+    "rebuild": ("rebuild_command", "Rebuild the warehouse for a range from the lake alone."),
     "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
     "tail": ("tail_command", "Print each candle as it is committed (LISTEN/NOTIFY)."),
     "sim": ("sim_command", "Run the Binance US / Kraken exchange simulator."),

@@ -407,6 +407,7 @@ async def run_chain(
     now_ms: int | None = None,
     on_wait: Callable[[str], None] | None = None,
     publish_status: bool = True,
+    on_hour: Callable[[HourOutcome], None] | None = None,
 ) -> ChainReport:
     """Run ``steps`` for every hour in ``hours``, in the order given, one hour per lock hold.
 
@@ -419,7 +420,8 @@ async def run_chain(
     Each hour waits up to ``lock_wait_s`` for the lock (``on_wait(holder)`` is told whom it
     waits for); when it does not come free the report says ``skipped`` and lists the hours
     not run. Cancellation stops the current step (recorded ``failed: cancelled``) and
-    releases the lock.
+    releases the lock. ``on_hour`` is called with each hour's outcome as soon as it is done
+    (progress lines).
     """
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -462,7 +464,10 @@ async def run_chain(
                             if maintain_partitions:
                                 await _maintain(db, trigger, now)
                         if ordered:
-                            report.hours.append(await runner.hour(hour, ordered))
+                            outcome = await runner.hour(hour, ordered)
+                            report.hours.append(outcome)
+                            if on_hour is not None:
+                                on_hour(outcome)
                 except ChainBusy as exc:
                     report.skipped = str(exc)
                     report.not_run = todo[i:]

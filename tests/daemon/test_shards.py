@@ -11,90 +11,28 @@ be loaded exactly once, and completeness must be 100%.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import anyio
-import boto3
 import pytest
 
-from klined.config import Config, load_config
-from klined.daemon.process import Daemon
 from klined.lake import parse_key, read_part
-from klined.model import HOUR_MS, MINUTE_MS, floor_hour, shard_of, to_datetime
-from klined.sim import FaultPlan, FaultRule, SimClock, Simulator
+from klined.model import HOUR_MS, shard_of, to_datetime
+from klined.sim import SimClock
 from klined.warehouse.database import open_database
-from tests.daemon.test_run import write_config
 from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.support.scenario import (
+    FAULTS,
+    H1,
+    HOURS,
+    START,
+    host_config,
+    hosts,
+    s3_parts,
+    until_settled,
+)
 from tests.support.truth import assert_completeness, assert_gold_is_truth, assert_silver_is_truth
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-#: 2026-01-01T01:44:50Z: a quarter of an hour streamed before hour 01 closes
-START = 1_767_231_890_000
-H1 = floor_hour(START)
-HOURS = [H1 - 2 * HOUR_MS, H1 - HOUR_MS, H1]  # caught up at start over REST, then streamed
-
-FAULTS = FaultPlan(
-    rules=[
-        FaultRule(kind="disconnect", exchange="binance", connection=1, message=25),
-        FaultRule(kind="close", exchange="kraken", connection=2, min_second=20, message=10),
-        FaultRule(kind="duplicate", exchange="binance", times=3),
-        FaultRule(kind="malformed", exchange="kraken", message=15, variant="garbage"),
-        FaultRule(kind="out_of_order", exchange="binance", message=30),
-        FaultRule(kind="late_final", exchange="binance", pair="ETH/USD", delay_s=65),
-        FaultRule(kind="http_5xx", exchange="binance", endpoint="klines", request=1),
-        FaultRule(kind="http_429", exchange="kraken", endpoint="OHLC", request=2),
-    ]
-)
-
-
-def host_config(
-    tmp_path: Path, name: str, sim: Simulator, s3: tuple[str, str], dsn: str, daemon: str
-) -> Config:
-    """The same settings on every host (a host's own data folder aside)."""
-    folder = tmp_path / name
-    folder.mkdir()
-    path = write_config(folder, sim, s3=s3, chain=True, dsn=dsn)
-    text = path.read_text().replace("[daemon]\n", f"[daemon]\n{daemon}\n")
-    text = text.replace("catchup_hours = 0", "catchup_hours = 2")
-    text = text.replace("rest_retry_hours = 0", 'rest_retry_hours = 2\nschedule = "*/5 * * * *"')
-    text = text.replace("[lake]\n", "[lake]\nhour_grace_s = 30\n")
-    path.write_text(text)
-    return load_config(path)
-
-
-@asynccontextmanager
-async def hosts(configs: list[Config], sim: Simulator) -> AsyncIterator[list[Daemon]]:
-    daemons = [
-        Daemon(
-            cfg,
-            handle_signals=False,
-            clock_ms=sim.clock.now_ms,
-            chain_options={"nap_s": 0.2, "lock_wait_s": 30},
-            uploader_options={"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
-        )
-        for cfg in configs
-    ]
-    async with anyio.create_task_group() as tg:
-        for daemon in daemons:
-            await tg.start(daemon.run)
-        try:
-            yield daemons
-        finally:
-            for daemon in daemons:  # capture hosts first: their last parts reach S3
-                daemon.request_stop()
-
-
-def s3_parts(endpoint: str, bucket: str) -> dict[str, bytes]:
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    out: dict[str, bytes] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="raw/"):
-        for obj in page.get("Contents", []):
-            key = obj["Key"].removeprefix("raw/")
-            out[key] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return out
 
 
 async def test_two_capture_shards_and_a_chain_host_build_the_truth(
@@ -123,27 +61,7 @@ async def test_two_capture_shards_and_a_chain_host_build_the_truth(
                 assert all(shard_of(ex, p, 2) == k for ex, p in share)
             assert snaps[2].pairs == [] and snaps[2].configured_pairs == len(everything)
 
-            async def settled() -> bool:
-                """Hour 01 is closed, complete and every part of it in S3 is loaded."""
-                if sim.clock.now_ms() < H1 + HOUR_MS + 10 * MINUTE_MS:
-                    return False
-                keys = {
-                    k for k in await anyio.to_thread.run_sync(s3_parts, *s3)
-                    if parse_key(k).hour_ms <= H1
-                }  # fmt: skip
-                async with open_database(chain) as db:
-                    loaded = {r["lake_key"] for r in await db.fetch(
-                        "SELECT lake_key FROM ops.lake_parts")}  # fmt: skip
-                    complete = await db.fetchval(
-                        "SELECT count(*) FROM monitoring.hourly_completeness"
-                        " WHERE hour_start = $1 AND completion_rate = 1",
-                        to_datetime(H1),
-                    )
-                return keys <= loaded and complete == len(everything)
-
-            with anyio.fail_after(150):
-                while not await settled():  # noqa: ASYNC110 - polling the warehouse
-                    await anyio.sleep(1.0)
+            await until_settled(sim, chain, s3, len(everything))
 
     # every part of the closed hours that reached S3 was loaded exactly once, and nothing else
     parts = {
