@@ -253,7 +253,9 @@ def test_headless_core_never_loads_textual() -> None:
     (Rich may load: httpx imports it for its own command line when it is installed.)
     """
     core = sorted(
-        m for m in modules() if not _in(m, "klined.tui", "klined.commands.tui", "klined.demo")
+        m
+        for m in modules()
+        if not _in(m, "klined.tui", "klined.commands.tui", "klined.demo", "klined.spark")
     )
     code = (
         "import importlib, sys\n"
@@ -266,3 +268,12 @@ def test_headless_core_never_loads_textual() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_nothing_imports_the_spark_job_and_it_imports_only_the_model() -> None:
+    """``klined.spark`` is an optional extra (PySpark): the core must run without it."""
+    edges = graph()
+    importers = {m for m, targets in edges.items() for t in targets if _in(t, "klined.spark")}
+    assert importers <= {m for m in edges if _in(m, "klined.spark")}
+    used = {t for m, targets in edges.items() if _in(m, "klined.spark") for t in targets}
+    assert {t for t in used if not _in(t, "klined.spark")} <= {"klined.model"}
