@@ -192,6 +192,9 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             CheckResult("lake parts", Outcome.SKIP, why),
         ]
 
+    if not cfg.chains and cfg.daemon.role == "capture":
+        why = "daemon.role is capture: this host writes the lake, a chain host the warehouse"
+        return rows(CheckResult("postgresql", Outcome.SKIP, why), "capture host")
     dsn = cfg.dsn
     where = "KLINED_DSN" if os.environ.get("KLINED_DSN") else "database.dsn"
     if not dsn:

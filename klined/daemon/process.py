@@ -3,18 +3,21 @@
 Start-up order (each step is up before the next starts):
 
 1. config validated (exit 2 on errors), logging set up;
-2. lake writer (seals parts a crash left open) and uploader (rescans the spool);
+2. lake writer (seals parts a crash left open; not on a chain host) and uploader (rescans the
+   spool);
 3. status socket, metrics endpoint (when ``daemon.metrics_port`` is set);
 4. per exchange, concurrently: the listing check over REST starts, and its connections start
    when it answers or after a few seconds at most (a 429 or an unreachable REST API never
-   delays capture), with the configured pairs minus those the last known listing (cached in
-   ``data_dir``) says are not listed; the check goes on in the background;
-5. the hourly chain scheduler, when ``[chain] enabled`` and the chain module is present (it
-   needs the database; the daemon runs without one when the chain is disabled); see
-   :mod:`klined.daemon.chain` (listing results and metrics figures follow its runs). With
-   ``[live] enabled`` the streams' finals also go to the live writer (:mod:`klined.live`):
-   it batches them from the start and writes them into silver once the chain's database is
-   open;
+   delays capture), with this host's shard (``daemon.shard``) of the configured pairs minus
+   those the last known listing (cached in ``data_dir``) says are not listed; the check goes on
+   in the background; a chain host (``daemon.role = "chain"``) streams nothing and checks
+   every pair's listing when its chain starts;
+5. the hourly chain scheduler, when ``[chain] enabled``, the role is not ``capture`` and the
+   chain module is present (it needs the database; the daemon runs without one when the chain
+   is disabled); see :mod:`klined.daemon.chain` (listing results and metrics figures follow
+   its runs). With ``[live] enabled`` (and role ``all``) the streams' finals also go to the
+   live writer (:mod:`klined.live`): it batches them from the start and writes them into
+   silver once the chain's database is open;
 6. ``READY=1`` to systemd, then watchdog pings from the main loop's 1 Hz tick.
 
 Steps that can be slow on a first start (the embedded PostgreSQL's ``initdb``, the listing
@@ -110,6 +113,9 @@ class Daemon:
         self.cfg = cfg
         self.simulated = simulated
         self.role = cfg.daemon.role
+        enabled = cfg.exchanges.enabled()
+        self._configured_pairs = sum(len(cfg.pairs(e)) for e in enabled)
+        self._shard_pairs = sum(len(cfg.capture_pairs(e)) for e in enabled) if cfg.captures else 0
         self.clock_ms = clock_ms
         self.chain_options = dict(chain_options or {})
         self.handle_signals = handle_signals
@@ -169,14 +175,11 @@ class Daemon:
     def snapshot(self) -> StatusSnapshot:
         """The status feed's document (status socket, metrics, ``klined status``)."""
         conns, pairs = streams_status(self.streams)
-        cfg = self.cfg
         return StatusSnapshot(
             role=self.role,
-            shard=cfg.daemon.shard,
-            shard_pairs=sum(len(cfg.capture_pairs(e)) for e in cfg.exchanges.enabled())
-            if cfg.captures
-            else 0,
-            configured_pairs=sum(len(cfg.pairs(e)) for e in cfg.exchanges.enabled()),
+            shard=self.cfg.daemon.shard,
+            shard_pairs=self._shard_pairs,
+            configured_pairs=self._configured_pairs,
             pid=os.getpid(),
             started_ms=self.started_ms,
             now_ms=now_ms(),

@@ -583,3 +583,12 @@ async def test_check_lake_uploads_again_what_s3_lost(
             "2 local part(s) match their S3 copy (size, MD5)",
         ), out
     assert first in {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+
+
+async def test_a_capture_host_needs_no_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path, None, pairs={})
+    config.write_text(config.read_text().replace("[daemon]\n", '[daemon]\nrole = "capture"\n'))
+    code, out = await klined("check", "-c", str(config))
+    assert code == 0, out
+    outcome, reason = rows(out)["postgresql"]
+    assert outcome == "SKIP" and "role is capture" in reason

@@ -504,3 +504,15 @@ def test_render_status_reports_the_live_path() -> None:
         "  written 3,990 · queued 1 · dropped 2 batch(es) (70 finals) · gold 20s ago"
     ) in text
     assert "last live error: writing silver: ConnectionRefusedError: no" in text
+
+
+def test_render_status_says_the_role_and_shard() -> None:
+    one_vm = render_status(StatusSnapshot(pid=1, now_ms=NOW))
+    assert "ROLE all\n" in one_vm
+    capture = StatusSnapshot(
+        pid=1, now_ms=NOW, role="capture", shard="2/3", shard_pairs=10, configured_pairs=30
+    )
+    text = render_status(capture)
+    assert "ROLE capture, shard 2/3 (10 of 30 pairs) (no chain: another host" in text
+    chain = StatusSnapshot(pid=1, now_ms=NOW, role="chain", configured_pairs=30)
+    assert "ROLE chain (no streams; loads the lake for all 30 pairs)" in render_status(chain)

@@ -320,3 +320,16 @@ async def test_clicking_a_header_sorts_by_it() -> None:
         )
         await pilot.pause()
         assert names(app)[0] == "kraken WIF/USD"
+
+
+async def test_the_daemon_line_says_the_role_and_shard_of_a_larger_setup() -> None:
+    app = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        assert "capture" not in text_of(app, "#daemon-line")  # one VM: nothing to say
+    snap = demo_snapshot()
+    snap.role, snap.shard = "capture", "2/3"
+    app = make_app(FakeStatusSource(snap))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        assert "daemon capture 2/3 · pid" in text_of(app, "#daemon-line")
