@@ -59,7 +59,7 @@ def run_command(config_path: str | None, role: str | None) -> int:
         "klined starting (config {}, role {}{}): {}",
         cfg.source_path or "<defaults>",
         cfg.daemon.role,
-        f", shard {cfg.daemon.shard}" if cfg.shard[1] > 1 else "",
+        f", shard {cfg.daemon.shard}" if cfg.captures and cfg.shard[1] > 1 else "",
         ", ".join(f"{k} {len(v)} pairs" for k, v in pairs.items()) or "no exchange enabled",
     )
     if cfg.daemon.role != "all" and not cfg.s3.bucket:
