@@ -379,6 +379,11 @@ def warehouse_dsn(cfg: Config) -> str:
     """
     if cfg.dsn:
         return cfg.dsn
+    if cfg.daemon.role == "capture":
+        raise DatabaseError(
+            "this is a capture host: the warehouse is the chain host's - set database.dsn to"
+            " it (or run `klined tui` there) to see completeness and jobs"
+        )
     return embedded_dsn(cfg.data_dir / "pgdata")
 
 

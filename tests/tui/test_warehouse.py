@@ -386,3 +386,13 @@ async def test_pending_hours_are_drawn_apart_and_counted_missing(pg_dsn: str) ->
         await pilot.pause()
         assert grid.cell_text(0, f"h{LAST}") == "░ "
         assert grid.cell_text(0, f"h{LAST - 3 * HOUR_MS}") == "█ "
+
+
+def test_a_capture_host_points_at_the_chain_hosts_warehouse() -> None:
+    from klined.config import parse_config
+    from klined.tui.sources import warehouse_dsn
+
+    with pytest.raises(DatabaseError, match="capture host"):
+        warehouse_dsn(parse_config('[daemon]\nrole = "capture"\n'))
+    cfg = parse_config('[daemon]\nrole = "capture"\n[database]\ndsn = "postgresql://h/db"\n')
+    assert warehouse_dsn(cfg) == "postgresql://h/db"
