@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS ops.job_runs (
     finished_at timestamptz,
     duration_ms bigint,
     error       text,
-    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | dirty | manual | backfill
+    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | manual | backfill | rebuild
     details     jsonb
 );
 CREATE INDEX IF NOT EXISTS job_runs_hour_step_idx ON ops.job_runs (hour_start, step);
@@ -191,7 +191,9 @@ CREATE TABLE IF NOT EXISTS bronze.bronze_ohlcv_native (
     session_id       text,
     event_ts         timestamptz NOT NULL,
     ingestion_ts     timestamptz NOT NULL,
-    lake_key         text,                     -- NULL for rows inserted directly (gap-fill)
+    lake_key         text,                     -- the lake part it came from (every producer,
+                                               -- gap-fill too, writes the lake first; NULL
+                                               -- only for rows a test or tool inserted)
     -- no NaN or infinities (PostgreSQL sorts NaN above Infinity)
     CONSTRAINT bronze_finite CHECK (
         greatest(open, high, low, close, volume, quote_volume, vwap) < 'Infinity'
