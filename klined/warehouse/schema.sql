@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS ops.job_runs (
     finished_at timestamptz,
     duration_ms bigint,
     error       text,
-    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | manual | backfill | rebuild
+    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | dirty | manual | backfill | rebuild
     details     jsonb
 );
 CREATE INDEX IF NOT EXISTS job_runs_hour_step_idx ON ops.job_runs (hour_start, step);
