@@ -14,7 +14,7 @@ previous close forward).
 
 Which lake: the configured one (the local spool and, when ``[s3]`` names a bucket, S3), or
 another local folder or ``s3://bucket/prefix`` (the config's endpoint and region) given as
-``lake``. A day of parts is listed at once (one S3 listing per pair and day).
+``lake``. A day of parts is listed at once (one S3 listing per pair and day of hours).
 
 What the lake cannot say: which pairs the exchanges listed (``ops.pairs.listed``) and the
 gap-fill's attempt log. Completeness expects every configured pair, as ``klined chain`` does

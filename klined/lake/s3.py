@@ -25,7 +25,7 @@ from klined.config import S3Config
 from klined.errors import LakeError
 from klined.lake.layout import hour_path, parse_key, s3_key, strip_prefix
 from klined.lake.reader import LocalPart, iter_local_parts
-from klined.model import DAY_MS, HOUR_MS, floor_interval, hours_between
+from klined.model import HOUR_MS, hours_between
 
 T = TypeVar("T")
 
@@ -166,18 +166,31 @@ class LakeStore:
             out.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
         return out
 
-    async def _objects(self, s3: Any, prefix: str) -> list[dict[str, Any]]:
+    async def _objects(
+        self, s3: Any, prefix: str, after: str = "", before: str = ""
+    ) -> list[dict[str, Any]]:
+        """Objects under ``prefix``; with ``after``/``before``, only keys strictly between
+        them (S3 lists in key order: it starts after ``after`` and stops at ``before``)."""
         out: list[dict[str, Any]] = []
         paginator = s3.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.s3.bucket, Prefix=prefix):
-            out.extend(page.get("Contents", []))
+        extra = {"StartAfter": after} if after else {}
+        async for page in paginator.paginate(Bucket=self.s3.bucket, Prefix=prefix, **extra):
+            for obj in page.get("Contents", []):
+                if before and obj["Key"] >= before:
+                    return out
+                out.append(obj)
         return out
 
     async def _list_s3(
-        self, tails: list[str], exchange: str | None, keep: Callable[[int], bool]
+        self,
+        tails: list[str],
+        exchange: str | None,
+        keep: Callable[[int], bool],
+        between: tuple[str, str] = ("", ""),
     ) -> list[PartRef]:
-        """Parts in S3 under every symbol folder + each of ``tails`` (hour or day folders),
-        whose hour ``keep`` accepts: exchange and symbol folders first, then the folders."""
+        """Parts in S3 under every symbol folder + each of ``tails`` (hour folders), whose
+        hour ``keep`` accepts: exchange and symbol folders first, then the folders. With
+        ``between`` (two hour folders), one listing per symbol of the keys between them."""
         base = self.object_key("")
         refs: list[PartRef] = []
         async with self.client() as s3:
@@ -196,10 +209,12 @@ class LakeStore:
             errors: list[LakeError] = []
 
             async def one(prefix: str) -> None:
+                after = prefix + between[0] if between[0] else ""
+                before = prefix + between[1] if between[1] else ""
                 async with limiter:
                     try:
                         objects = await self.retrying(
-                            "S3 listing", lambda: self._objects(s3, prefix)
+                            "S3 listing", lambda: self._objects(s3, prefix, after, before)
                         )
                     except LakeError as exc:
                         errors.append(exc)
@@ -285,8 +300,8 @@ class LakeStore:
         self, start_ms: int, end_ms: int, exchange: str | None = None
     ) -> list[PartRef]:
         """Every closed part of the hours in ``[start_ms, end_ms)`` (local united with S3),
-        sorted by key. In S3 one listing per pair and UTC *day* folder (a day of one pair is a
-        few dozen keys, one page), not one per hour."""
+        sorted by key. In S3 one listing per pair, from the first hour's folder to the end's
+        (keys sort by time: a day of one pair is a few dozen keys), not one per hour."""
         hours = hours_between(start_ms, end_ms)
         if not hours:
             return []
@@ -305,10 +320,11 @@ class LakeStore:
                     continue  # not one of ours
             return found
 
-        days = sorted({floor_interval(h, DAY_MS) for h in hours})
-        tails = [f"interval_minutes=1/{hour_path(d).rsplit('/', 1)[0]}/" for d in days]
+        between = (hour_path(lo), hour_path(hi))
         local = await anyio.to_thread.run_sync(scan)
-        return await self._list(local, lambda: self._list_s3(tails, exchange, keep))
+        return await self._list(
+            local, lambda: self._list_s3(["interval_minutes=1/"], exchange, keep, between)
+        )
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ def test_a_bad_tag_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_list_range_unites_local_and_s3_by_day(
+async def test_list_range_unites_local_and_s3(
     tmp_path: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
     s3 = S3Config(bucket=s3_bucket, endpoint_url=s3_endpoint, prefix="raw")
