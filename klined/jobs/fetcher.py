@@ -231,8 +231,9 @@ class PairFetcher:
             self._buffer = []
         through = min(self._wanted) if self._wanted else self._end
         if through > self.report.through:
-            self.report.through = through
+            # the checkpoint first: what the report says is done is what a resumed run skips
             await self.sink.progress(through)
+            self.report.through = through
 
     async def _give_up(
         self, start: int, end: int, reason: str, outcome: str | None = None, detail: str = ""

@@ -352,9 +352,9 @@ async def fill_pair_range(
         db, exchange, pair, start_ms, end_ms, now_ms, refetch=refetch, bronze_hours=bronze_hours
     )
     if not wanted:
-        report.through = max(report.through, end_ms)
         if on_progress is not None:
             await on_progress(end_ms)
+        report.through = max(report.through, end_ms)
         return report
     known = await silver_rows(db, exchange, pair, wanted) if refetch else None
     sink = DbSink(db, exchange, ingest=ingest, reason=reason, known=known, on_progress=on_progress)
