@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -140,6 +141,8 @@ def run(
 ) -> dict[str, object]:
     """Build and write the range; the figures printed as the job's JSON line."""
     started = time.monotonic()
+    if "://" not in root:
+        root = os.path.abspath(root)  # a local folder: the files' URIs carry its full path
     silver, gold, parts = build(spark, root, start_ms, end_ms, exchange)
     figures: dict[str, object] = {"from": iso(start_ms), "to": iso(end_ms), "parts": parts}
     if silver is not None:
