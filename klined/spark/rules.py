@@ -4,8 +4,8 @@ Every rule here mirrors the SQL that applies it in PostgreSQL, column for column
 equality test (``tests/spark/``) holds them to it:
 
 * **silver** (``klined/jobs/silver.py``, ``MERGE_SQL``): per exchange, pair and minute, the
-  bronze row first in ``rank`` (``ops.source_rank``: ws final 1, rest 2, trades 3, no_trades 4,
-  ws partial 5), then latest ``event_ts``, latest ``ingestion_ts``, then ``close`` desc,
+  bronze row first in ``rank`` (``ops.source_rank``, defined by ``klined.model.SOURCE_RANK``),
+  then latest ``event_ts``, latest ``ingestion_ts``, then ``close`` desc,
   ``high`` desc, ``low``, ``open``, ``volume`` desc, ``trade_count``, ``quote_volume``,
   ``vwap``, ``session_id`` and ``lake_key`` desc with nulls last: every tie-break column, so
   the choice is the same row. Only 1-minute rows aligned to a minute count.
@@ -28,6 +28,8 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from klined.model import SOURCE_RANK, Origin, Source, silver_source
+
 #: the warehouse's gold intervals (``klined.jobs.gold.INTERVALS``; a test keeps them equal)
 GOLD_INTERVALS: tuple[tuple[str, int], ...] = (
     ("5m", 300),
@@ -36,9 +38,14 @@ GOLD_INTERVALS: tuple[tuple[str, int], ...] = (
     ("1h", 3600),
 )
 
-#: ``klined.model.SOURCE_RANK`` / ``ops.source_rank`` by bronze origin (ws: final or partial)
-ORIGIN_RANK = {"rest": 2, "trades": 3, "no_trades": 4}
-WS_FINAL_RANK, WS_PARTIAL_RANK = 1, 5
+#: ``ops.source_rank`` by bronze origin, from its definition ``klined.model.SOURCE_RANK`` (a
+#: source added there, e.g. ``archive``, is ranked here too); ws is final or partial
+ORIGIN_RANK = {
+    str(origin): SOURCE_RANK[silver_source(origin, True)]
+    for origin in Origin
+    if origin != Origin.WS
+}
+WS_FINAL_RANK, WS_PARTIAL_RANK = SOURCE_RANK[Source.WS_FINAL], SOURCE_RANK[Source.WS_PARTIAL]
 
 NUMBER = T.DecimalType(38, 18)
 

@@ -26,7 +26,7 @@ if shutil.which("java") is None:
 
 from klined.jobs import bronze, completeness, gold, silver
 from klined.lake import LakeStore, iter_local_parts
-from klined.model import HOUR_MS, MINUTE_MS, from_datetime, to_datetime
+from klined.model import HOUR_MS, MINUTE_MS, Origin, from_datetime, to_datetime
 from klined.sim import SimClock
 from klined.spark import job, rules
 from klined.warehouse.database import Database, open_database
@@ -128,6 +128,19 @@ async def assert_spark_is_the_warehouse(
 
 def test_spark_has_every_gold_interval_of_the_warehouse() -> None:
     assert rules.GOLD_INTERVALS == gold.INTERVALS
+
+
+@pytest.mark.anyio
+async def test_spark_ranks_every_origin_as_postgresql_does(warehouse_dsn: str) -> None:
+    async with open_database(config_for(warehouse_dsn)) as db:
+        for origin in Origin:
+            for final in (True, False):
+                sql = await db.fetchval("SELECT ops.source_rank($1, $2)", str(origin), final)
+                if origin == Origin.WS:
+                    want = rules.WS_FINAL_RANK if final else rules.WS_PARTIAL_RANK
+                else:
+                    want = rules.ORIGIN_RANK[str(origin)]
+                assert sql == want, (origin, final)
 
 
 @pytest.mark.anyio
