@@ -31,10 +31,12 @@ from klined.warehouse.database import Database
 class LakeIngest:
     """Writes rows to the lake as sealed parts, uploads them, loads them into bronze."""
 
-    def __init__(self, db: Database, lake: LakeStore, *, tag: str = "fill_") -> None:
+    def __init__(
+        self, db: Database, lake: LakeStore, *, tag: str = "fill_", level: int = 1
+    ) -> None:
         self.db = db
         self.lake = lake
-        self.writer = SealedPartWriter(lake.root, tag=tag)
+        self.writer = SealedPartWriter(lake.root, tag=tag, level=level)
         self.parts_written = 0
 
     async def rows(self, candles: Iterable[Candle | CandleRecord], *, reason: str) -> int:
@@ -78,4 +80,5 @@ def configured_lake(cfg: Config) -> LakeUploader:
 
 def ingest_for(db: Database, cfg: Config, lake: Any = None) -> LakeIngest:
     """A :class:`LakeIngest` on ``lake`` (a :class:`LakeStore`), else the configured lake."""
-    return LakeIngest(db, lake if isinstance(lake, LakeStore) else configured_lake(cfg))
+    store = lake if isinstance(lake, LakeStore) else configured_lake(cfg)
+    return LakeIngest(db, store, level=cfg.lake.compress_level)

@@ -2,10 +2,12 @@
 
 REST and trades candles, no-trade rows (and rows read from the exchanges' archive files) are
 complete when klined has them, so they skip the open-part stage of :class:`LakeWriter`: each
-batch becomes one part per exchange / pair / hour, written to ``<key>.tmp``, made durable,
-renamed to its key (atomic) and the rename made durable. A part exists either whole or not at
-all; readers never see the ``.tmp`` name (a ``kill -9`` mid-write leaves one that nothing reads:
-its rows never reached bronze, so the gap-fill fetches them again).
+batch becomes one gzip part (``.jsonl.gz``, like every sealed part) per exchange / pair / hour,
+written to ``<key>.writing``, made durable, renamed to its key (atomic) and the rename made
+durable. A part exists either whole or not at all; readers never see the ``.writing`` name (a
+``kill -9`` mid-write leaves one that nothing reads: its rows never reached bronze, so the
+gap-fill fetches them again), and a capture writer's start-up cleanup of its own half-built
+``.gz.tmp`` files never touches it.
 
 The part name carries the writer's tag (``fill_`` for gap-fill) and every line its ``origin``
 (``rest``, ``trades``, ``no_trades``), so the lake says where each row came from. No lock: the
@@ -14,6 +16,7 @@ random writer id keeps the names apart from a capture writer sharing the folder.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import secrets
@@ -23,10 +26,10 @@ from pathlib import Path
 import msgspec
 
 from klined.errors import LakeError
-from klined.lake.layout import check_names, part_key
+from klined.lake.layout import GZ_SUFFIX, check_names, part_key
 from klined.model import HOUR_MS, Candle, CandleRecord
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".writing"
 
 _ENCODE = msgspec.json.Encoder().encode
 
@@ -60,11 +63,12 @@ class SealedPartWriter:
     """Writes batches of candles as sealed parts under ``root`` (thread-safe enough: one
     counter, used from one task at a time per instance)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, tag: str = "fill_") -> None:
+    def __init__(self, root: str | os.PathLike[str], *, tag: str = "fill_", level: int = 1) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]*", tag):
             raise LakeError(f"writer tag {tag!r} cannot be used in a part key")
         self.root = Path(root)
         self.writer_id = tag + secrets.token_hex(8)
+        self.level = level  # gzip level (``lake.compress_level``)
         self._counter = 0
 
     def write(self, candles: Iterable[Candle | CandleRecord]) -> list[WrittenPart]:
@@ -79,8 +83,9 @@ class SealedPartWriter:
             check_names(exchange, symbol)
             self._counter += 1
             first = min(r.ingestion_ts or r.event_ts for r in rows)
-            key = part_key(exchange, symbol, hour, first, f"{self.writer_id}-{self._counter:06d}")
-            data = b"".join(_ENCODE(r) + b"\n" for r in rows)
+            seq = f"{self.writer_id}-{self._counter:06d}"
+            key = part_key(exchange, symbol, hour, first, seq) + GZ_SUFFIX
+            data = gzip.compress(b"".join(_ENCODE(r) + b"\n" for r in rows), self.level, mtime=0)
             path = self.root / key
             self._write_file(path, data)
             written.append(

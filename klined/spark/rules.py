@@ -30,12 +30,16 @@ from pyspark.sql import types as T
 
 from klined.model import SOURCE_RANK, Origin, Source, silver_source
 
-#: the warehouse's gold intervals (``klined.jobs.gold.INTERVALS``; a test keeps them equal)
+#: the warehouse's gold intervals (``klined.jobs.gold.ALL_INTERVALS``; a test keeps them
+#: equal). The warehouse builds 4h and 1d from its 1h rows, which it proves equal to
+#: aggregating the silver minutes directly, as this job does for every size.
 GOLD_INTERVALS: tuple[tuple[str, int], ...] = (
     ("5m", 300),
     ("15m", 900),
     ("30m", 1800),
     ("1h", 3600),
+    ("4h", 14400),
+    ("1d", 86400),
 )
 
 #: ``ops.source_rank`` by bronze origin, from its definition ``klined.model.SOURCE_RANK`` (a

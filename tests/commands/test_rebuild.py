@@ -62,7 +62,7 @@ async def test_rebuild_from_the_lake_gives_the_same_warehouse(
         before = await hashes(cfg, wall_clock=False)
 
     async with open_database(cfg) as db:
-        assert await db.fetchval("SELECT count(*) FROM silver.fact_ohlcv") == 3 * 60 * 8
+        assert await db.fetchval("SELECT count(*) FROM silver.fact_ohlcv") == len(HOURS) * 60 * 8
         hours = {
             r["h"] for r in await db.fetch("SELECT DISTINCT hour_start AS h FROM ops.lake_parts")
         }
@@ -73,7 +73,8 @@ async def test_rebuild_from_the_lake_gives_the_same_warehouse(
     args = ["rebuild", "-c", cfg.source_path, *span]
     assert await anyio.to_thread.run_sync(run, args) == 0
     out = capsys.readouterr()
-    assert "[3/3]" in out.err and "bronze" in out.err and "3 hour(s)" in out.out
+    n = len(HOURS)
+    assert f"[{n}/{n}]" in out.err and "bronze" in out.err and f"{n} hour(s)" in out.out
     after = await hashes(cfg, wall_clock=False)
     for table in COMPARED:
         assert after[table] == before[table], table

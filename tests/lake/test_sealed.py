@@ -39,7 +39,8 @@ def test_sealed_parts_are_whole_tagged_and_one_per_pair_hour(tmp_path: Path) -> 
         assert parse_key(p.key).hour_ms == p.hour_ms
         records = read_part_file(local[p.key].path).records
         assert len(records) == p.rows and {r.origin for r in records} == {"rest"}
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.writing"))
+    assert all(p.key.endswith(".jsonl.gz") for p in written)  # sealed parts are gzip
     # a second batch never reuses a name
     again = writer.write(rest_rows(HOUR))
     assert again[0].key not in local

@@ -96,7 +96,7 @@ async def warehouse_rows(
     select = ", ".join(f"{c}::numeric(38, 18) AS {c}" if c in NUMS else c for c in cols)
     rows = await db.fetch(
         f"SELECT exchange, symbol, interval_start, {select} FROM {table}"
-        " WHERE interval_start >= $1 AND interval_start < $2",
+        " WHERE interval_end > $1 AND interval_start < $2",  # buckets overlapping the range
         to_datetime(start),
         to_datetime(end),
     )
@@ -117,7 +117,7 @@ async def assert_spark_is_the_warehouse(
     diff = [(k, got[k], want[k]) for k in want if got[k] != want[k]]
     assert not diff, diff[:3]
     assert figures["silver_1m"] == len(want)
-    for name, _ in gold.INTERVALS:
+    for name, _ in gold.ALL_INTERVALS:
         want = await warehouse_rows(db, f"gold.ohlcv_{name}", GOLD_COLS, start, end)
         got = spark_rows(spark, out / job.gold_dataset(name), GOLD_COLS)
         assert set(got) == set(want), name
@@ -127,7 +127,7 @@ async def assert_spark_is_the_warehouse(
 
 
 def test_spark_has_every_gold_interval_of_the_warehouse() -> None:
-    assert rules.GOLD_INTERVALS == gold.INTERVALS
+    assert rules.GOLD_INTERVALS == gold.ALL_INTERVALS
 
 
 @pytest.mark.anyio
@@ -202,18 +202,22 @@ async def test_every_tie_break_column_decides_as_in_postgresql(
 
 
 def gzip_half(src: Path, dst: Path) -> int:
-    """A copy of the lake with every other part gzipped (``.jsonl.gz``); how many."""
+    """A copy of the lake where every other part is plain (``.jsonl``) and the rest gzip
+    (``.jsonl.gz``, as klined seals them); how many of each kind, the smaller count."""
     shutil.copytree(src, dst)
-    zipped = 0
+    kinds = {True: 0, False: 0}
     for i, part in enumerate(sorted(iter_local_parts(dst), key=lambda p: p.key)):
-        if i % 2:
-            continue
-        part.path.with_name(part.path.name + ".gz").write_bytes(
-            gzip.compress(part.path.read_bytes())
-        )
-        part.path.unlink()
-        zipped += 1
-    return zipped
+        path, zipped = part.path, part.path.name.endswith(".gz")
+        if i % 2 and zipped:  # to plain
+            path.with_name(path.name[:-3]).write_bytes(gzip.decompress(path.read_bytes()))
+            path.unlink()
+            zipped = False
+        elif not i % 2 and not zipped:  # to gzip
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+            zipped = True
+        kinds[zipped] += 1
+    return min(kinds.values())
 
 
 @pytest.mark.anyio
@@ -235,5 +239,5 @@ async def test_spark_builds_the_warehouses_silver_and_gold_from_a_faulty_days_la
     start, end = HOURS[0], H1 + HOUR_MS
     async with open_database(cfg) as db:
         figures = await assert_spark_is_the_warehouse(spark, db, lake, tmp_path / "out", start, end)
-    assert figures["silver_1m"] == 3 * 60 * 2 * len(SIM_PAIRS)
-    assert figures["gold_1h"] == 3 * 2 * len(SIM_PAIRS)
+    assert figures["silver_1m"] == len(HOURS) * 60 * 2 * len(SIM_PAIRS)
+    assert figures["gold_1h"] == len(HOURS) * 2 * len(SIM_PAIRS)
