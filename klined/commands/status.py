@@ -82,12 +82,12 @@ def render_status(s: StatusSnapshot) -> str:
     out = [
         f"klined pid {s.pid} · up {format_duration(s.uptime_s)} · RSS {_bytes(s.rss_bytes)}"
         f" · at {datetime.fromtimestamp(now / 1000, UTC):%Y-%m-%d %H:%M:%S}Z",
-        f"ROLE {role_line(s)}",
     ]
     if s.simulated:
         out.append(
             "SIMULATED: the exchanges are klined's simulator; its errors are injected faults"
         )
+    out.append(f"ROLE {role_line(s)}")
     out.append("")
 
     out.append(f"CONNECTIONS ({len(s.connections)})")
