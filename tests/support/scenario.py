@@ -56,6 +56,9 @@ def host_config(
     text = text.replace("catchup_hours = 0", "catchup_hours = 2")
     text = text.replace("rest_retry_hours = 0", 'rest_retry_hours = 2\nschedule = "*/5 * * * *"')
     text = text.replace("[lake]\n", "[lake]\nhour_grace_s = 30\n")
+    # the chain alone builds silver here: the live path would add the next hour's first finals
+    # too, which no closed-hour comparison (rebuild, Spark) covers
+    text += "[live]\nenabled = false\n"
     path.write_text(text)
     return load_config(path)
 
