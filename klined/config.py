@@ -509,7 +509,6 @@ def _validate(cfg: Config, path: str) -> None:
             raise bad(f"{base}.backoff_max_s", "must be at least backoff_initial_s")
 
 
-#: ``[live]`` numeric keys: (low, high, low allowed) - every one has a finite range
 def _resolve_paths(cfg: Config, base: Path) -> None:
     def resolve(value: str) -> str:
         if not value:
