@@ -21,7 +21,9 @@ On a cluster (EMR, Dataproc, Databricks)::
 and Databricks ship it; elsewhere add ``--packages org.apache.hadoop:hadoop-aws:<the cluster's
 Hadoop version>``. Credentials come from the cluster (instance role, or the usual
 ``fs.s3a.*`` settings); klined passes none. Locally, ``--master 'local[2]'`` runs it in this
-process against local folders.
+process against local folders. Gold's ``notional`` and ``vwap`` are exact Python arithmetic
+(:mod:`klined.spark.notional`, a UDF whose code travels with the tasks): the executors run
+Python workers, but need only PySpark, not klined.
 
 Rows filed under another hour's folder than their own (klined never writes such parts) are
 read only when their folder is in the range; the warehouse loads them with that folder too.
@@ -81,7 +83,9 @@ def lake_files(spark: Any, root: str, start_ms: int, end_ms: int) -> list[str]:
 def build(
     spark: Any, root: str, start_ms: int, end_ms: int, exchange: str | None = None
 ) -> tuple[Any, dict[str, Any], int]:
-    """(silver, {gold name: DataFrame}, parts read) for the range, not yet written."""
+    """(silver minutes, {gold name: DataFrame}, parts read) for the range, not yet written;
+    the minutes are cached and carry :data:`~klined.spark.rules.EXACT` besides the silver
+    dataset's columns (:func:`~klined.spark.rules.silver_dataset`)."""
     from pyspark.sql import functions as F
 
     from klined.spark import rules
@@ -95,9 +99,9 @@ def build(
     )
     if exchange:
         rows = rows.where(F.col("exchange") == exchange)
-    silver = rules.silver(rows).cache()
-    gold = {name: rules.gold(silver, seconds) for name, seconds in rules.GOLD_INTERVALS}
-    return silver, gold, len(files)
+    minutes = rules.silver(rows).cache()
+    gold = {name: rules.gold(minutes, seconds) for name, seconds in rules.GOLD_INTERVALS}
+    return minutes, gold, len(files)
 
 
 def write(df: Any, path: str) -> int:
@@ -115,15 +119,19 @@ def session(
     master: str | None = None, app: str = "klined", shuffle_partitions: int | None = None
 ) -> Any:
     """The job's session: UTC, dynamic partition overwrite. In local mode (``local[...]``)
-    a few shuffle partitions instead of Spark's 200 (one machine's cores, small data)."""
+    a few shuffle partitions instead of Spark's 200 (one machine's cores, small data), and
+    Python workers (gold's notional UDF) on this interpreter unless ``PYSPARK_PYTHON`` says
+    otherwise (PySpark's default, ``python3`` on the PATH, may lack PySpark)."""
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(app)
     if master:
         builder = builder.master(master)
-        if master.startswith("local") and shuffle_partitions is None:
-            shuffle_partitions = 4
-            builder = builder.config("spark.ui.enabled", "false")
+        if master.startswith("local"):
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            if shuffle_partitions is None:
+                shuffle_partitions = 4
+                builder = builder.config("spark.ui.enabled", "false")
     if shuffle_partitions:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
     spark = (
@@ -143,13 +151,16 @@ def run(
     started = time.monotonic()
     if "://" not in root:
         root = os.path.abspath(root)  # a local folder: the files' URIs carry its full path
-    silver, gold, parts = build(spark, root, start_ms, end_ms, exchange)
+    from klined.spark import rules
+
+    minutes, gold, parts = build(spark, root, start_ms, end_ms, exchange)
     figures: dict[str, object] = {"from": iso(start_ms), "to": iso(end_ms), "parts": parts}
-    if silver is not None:
+    if minutes is not None:
+        silver = rules.silver_dataset(minutes)
         figures["silver_1m"] = write(silver, f"{out.rstrip('/')}/{SILVER_DATASET}")
         for name, df in gold.items():
             figures[f"gold_{name}"] = write(df, f"{out.rstrip('/')}/{gold_dataset(name)}")
-        silver.unpersist()
+        minutes.unpersist()
     figures["seconds"] = round(time.monotonic() - started, 2)
     return figures
 

@@ -13,22 +13,30 @@ equality test (``tests/spark/``) holds them to it:
   its ``trade_count`` is 0; open/close of the first/last traded minute, high/low over traded
   minutes, sums over every minute (a traded minute with an unknown quote volume or trade count
   makes the bucket's unknown), ``minutes`` and ``traded_minutes``; a bucket without trades is
-  flat at the close of the last traded minute before it (else its first minute's open).
+  flat at the close of the last traded minute before it (else its first minute's open);
+  ``notional`` and ``vwap`` by :mod:`klined.spark.notional`, from the lake's exact text of
+  each minute's volume, quote volume and vwap.
 
 Numbers: the lake keeps exact decimal text. Ordering and sums use ``DECIMAL(38, 18)``, and the
 Parquet columns are ``DECIMAL(38, 18)``, the warehouse's ``numeric`` at that scale (only a
 trades-rebuilt ``vwap``, a quotient with 28 significant digits, has more decimals in
 PostgreSQL; it is rounded half up at the 18th, as PostgreSQL's own cast to ``numeric(38, 18)``
-rounds it).
+rounds it). ``notional`` is rounded so too: it has more than 18 decimals only when a minute's
+vwap x volume has; ``vwap`` is computed from the exact notional, as the warehouse does.
 """
 
 from __future__ import annotations
 
+from pyspark import cloudpickle
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from klined.model import SOURCE_RANK, Origin, Source, silver_source
+from klined.spark import notional
+
+# the UDF travels to the executors with its code: they need PySpark, not klined
+cloudpickle.register_pickle_by_value(notional)
 
 #: the warehouse's gold intervals (``klined.jobs.gold.ALL_INTERVALS``; a test keeps them
 #: equal). The warehouse builds 4h and 1d from its 1h rows, which it proves equal to
@@ -79,6 +87,17 @@ LINE_SCHEMA = T.StructType(
 
 PRICES = ("open", "high", "low", "close")
 NUMBERS = (*PRICES, "volume", "quote_volume", "vwap")
+#: the column of silver minutes (not of the silver dataset) holding the lake's exact text of
+#: the numbers gold's notional and vwap come from
+EXACT = "exact"
+EXACT_NUMBERS = ("volume", "quote_volume", "vwap")
+
+#: a bucket's (notional, vwap) from its minutes' exact text
+_NOTIONAL_VWAP = F.udf(
+    notional.gold_notional_vwap,
+    T.StructType([T.StructField("notional", NUMBER), T.StructField("vwap", NUMBER)]),
+    useArrow=False,
+)
 
 
 def _number(name: str) -> Column:
@@ -122,6 +141,7 @@ def bronze(lines: DataFrame, root: str) -> DataFrame:
         F.coalesce("ingestion_ts", F.lit(0)).alias("ingestion_ts"),
         F.coalesce("interval_seconds", F.lit(60)).alias("interval_seconds"),
         F.regexp_replace("path", "^.*?" + _escape(root.rstrip("/")) + "/", "").alias("lake_key"),
+        F.struct(*EXACT_NUMBERS).alias(EXACT),
     )
 
 
@@ -145,7 +165,8 @@ def source(origin: Column, is_final: Column) -> Column:
 
 
 def silver(rows: DataFrame) -> DataFrame:
-    """Exactly one row per exchange, pair and minute: the warehouse's choice."""
+    """Exactly one row per exchange, pair and minute: the warehouse's choice, with the
+    :data:`EXACT` column for gold (the silver dataset is the rest: :func:`silver_dataset`)."""
     cand = rows.where(
         (F.col("interval_seconds") == 60) & (F.col("interval_start") % 60_000 == 0)
     ).withColumn("rank", rank(F.col("origin"), F.col("is_final")))
@@ -180,7 +201,13 @@ def silver(rows: DataFrame) -> DataFrame:
         F.col("rank").cast("short").alias("rank"),
         _ts(F.col("event_ts")).alias("event_ts"),
         _ts(F.col("ingestion_ts")).alias("ingestion_ts"),
+        EXACT,
     )
+
+
+def silver_dataset(minutes: DataFrame) -> DataFrame:
+    """The silver dataset's columns of :func:`silver`'s minutes."""
+    return minutes.drop(EXACT)
 
 
 def gold(silver_rows: DataFrame, seconds: int) -> DataFrame:
@@ -197,6 +224,7 @@ def gold(silver_rows: DataFrame, seconds: int) -> DataFrame:
         *NUMBERS[:5],
         "quote_volume",
         "trade_count",
+        EXACT,
         traded.alias("traded"),
         (ms - ms % (seconds * 1000)).alias("bucket"),
         # the close of the last traded minute at or before this one (null before the first)
@@ -206,24 +234,29 @@ def gold(silver_rows: DataFrame, seconds: int) -> DataFrame:
     )
     t = F.col("traded")
     at = F.col("interval_start")
-    agg = minutes.groupBy("exchange", "symbol", "bucket").agg(
-        F.count(F.lit(1)).alias("minutes"),
-        F.count(F.when(t, 1)).alias("traded_minutes"),
-        F.min(F.when(t, F.struct(at, F.col("open")))).getField("open").alias("t_open"),
-        F.max(F.when(t, F.struct(at, F.col("close")))).getField("close").alias("t_close"),
-        F.max(F.when(t, F.col("high"))).alias("t_high"),
-        F.min(F.when(t, F.col("low"))).alias("t_low"),
-        F.sum("volume").alias("volume"),
-        F.when(
-            F.count(F.when(t & F.col("quote_volume").isNull(), 1)) == 0,
-            F.coalesce(F.sum("quote_volume"), F.lit(0).cast(NUMBER)),
-        ).alias("quote_volume"),
-        F.when(
-            F.count(F.when(t & F.col("trade_count").isNull(), 1)) == 0,
-            F.coalesce(F.sum("trade_count"), F.lit(0).cast("long")),
-        ).alias("trade_count"),
-        F.min("carry").alias("carry"),
-        F.min(F.struct(at, F.col("open"))).getField("open").alias("first_open"),
+    agg = (
+        minutes.groupBy("exchange", "symbol", "bucket")
+        .agg(
+            F.count(F.lit(1)).alias("minutes"),
+            F.count(F.when(t, 1)).alias("traded_minutes"),
+            F.min(F.when(t, F.struct(at, F.col("open")))).getField("open").alias("t_open"),
+            F.max(F.when(t, F.struct(at, F.col("close")))).getField("close").alias("t_close"),
+            F.max(F.when(t, F.col("high"))).alias("t_high"),
+            F.min(F.when(t, F.col("low"))).alias("t_low"),
+            F.sum("volume").alias("volume"),
+            F.when(
+                F.count(F.when(t & F.col("quote_volume").isNull(), 1)) == 0,
+                F.coalesce(F.sum("quote_volume"), F.lit(0).cast(NUMBER)),
+            ).alias("quote_volume"),
+            F.when(
+                F.count(F.when(t & F.col("trade_count").isNull(), 1)) == 0,
+                F.coalesce(F.sum("trade_count"), F.lit(0).cast("long")),
+            ).alias("trade_count"),
+            F.min("carry").alias("carry"),
+            F.min(F.struct(at, F.col("open"))).getField("open").alias("first_open"),
+            F.collect_list(EXACT).alias(EXACT),
+        )
+        .withColumn("nv", _NOTIONAL_VWAP(EXACT))
     )
     flat = F.when(F.col("traded_minutes") == 0, F.coalesce("carry", "first_open"))
     return agg.select(
@@ -237,5 +270,7 @@ def gold(silver_rows: DataFrame, seconds: int) -> DataFrame:
         "trade_count",
         F.col("minutes").cast("short").alias("minutes"),
         F.col("traded_minutes").cast("short").alias("traded_minutes"),
+        F.col("nv.notional").alias("notional"),
+        F.col("nv.vwap").alias("vwap"),
         F.lit("derived").alias("source"),
     )
