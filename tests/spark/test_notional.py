@@ -39,12 +39,18 @@ def decimals(max_digits: int, max_scale: int, *, zero: bool = True) -> st.Search
     )
 
 
+def below(limit: int, text: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Values under ``limit``: a bucket's notional (up to 60 of vwap * volume) must fit the
+    warehouse's numeric(38, 18), under 10**20, as any real market's does by far."""
+    return text.filter(lambda t: Decimal(t) < limit)
+
+
 #: one minute: (volume, quote_volume, vwap), as Binance (quote volume), Kraken (a vwap of up to
 #: 28 significant digits), a minute without either, or one without volume
 minute = st.tuples(
-    st.one_of(st.just("0"), decimals(12, 20, zero=False)),
+    st.one_of(st.just("0"), below(10**9, decimals(12, 20, zero=False))),
     st.one_of(st.none(), decimals(16, 18)),
-    st.one_of(st.none(), decimals(28, 32, zero=False)),
+    st.one_of(st.none(), below(10**9, decimals(28, 32, zero=False))),
 )
 #: minute index within the hour -> minute
 hour_of_minutes = st.dictionaries(st.integers(0, 59), minute, min_size=1, max_size=40)
