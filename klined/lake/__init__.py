@@ -30,7 +30,8 @@ from klined.lake.reader import (
     read_part_file,
 )
 from klined.lake.s3 import LakeStore, PartRef
-from klined.lake.uploader import LakeUploader, UploadMarker, UploadReport
+from klined.lake.uploader import LakeUploader, UploadReport
+from klined.lake.verify import UploadMarker
 from klined.lake.writer import LakeWriter
 
 __all__ = [
