@@ -11,7 +11,7 @@ Start-up order (each step is up before the next starts):
    delays capture), with this host's shard (``daemon.shard``) of the configured pairs minus
    those the last known listing (cached in ``data_dir``) says are not listed; the check goes on
    in the background; a chain host (``daemon.role = "chain"``) streams nothing and checks
-   every pair's listing when its chain starts;
+   every pair's listing when its chain starts (:mod:`klined.daemon.streams`);
 5. the hourly chain scheduler, when ``[chain] enabled``, the role is not ``capture`` and the
    chain module is present (it needs the database; the daemon runs without one when the chain
    is disabled); see :mod:`klined.daemon.chain` (listing results and metrics figures follow
@@ -40,7 +40,8 @@ from memory, as parts of their own; when that is impossible too (no bucket, S3 d
 signal) :func:`run_daemon` raises :class:`~klined.errors.EventsLost` naming the pairs and
 minutes, and ``klined run`` exits 1 (systemd sees a failure). Minutes dropped past
 ``lake.max_held_bytes`` while running are recorded as ``lake_dropped`` incidents (the chain
-repairs them over REST); any not recorded by the end are named the same way.
+repairs them over REST); any not recorded by the end are named the same way
+(:mod:`klined.daemon.held`).
 """
 
 from __future__ import annotations
@@ -59,22 +60,19 @@ from loguru import logger
 
 from klined.config import Config
 from klined.daemon.chain import ChainFigures, default_chain
+from klined.daemon.held import save_held, settle_drops
+from klined.daemon.streams import build_streams, listing_clients, supervise_exchange
 from klined.errors import EventsLost
 from klined.lake import LakeUploader, LakeWriter
-from klined.lake.held import Dropped, describe_held
+from klined.lake.held import Dropped
 from klined.lake.writer import wall_ms
-from klined.live import LiveWriter, live_sink
-from klined.model import Candle
+from klined.live import LiveWriter
 from klined.status import ChainStatus, LakeStatus, LiveStatus, StatusSnapshot
-from klined.streams import ExchangeStreams, StreamSettings, streams_status
-from klined.streams.backoff import Backoff
+from klined.streams import ExchangeStreams, streams_status
 from klined.streams.connection import now_ms
-from klined.streams.supervisor import ListingCache
 
 #: how long stopping the streams may take before the lake is sealed anyway
 STREAMS_STOP_S = 5.0
-#: a listing check at start tries this often (each try bounded by ``rest_timeout_s``)
-LISTING_ATTEMPTS = 3
 #: while a slow start-up step runs, systemd is asked for this much more start time, this often
 EXTEND_START_S = 60.0
 EXTEND_EVERY_S = 20.0
@@ -82,7 +80,6 @@ EXTEND_EVERY_S = 20.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: how often minutes dropped by the lake are recorded (or logged without a database)
 DROPS_EVERY_S = 10.0
-MINUTE_MS = 60_000
 
 __all__ = ["Daemon", "run_daemon", "tune_process"]
 
@@ -211,7 +208,7 @@ class Daemon:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.lake_root.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
-            self._build_streams(await self._listing_clients(stack))
+            build_streams(self, await listing_clients(self.cfg, stack))
             async with anyio.create_task_group() as root:
                 if self.handle_signals:
                     root.start_soon(self._watch_signals, name="signals")
@@ -326,7 +323,7 @@ class Daemon:
                 scope.cancel()
             if self.writer is not None:
                 await self.writer.aclose()
-            await self._save_held()
+            await save_held(self)
             if self.uploader.enabled and not self.forced:
                 try:
                     report = await self.uploader.upload_pending()
@@ -338,141 +335,10 @@ class Daemon:
                 except Exception as exc:
                     logger.warning("final upload failed: {}", exc)
         self._final_scope = None
-        await self._settle_drops(final=True)
+        await settle_drops(self, final=True)
         left = len(self.uploader.pending)
         if left:
             logger.warning("{} sealed part(s) not uploaded yet; the next start uploads them", left)
-
-    async def _save_held(self) -> None:
-        """Events the disk never took: straight to S3 from memory, else named as lost (also
-        when the shutdown timeout or a second signal cuts the upload short)."""
-        writer = self.writer
-        if writer is None:
-            return
-        held = writer.held_parts()
-        if not held:
-            return
-        size = sum(len(p.data) for p in held)
-        events = sum(p.events for p in held)
-        why = "no S3 bucket is configured"
-        uploaded = False
-        try:
-            if self.forced:
-                why = "a second signal skipped the upload"
-            elif self.uploader.enabled:
-                why = "the shutdown timeout ran out before S3 took them"
-                try:
-                    for part in held:
-                        await self.uploader.upload_from_memory(part.key, part.data)
-                    uploaded = True
-                except Exception as exc:
-                    why = f"S3 failed too ({exc})"
-        finally:
-            if uploaded:
-                writer.forget_held()
-                logger.warning(
-                    "lake: the disk refused {:,} bytes ({:,} events); uploaded them to S3 "
-                    "from memory as {} part(s)",
-                    size,
-                    events,
-                    len(held),
-                )
-            else:
-                self.lost = (
-                    f"{events:,} events ({size:,} bytes) could not be written to "
-                    f"{writer.root} and {why}; lost: {describe_held(held)}"
-                )
-
-    async def _settle_drops(self, *, final: bool = False) -> None:
-        """Record minutes the lake dropped (settled ones, or all at the end) as incidents."""
-        writer = self.writer
-        if writer is None:
-            return
-        before = None if final else now_ms() - 2 * MINUTE_MS
-        drops = writer.take_dropped(before)
-        if not drops:
-            return
-        what = ", ".join(
-            f"{d.exchange} {d.symbol} {_hm(d.start_ms)}-{_hm(d.end_ms)}Z" for d in drops[:5]
-        ) + (f" and {len(drops) - 5} more" if len(drops) > 5 else "")
-        events = sum(d.events for d in drops)
-        if self.record_drops is not None:
-            try:
-                with anyio.fail_after(10):
-                    await self.record_drops(drops)
-            except Exception as exc:
-                if not final:
-                    writer.trouble.give_back(drops)
-                    logger.warning("lake: cannot record dropped minutes yet ({})", exc)
-                    return
-            else:
-                logger.error(
-                    "lake: {:,} events dropped (disk full past lake.max_held_bytes): {}; "
-                    "recorded for the chain's gap-fill",
-                    events,
-                    what,
-                )
-                return
-        message = f"{events:,} events dropped (disk full past lake.max_held_bytes): {what}"
-        if final:
-            self.lost = f"{self.lost}; {message}" if self.lost else message
-        else:
-            logger.error("lake: {}; no database to record them: gap-fill them by hand", message)
-
-    # -- components ------------------------------------------------------------------------------
-
-    async def _listing_clients(self, stack: AsyncExitStack) -> dict[str, Any]:
-        """One REST client per enabled exchange, sharing the adapter its streams use."""
-        import httpx
-
-        from klined.exchanges import adapter_for
-        from klined.rest.client import RestClient, RetryPolicy
-        from klined.rest.ratelimit import shared_limiter
-
-        clients: dict[str, Any] = {}
-        for name, section in self.cfg.exchanges.enabled().items():
-            adapter = adapter_for(name, section)
-            url = self.cfg.rest_url(name)
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    timeout=httpx.Timeout(section.rest_timeout_s), headers={"User-Agent": "klined"}
-                )
-            )
-            limiter = shared_limiter(
-                name, url, adapter.limits.rest_budget, section.rate_limit_fraction
-            )
-            clients[name] = RestClient(
-                adapter,
-                url,
-                limiter,
-                http,
-                timeout_s=section.rest_timeout_s,
-                retry=RetryPolicy(attempts=LISTING_ATTEMPTS, initial_s=0.5, max_s=4.0),
-            )
-        return clients
-
-    def _build_streams(self, clients: dict[str, Any]) -> None:
-        """Capture roles: this shard's pairs, streamed into the lake (and the live path). The
-        chain role: every configured pair, for the listing check only (``self.listings``)."""
-        writer = self.writer
-        sink: Callable[[Candle], None] = writer.append if writer is not None else _no_sink
-        if writer is not None and self.live is not None:
-            sink = live_sink(writer.append, self.live.offer)
-        for name, section in self.cfg.exchanges.enabled().items():
-            client = clients[name]
-            adapter = client.adapter
-            es = ExchangeStreams(
-                adapter,
-                self.cfg.ws_url(name),
-                self.cfg.capture_pairs(name) if writer is not None else self.cfg.pairs(name),
-                StreamSettings.from_config(section, adapter.limits),
-                sink,
-                fetch_listing=client.fetch_listing,
-                listing_attempts=1,  # the REST client retries with backoff itself
-                listing_cache=ListingCache(self.cfg.data_dir, name),
-                **self.stream_options,
-            )
-            (self.streams if writer is not None else self.listings).append(es)
 
     async def _serve_status(self, *, task_status: TaskStatus[None]) -> None:
         from klined.daemon.status_server import StatusServer
@@ -513,27 +379,7 @@ class Daemon:
 
     async def _start_exchange(self, tg: anyio.abc.TaskGroup, es: ExchangeStreams) -> None:
         with self.starting(f"{es.name}: listing check and first connection"):
-            await tg.start(self._supervise_exchange, es, name=f"exchange {es.name}")
-
-    async def _supervise_exchange(
-        self, es: ExchangeStreams, *, task_status: TaskStatus[None]
-    ) -> None:
-        """``es.run`` catches every connection's failures; should a bug still escape it, the
-        exchange is restarted (slowly) rather than taking the other exchanges down."""
-        backoff = Backoff(1.0, 60.0)
-        while True:
-            try:
-                status = anyio.TASK_STATUS_IGNORED if es.started else task_status
-                await es.run(task_status=status)
-                return
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception:
-                logger.exception("{}: stream supervisor crashed; restarting", es.name)
-            if not es.started:
-                es.started = True
-                task_status.started()
-            await anyio.sleep(backoff.next())
+            await tg.start(supervise_exchange, es, name=f"exchange {es.name}")
 
     async def _run_chain(self) -> None:
         try:
@@ -568,11 +414,7 @@ class Daemon:
                 heartbeat.beat()
                 if t - drops_at >= DROPS_EVERY_S:
                     drops_at = t
-                    tg.start_soon(self._settle_drops)
-
-
-def _no_sink(candle: Any) -> None:  # pragma: no cover - listing-only streams never run
-    raise AssertionError("a chain host streams nothing")
+                    tg.start_soon(settle_drops, self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +440,3 @@ async def run_daemon(cfg: Config, *, notifier: Any = None) -> int:
     if daemon.lost:
         raise EventsLost(daemon.lost)
     return code
-
-
-def _hm(ms: int) -> str:
-    return time.strftime("%H:%M", time.gmtime(ms // 1000))

@@ -8,7 +8,7 @@ parts with :meth:`LakeStore.list_parts` / :meth:`LakeStore.read_part_bytes` and 
 with :func:`read_part`.
 """
 
-from klined.lake.compress import plain_bytes
+from klined.lake.compress import plain_bytes, seal_open_parts
 from klined.lake.layout import (
     GZ_SUFFIX,
     OPEN_SUFFIX,
@@ -30,8 +30,9 @@ from klined.lake.reader import (
     read_part_file,
 )
 from klined.lake.s3 import LakeStore, PartRef
-from klined.lake.uploader import LakeUploader, UploadMarker, UploadReport
-from klined.lake.writer import LakeWriter, seal_open_parts
+from klined.lake.uploader import LakeUploader, UploadReport
+from klined.lake.verify import UploadMarker
+from klined.lake.writer import LakeWriter
 
 __all__ = [
     "GZ_SUFFIX",

@@ -11,8 +11,9 @@ and ``zcat`` read it natively (by the ``.gz`` name). The steps keep a crash harm
 
 So a ``.gz`` part is always complete, and while a ``.open`` exists it is the truth: after a
 crash, a ``.open`` whose ``.gz`` exists was sealed already (it is removed), any other is sealed
-again, and a leftover ``.tmp`` is deleted. The gzip header carries no name and no time, so the
-same content always compresses to the same bytes.
+again, and a leftover ``.tmp`` is deleted (:func:`leftover_parts`, :func:`seal_open_parts`).
+The gzip header carries no name and no time, so the same content always compresses to the
+same bytes.
 
 Readers never look at names: :func:`plain_bytes` recognises gzip by its magic bytes, so parts
 sealed before compression existed (``part-....jsonl``) read as they always did.
@@ -26,7 +27,8 @@ import os
 import zlib
 from pathlib import Path
 
-from klined.lake.layout import GZ_SUFFIX, OPEN_SUFFIX
+from klined.config import LakeConfig
+from klined.lake.layout import GZ_SUFFIX, OPEN_SUFFIX, PART_SUFFIX
 
 TMP_SUFFIX = ".tmp"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -36,6 +38,7 @@ CHUNK = 1 << 20
 SALVAGE_CHUNK = 16 << 10
 #: zlib's gzip container (header and trailer) with the default window
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
+DEFAULT_LEVEL = LakeConfig().compress_level
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -170,3 +173,56 @@ def _member_body(view: memoryview, start: int) -> int | None:
     if flags & 2:  # FHCRC
         pos += 2
     return pos if pos <= len(view) else None
+
+
+def leftover_parts(
+    root: str | os.PathLike[str], *, keep_writer_id: str | None = None
+) -> list[Path]:
+    """The ``.open`` parts a crashed writer left with content, still to be sealed.
+
+    On the way, what needs no sealing goes: empty ``.open`` parts, a ``.open`` whose ``.gz``
+    exists (the crash came after its seal), a half-built ``.gz.tmp``. Parts whose key carries
+    ``keep_writer_id`` belong to a live writer and are left alone.
+    """
+    found: list[Path] = []
+    suffix = PART_SUFFIX + OPEN_SUFFIX
+    tmp_suffix = PART_SUFFIX + GZ_SUFFIX + TMP_SUFFIX
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if not name.startswith("part-"):
+                continue
+            if keep_writer_id and f"-{keep_writer_id}-" in name:
+                continue
+            path = Path(dirpath) / name
+            try:
+                if name.endswith(tmp_suffix):
+                    path.unlink()
+                elif name.endswith(suffix):
+                    if path.stat().st_size == 0 or sealed_path(path).exists():
+                        path.unlink()
+                    else:
+                        found.append(path)
+            except FileNotFoundError:
+                continue
+    return sorted(found)
+
+
+def seal_open_parts(
+    root: str | os.PathLike[str],
+    *,
+    keep_writer_id: str | None = None,
+    level: int = DEFAULT_LEVEL,
+) -> list[tuple[str, int]]:
+    """Seal the parts a crashed writer left open (:func:`leftover_parts`), here and now;
+    return their sealed ``(key, size)``. Their content is kept as is (a torn last line is the
+    readers' to skip) and compressed. (A running writer queues them for its sealer instead.)
+    """
+    root_path = Path(root)
+    sealed: list[tuple[str, int]] = []
+    for path in leftover_parts(root_path, keep_writer_id=keep_writer_id):
+        try:
+            size = seal_compressed(path, level)
+        except FileNotFoundError:
+            continue
+        sealed.append((sealed_path(path).relative_to(root_path).as_posix(), size))
+    return sealed

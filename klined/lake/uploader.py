@@ -1,29 +1,22 @@
 """Mirroring sealed parts to S3: idempotent, verified, patient through outages.
 
-Verification: every ``lake.verify_interval_s`` (and on ``klined check --lake``) the parts still
-on disk that are marked uploaded are compared with S3, by size and MD5 (the listing's ETag of a
-single-part upload; HEAD's SHA-256 otherwise), a day folder at a time. A part missing there
-(deleted, lost by the store) is uploaded again; one with different content is reported and
-never overwritten.
-
 Each sealed part is uploaded once to ``s3://<bucket>/<prefix>/<key>`` and verified (size, and
 the ETag as MD5 and/or the stored SHA-256 checksum); then a sidecar ``<key>.uploaded`` records
 the verified upload so a restart does not upload it again. A key that already holds identical
 content counts as uploaded ("already present"); different content is never overwritten. While
 S3 is unreachable parts simply stay on disk and the uploader retries with capped, jittered
 backoff; it never dies because S3 is down. Local parts are deleted ``retention_hours`` after
-their verified upload, never before, and never in local-only mode.
+their verified upload, never before, and never in local-only mode. What proves a part is in S3
+(markers, checksums) and the periodic re-verification are :mod:`klined.lake.verify`.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,7 +28,19 @@ from klined.config import LakeConfig, S3Config
 from klined.errors import LakeError
 from klined.lake.layout import GZ_SUFFIX, UPLOADED_SUFFIX, parse_key
 from klined.lake.reader import iter_local_parts
-from klined.lake.s3 import LakeStore, backoff_delay, describe, is_not_found, plain_md5
+from klined.lake.retention import delete_local
+from klined.lake.s3 import LakeStore, backoff_delay, describe
+from klined.lake.verify import (
+    UploadMarker,
+    VerifyReport,
+    compare_with_s3,
+    forget_markers,
+    hash_part,
+    head_object,
+    read_markers,
+    same_object,
+    write_marker,
+)
 from klined.lake.writer import wall_ms
 from klined.model import HOUR_MS, iso
 from klined.status import LakeStatus
@@ -55,55 +60,9 @@ class UploadReport(msgspec.Struct, kw_only=True):
     error: str = ""
 
 
-class UploadMarker(msgspec.Struct, kw_only=True):
-    """Content of a ``<key>.uploaded`` sidecar."""
-
-    bucket: str
-    object_key: str
-    size: int
-    md5: str
-    sha256: str
-    etag: str = ""
-    uploaded_ms: int
-
-
-class VerifyReport(msgspec.Struct, kw_only=True):
-    """What a verification found: parts compared, and the keys missing or different in S3."""
-
-    checked: int = 0
-    missing: list[str] = msgspec.field(default_factory=list)  # uploaded again
-    different: list[str] = msgspec.field(default_factory=list)  # never overwritten
-    error: str = ""
-
-
 class _Pending(msgspec.Struct):
     size: int
     hour_ms: int
-
-
-def _hash(path: Path) -> tuple[bytes, str, str, str]:
-    data = path.read_bytes()
-    md5 = hashlib.md5(data, usedforsecurity=False)
-    sha = hashlib.sha256(data).digest()
-    return (
-        data,
-        md5.hexdigest(),
-        base64.b64encode(md5.digest()).decode(),
-        base64.b64encode(sha).decode(),
-    )
-
-
-def _same_object(head: dict[str, Any], size: int, md5_hex: str, sha_b64: str) -> bool:
-    """Whether HEAD describes our bytes: same size and every checksum it offers agrees."""
-    if int(head.get("ContentLength", -1)) != size:
-        return False
-    checks: list[bool] = []
-    if head.get("ChecksumSHA256"):
-        checks.append(head["ChecksumSHA256"] == sha_b64)
-    etag_md5 = plain_md5(head.get("ETag"))
-    if etag_md5 is not None:
-        checks.append(etag_md5 == md5_hex)
-    return bool(checks) and all(checks)
 
 
 class LakeUploader(LakeStore):
@@ -228,23 +187,11 @@ class LakeUploader(LakeStore):
 
     # -- uploading ------------------------------------------------------------------------------
 
-    async def _head(self, s3: Any, object_key: str) -> dict[str, Any] | None:
-        try:
-            with anyio.fail_after(self.op_timeout_s):
-                head: dict[str, Any] = await s3.head_object(
-                    Bucket=self.s3.bucket, Key=object_key, ChecksumMode="ENABLED"
-                )
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return head
-
     async def _upload_one(self, s3: Any, key: str) -> tuple[str, int]:
         """Upload and verify one part; ``("uploaded"|"already"|"gone", bytes)``."""
         path = self.root / key
         try:
-            data, md5_hex, md5_b64, sha_b64 = await anyio.to_thread.run_sync(_hash, path)
+            data, md5_hex, md5_b64, sha_b64 = await anyio.to_thread.run_sync(hash_part, path)
         except FileNotFoundError:
             return "gone", 0
         object_key = self.object_key(key)
@@ -259,7 +206,7 @@ class LakeUploader(LakeStore):
             uploaded_ms=self._clock(),
         )
         try:
-            await anyio.to_thread.run_sync(self._write_marker, path, marker)
+            await anyio.to_thread.run_sync(write_marker, path, marker)
         except OSError as exc:
             # the upload is done and verified; the marker only spares a HEAD after a restart.
             # A full disk must not stop uploads: remember it and write it when the disk lets us
@@ -274,9 +221,9 @@ class LakeUploader(LakeStore):
     ) -> tuple[str, dict[str, Any]]:
         """PUT unless identical content is there already, then verify; ``("uploaded" |
         "already", head)``. Different content under the key is never overwritten."""
-        head = await self._head(s3, object_key)
+        head = await head_object(self, s3, object_key)
         if head is not None:
-            if not _same_object(head, len(data), md5_hex, sha_b64):
+            if not same_object(head, len(data), md5_hex, sha_b64):
                 raise LakeError(
                     f"s3://{self.s3.bucket}/{object_key} exists with different content; "
                     "not overwritten"
@@ -296,8 +243,8 @@ class LakeUploader(LakeStore):
                 if object_key.endswith(GZ_SUFFIX)
                 else "application/x-ndjson",
             )
-        head = await self._head(s3, object_key)
-        if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
+        head = await head_object(self, s3, object_key)
+        if head is None or not same_object(head, len(data), md5_hex, sha_b64):
             raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
         return "uploaded", head
 
@@ -338,22 +285,11 @@ class LakeUploader(LakeStore):
                 self._markers_missing.pop(key, None)
                 continue
             try:
-                await anyio.to_thread.run_sync(self._write_marker, path, marker)
+                await anyio.to_thread.run_sync(write_marker, path, marker)
             except OSError:
                 break
             self._markers_missing.pop(key, None)
         return len(self._markers_missing)
-
-    @staticmethod
-    def _write_marker(path: Path, marker: UploadMarker) -> None:
-        final = path.with_name(path.name + UPLOADED_SUFFIX)
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            tmp.write_bytes(msgspec.json.encode(marker))
-            os.replace(tmp, final)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
 
     async def _upload_keys(self, keys: list[str], *, stop_on_error: bool) -> UploadReport:
         """Upload ``keys`` with bounded concurrency; failures are reported, not raised."""
@@ -468,20 +404,6 @@ class LakeUploader(LakeStore):
 
     # -- verification ---------------------------------------------------------------------------
 
-    def _markers(self) -> dict[str, UploadMarker]:
-        """Local parts marked uploaded to this bucket, with what their marker says."""
-        decoder = msgspec.json.Decoder(UploadMarker)
-        found: dict[str, UploadMarker] = {}
-        for part in iter_local_parts(self.root):
-            marker_path = part.path.with_name(part.path.name + UPLOADED_SUFFIX)
-            try:
-                marker = decoder.decode(marker_path.read_bytes())
-            except (OSError, msgspec.DecodeError):
-                continue
-            if marker.bucket == self.s3.bucket and marker.size == part.size:
-                found[part.key] = marker
-        return found
-
     async def verify(self) -> VerifyReport:
         """Compare the local parts marked uploaded with S3; upload the missing ones again.
 
@@ -490,39 +412,11 @@ class LakeUploader(LakeStore):
         report = VerifyReport()
         if not self.enabled:
             return report
-        markers = await anyio.to_thread.run_sync(self._markers)
+        markers = await anyio.to_thread.run_sync(read_markers, self.root, self.s3.bucket)
         report.checked = len(markers)
-        folders: dict[str, list[str]] = {}
-        for key in markers:
-            folders.setdefault(key.rsplit("/hour=", 1)[0] + "/", []).append(key)
-        missing: list[str] = []
-        try:
-            async with self.client() as s3:
-                for folder, keys in sorted(folders.items()):
-                    prefix = self.object_key(folder)
-                    objects = await self.retrying(
-                        "S3 listing", functools.partial(self._objects, s3, prefix)
-                    )
-                    listed = {o["Key"]: o for o in objects}
-                    for key in keys:
-                        marker = markers[key]
-                        obj = listed.get(self.object_key(key))
-                        if obj is None:
-                            missing.append(key)
-                        elif not await self._matches(s3, obj, marker):
-                            report.different.append(key)
-        except Exception as exc:
-            report.error = describe(exc)
-            logger.warning("lake: S3 verification failed: {}", report.error)
-        for key in report.different:
-            logger.error(
-                "lake: s3://{}/{} differs from the local part (size or checksum); not "
-                "overwritten: look at it by hand",
-                self.s3.bucket,
-                self.object_key(key),
-            )
+        missing = await compare_with_s3(self, markers, report)
         if missing:
-            await anyio.to_thread.run_sync(self._forget_markers, missing)
+            await anyio.to_thread.run_sync(forget_markers, self.root, missing)
             for key in missing:
                 self._uploaded.pop(key, None)
                 try:
@@ -540,42 +434,7 @@ class LakeUploader(LakeStore):
             self._update_status()
         return report
 
-    async def _matches(self, s3: Any, obj: dict[str, Any], marker: UploadMarker) -> bool:
-        if int(obj.get("Size", -1)) != marker.size:
-            return False
-        md5 = plain_md5(obj.get("ETag"))
-        if md5 is not None:
-            return md5 == marker.md5
-        head = await self._head(s3, obj["Key"])
-        return head is not None and _same_object(head, marker.size, marker.md5, marker.sha256)
-
-    def _forget_markers(self, keys: list[str]) -> None:
-        for key in keys:
-            path = self.root / key
-            path.with_name(path.name + UPLOADED_SUFFIX).unlink(missing_ok=True)
-
     # -- retention ------------------------------------------------------------------------------
-
-    def _delete_local(self, keys: list[str]) -> list[str]:
-        deleted: list[str] = []
-        for key in keys:
-            path = self.root / key
-            try:
-                # the marker goes first: a crash in between leaves a part that HEAD re-verifies
-                path.with_name(path.name + UPLOADED_SUFFIX).unlink(missing_ok=True)
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                logger.warning("lake: cannot delete {}: {}", key, exc)
-                continue
-            deleted.append(key)
-            folder = path.parent
-            while folder != self.root and self.root in folder.parents:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                folder = folder.parent
-        return deleted
 
     async def apply_retention(self) -> int:
         """Delete local parts uploaded ``retention_hours`` ago or more; return how many."""
@@ -585,7 +444,7 @@ class LakeUploader(LakeStore):
         due = [k for k, at in self._uploaded.items() if at <= limit]
         if not due:
             return 0
-        deleted = await anyio.to_thread.run_sync(self._delete_local, due)
+        deleted = await anyio.to_thread.run_sync(delete_local, self.root, due)
         for key in deleted:
             self._uploaded.pop(key, None)
         if deleted:

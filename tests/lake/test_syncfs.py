@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import klined.lake.writer as writer_module
+import klined.lake.durable as durable_module
 from klined.lake import LakeWriter, iter_local_parts, read_part_file
 from klined.lake.writer import SYNC_EACH_MAX
 from klined.model import HOUR_MS, MINUTE_MS
@@ -49,7 +49,7 @@ async def test_many_parts_flush_with_one_syncfs_and_seal_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = SyncSpy()
-    monkeypatch.setattr(writer_module, "_syncfs", spy)
+    monkeypatch.setattr(durable_module, "_syncfs", spy)
     clock = FakeClock(HOUR)
     writer = LakeWriter(tmp_path, config(), clock=clock)
     ids = fill(writer, 0, 500)
@@ -83,7 +83,7 @@ async def test_a_failing_syncfs_falls_back_to_syncing_each_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = SyncSpy(fail_with=errno.EIO)
-    monkeypatch.setattr(writer_module, "_syncfs", spy)
+    monkeypatch.setattr(durable_module, "_syncfs", spy)
     writer = LakeWriter(tmp_path, config(), clock=FakeClock(HOUR))
     ids = fill(writer, 0, 300)
     await writer.flush()
@@ -102,15 +102,15 @@ async def test_without_syncfs_every_part_is_synced_on_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
 ) -> None:
     spy = SyncSpy(fail_with=errno.ENOSYS)
-    monkeypatch.setattr(writer_module, "_syncfs", None if missing == "no syncfs" else spy)
+    monkeypatch.setattr(durable_module, "_syncfs", None if missing == "no syncfs" else spy)
     synced: list[int] = []
-    real = writer_module._fdatasync
+    real = durable_module._fdatasync
 
     def counting_fdatasync(fd: int) -> None:
         synced.append(fd)
         real(fd)
 
-    monkeypatch.setattr(writer_module, "_fdatasync", counting_fdatasync)
+    monkeypatch.setattr(durable_module, "_fdatasync", counting_fdatasync)
     writer = LakeWriter(tmp_path, config(), clock=FakeClock(HOUR))
     ids = fill(writer, 0, 200)
     await writer.flush()
@@ -126,7 +126,7 @@ async def test_without_syncfs_every_part_is_synced_on_its_own(
 async def test_many_parts_write_failure_keeps_events_and_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "_syncfs", SyncSpy())
+    monkeypatch.setattr(durable_module, "_syncfs", SyncSpy())
     blocker = tmp_path / "exchange=binance"
     blocker.write_bytes(b"not a folder")  # creating any part's folder fails
     writer = LakeWriter(tmp_path, config(), clock=FakeClock(HOUR))
