@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import keyword
 import sys
 from typing import Any
 
@@ -25,12 +26,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status_command", "Print the running daemon's status."),
     "chain": ("chain_command", "Run the hourly chain by hand."),
     "backfill": ("backfill_command", "Repair or seed a time range."),
+    "import": ("import_command", "Import the exchanges' published history files."),
     "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
     "sim": ("sim_command", "Run the Binance US / Kraken exchange simulator."),
     "demo": ("demo_command", "Run everything against the simulator, no internet."),
     "check": ("check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
     "config": ("config_command", "Validate a config file and print it."),
 }
+
+
+def command_module(name: str) -> str:
+    """The module of command ``name``: ``klined.commands.<name>``, with a trailing ``_`` when
+    the name is a Python keyword (``import`` lives in ``klined.commands.import_``)."""
+    return f"klined.commands.{name}_" if keyword.iskeyword(name) else f"klined.commands.{name}"
 
 
 class LazyGroup(click.Group):
@@ -40,14 +48,14 @@ class LazyGroup(click.Group):
         return [name for name in COMMANDS if self._available(name)]
 
     def _available(self, name: str) -> bool:
-        return importlib.util.find_spec(f"klined.commands.{name}") is not None
+        return importlib.util.find_spec(command_module(name)) is not None
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = COMMANDS.get(cmd_name)
         if entry is None or not self._available(cmd_name):
             return None
         attr, _ = entry
-        command = getattr(importlib.import_module(f"klined.commands.{cmd_name}"), attr)
+        command = getattr(importlib.import_module(command_module(cmd_name)), attr)
         assert isinstance(command, click.Command)
         return command
 

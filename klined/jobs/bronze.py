@@ -268,7 +268,8 @@ def encode_csv(rows: Sequence[tuple[Any, ...]], lake_key: str | None) -> bytes:
     return "".join(",".join(map(_csv_value, row)) + "," + key_text + "\n" for row in rows).encode()
 
 
-async def _copy(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
+async def copy_csv(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
+    """COPY CSV chunks (``encode_csv``) into bronze on the caller's connection."""
     await conn.copy_to_table(
         "bronze_ohlcv_native",
         schema_name="bronze",
@@ -447,7 +448,7 @@ async def _load_batch(
             tg.start_soon(_read_parts, source, remote, send)
             async with receive:
                 try:
-                    await _copy(conn, chunks(receive))
+                    await copy_csv(conn, chunks(receive))
                 except Exception as exc:
                     failure = exc
                     tg.cancel_scope.cancel()
@@ -457,7 +458,7 @@ async def _load_batch(
             unknown = batch.outside_hours - db.known_partitions(BRONZE_TABLE)
             if unknown:
                 await _create_partitions_here(conn, unknown)
-            await _copy(conn, _one_chunk(b"".join(batch.outside)))
+            await copy_csv(conn, _one_chunk(b"".join(batch.outside)))
         keys = list(batch.stats)
         await conn.execute(
             "UPDATE ops.lake_parts p SET size = t.size, rows = t.n, bad_lines = t.bad,"
@@ -586,6 +587,6 @@ async def insert_candles(
     await db.ensure_partitions(h for _, h in hours)
     payload = encode_csv(rows, lake_key)
     async with db.transaction() as conn:
-        await _copy(conn, _one_chunk(payload))
+        await copy_csv(conn, _one_chunk(payload))
         await mark_dirty_hours(conn, hours, reason)
     return len(rows)

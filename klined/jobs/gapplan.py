@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from klined.model import MINUTE_MS, Source, floor_minute
 
 #: Sources that settle a minute for the gap-filler: nothing to fetch.
-SETTLED = frozenset({Source.WS_FINAL, Source.REST, Source.TRADES, Source.NO_TRADES})
+SETTLED = frozenset({Source.WS_FINAL, Source.REST, Source.ARCHIVE, Source.TRADES, Source.NO_TRADES})
 #: With ``refetch``, only a final WS candle settles a minute (REST rows are re-verified).
 SETTLED_REFETCH = frozenset({Source.WS_FINAL})
 

@@ -53,7 +53,7 @@ class Progress:
         rs = [r for r in self.reports if exchange is None or r.exchange == exchange]
         wanted = sum(r.wanted for r in rs)
         done = sum(r.done for r in rs)
-        rows = sum(r.fetched + r.no_trades for r in rs)
+        rows = sum(r.fetched + r.no_trades + r.archive for r in rs)
         elapsed = max(1e-9, self.clock() - self.started)
         rate = rows / elapsed
         done_rate = done / elapsed
@@ -121,8 +121,11 @@ class Progress:
 
 
 def summary_table(reports: list[PairReport]) -> str:
-    """Per pair: fetched, no-trade minutes, still missing and why."""
-    head = ("exchange", "pair", "wanted", "fetched", "no-trade", "missing", "why missing", "req")
+    """Per pair: rows from archives, fetched, no-trade minutes, still missing and why."""
+    head = (
+        "exchange", "pair", "wanted", "archive", "fetched", "no-trade", "missing", "why missing",
+        "req",
+    )  # fmt: skip
     rows = []
     for r in sorted(reports, key=lambda r: (r.exchange, r.symbol)):
         why = ", ".join(f"{reason} ({n})" for reason, n in r.missing.most_common()) or "-"
@@ -131,6 +134,7 @@ def summary_table(reports: list[PairReport]) -> str:
                 r.exchange,
                 r.symbol,
                 f"{r.wanted:,}",
+                f"{r.archive:,}",
                 f"{r.fetched:,}",
                 f"{r.no_trades:,}",
                 f"{r.still_missing:,}",
@@ -141,7 +145,7 @@ def summary_table(reports: list[PairReport]) -> str:
     widths = [
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)
     ]
-    numeric = {2, 3, 4, 5, 7}
+    numeric = {2, 3, 4, 5, 6, 8}
 
     def fmt(row: tuple[str, ...]) -> str:
         cells = [
@@ -151,3 +155,88 @@ def summary_table(reports: list[PairReport]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(head), sep, *(fmt(r) for r in rows)])
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
+
+
+class ImportProgress:
+    """Live view of an archive import: files fetched and loaded, rows, hours merged.
+
+    The same display as :class:`Progress`: a redrawn block on a terminal, log lines otherwise.
+    The importer bumps the counters; ``run`` redraws until cancelled.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.clock = clock
+        self.started = clock()
+        self.log_every_s = log_every_s
+        self.files_total = 0
+        self.files_done = 0
+        self.failed = 0
+        self.bytes = 0
+        self.rows = 0
+        self.hours_merged = 0
+        self.stage = "loading"
+        self._lines = 0
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+
+    def add_rows(self, n: int) -> None:
+        self.rows += n
+
+    def add_merged(self, n: int) -> None:
+        self.hours_merged += n
+
+    def lines(self) -> list[str]:
+        elapsed = max(1e-9, self.clock() - self.started)
+        pct = 100.0 * self.files_done / self.files_total if self.files_total else 100.0
+        rate = self.files_done / elapsed
+        left = self.files_total - self.files_done
+        eta = left / rate if rate > 0 else float("inf")
+        failed = f"  {self.failed} failed" if self.failed else ""
+        return [
+            f"{self.what:<8} files {self.files_done:,}/{self.files_total:,} ({pct:5.1f}%)"
+            f"{failed}  {_size(self.bytes)} read  ETA {fmt_duration(eta if left else 0.0)}",
+            f"{'':<8} rows {self.rows:,} ({self.rows / elapsed:,.0f}/s)  hours merged "
+            f"{self.hours_merged:,}",
+            f"{self.stage} ... {fmt_duration(elapsed)} elapsed",
+        ]
+
+    def draw(self) -> None:
+        lines = self.lines()
+        if self.tty:
+            up = f"\x1b[{self._lines}A" if self._lines else ""
+            self.stream.write(up + "".join(f"\r\x1b[K{line}\n" for line in lines))
+            self.stream.flush()
+            self._lines = len(lines)
+        else:
+            logger.info("import {}", " | ".join(" ".join(ln.split()) for ln in lines[:-1]))
+
+    async def run(self) -> None:
+        """Redraw until cancelled (run it in the import's task group)."""
+        period = 0.5 if self.tty else self.log_every_s
+        try:
+            while True:
+                await anyio.sleep(period)
+                self.draw()
+        finally:
+            if self.tty:
+                self.draw()

@@ -1,8 +1,9 @@
 """Silver: exactly one candle per (exchange, symbol, minute), chosen from bronze by precedence.
 
-Rank (``klined.model.SOURCE_RANK``, lower wins): ws_final < rest < trades < no_trades <
-ws_partial. Within a rank the latest exchange event time wins, then the latest ingestion; the
-remaining columns only break exact ties, so the choice is a pure function of bronze.
+Rank (``klined.model.SOURCE_RANK``, lower wins): ws_final < rest < archive < trades <
+no_trades < ws_partial. Within a rank the latest exchange event time wins, then the latest
+ingestion; the remaining columns only break exact ties, so the choice is a pure function of
+bronze.
 
 The merge re-reads the whole hour of bronze (one partition) and writes a silver row only when
 the candidate outranks the stored row (or ties it and is newer) AND differs from it, so a re-run

@@ -32,7 +32,7 @@ from klined.model import DAY_MS, HOUR_MS, Pair, floor_hour, from_datetime, to_da
 from klined.warehouse import embedded as embedded_pg
 
 #: The schema version this code writes and understands (schema.sql records it).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Tables partitioned by hour on interval_start.
 BRONZE_TABLE = "bronze.bronze_ohlcv_native"
