@@ -161,6 +161,8 @@ class ArchiveCandles:
         c_text, c = _price(row.close, "close", name, line)
         if h < lo:
             raise ArchiveError(name, f"high {row.high} is below low {row.low}", line=line)
+        if lo <= 0:  # the fast path takes any plain number; a price must be positive
+            raise ArchiveError(name, f"non-positive price (low {row.low})", line=line)
         if not (lo <= o <= h and lo <= c <= h):
             raise ArchiveError(name, "open or close outside the high-low range", line=line)
         volume = _amount(row.volume, "volume", name, line)

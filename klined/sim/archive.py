@@ -9,7 +9,9 @@ following month). Timestamps are microseconds from ``binance_archive_micros_from
 (2025-01-01, as Binance switched) and milliseconds before; ``binance_archive_header`` decides
 which files start with a header row (``mixed``: a seeded half of them).
 
-Faults are per file, decided the first time the file is asked for (its checksum or its zip),
+The REST fault kinds ``http_5xx``, ``slow`` and ``timeout`` apply to archive requests too
+(``endpoint`` = part of the path). Archive faults are per file, decided the first time the file
+is asked for (its checksum or its zip),
 from the fault plan (``archive_*`` kinds, ``endpoint`` = part of the file name) or set by a
 test (:meth:`BinanceArchive.set_variant`):
 
@@ -40,9 +42,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from klined.model import DAY_MS, MINUTE_MS, Pair
+from klined.sim.clock import wall_ms
 from klined.sim.config import ARCHIVE_MICROS_FROM
 from klined.sim.kraken import names
 from klined.sim.market import Agg, Market, fmt_fixed, fmt_plain
+from klined.sim.rest import rest_fault
 
 if TYPE_CHECKING:
     from klined.sim.server import Simulator
@@ -265,6 +269,13 @@ class BinanceArchive:
     # -- HTTP ----------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        fired = self.sim.faults.on_request("binance", request.path, None)
+        if fired is not None and fired[1].kind in ("http_5xx", "slow", "timeout"):
+            index, rule = fired
+            self.sim.faults.record(index, rule, "binance", wall_ms(), detail=request.path)
+            refused = await rest_fault(self.sim, "binance", rule, request)
+            if refused is not None:
+                return refused
         path = request.match_info["path"]
         is_checksum = path.endswith(".CHECKSUM")
         file = self.parse(path.removesuffix(".CHECKSUM"))
