@@ -184,7 +184,9 @@ class BackfillArchives:
             days = {d for p in periods for d in p.days}
             return {m for m in wanted if m - m % DAY_MS in days}, len(periods)
         spans = await self.kraken_spans(pair)
-        return {m for m in wanted if any(lo <= m < hi for lo, hi in spans)}, len(spans)
+        served = {m for m in wanted if any(lo <= m < hi for lo, hi in spans)}
+        files = sum(1 for lo, hi in spans if any(lo <= m < hi for m in served))
+        return served, files
 
     # ------------------------------------------------------------------------- loading
 

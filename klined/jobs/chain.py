@@ -450,7 +450,9 @@ async def run_chain(
             status.last_run_ms = report.started_ms
             status.last_result = report.summary()
     if report.hours:
-        logger.info("chain ({}): {}", trigger, report.summary())
+        # a backfill's or an import's merges come by the hundred and have their own progress
+        quiet = trigger in ("backfill", "import") and report.ok
+        logger.log("DEBUG" if quiet else "INFO", "chain ({}): {}", trigger, report.summary())
     return report
 
 

@@ -123,8 +123,8 @@ class Progress:
 def summary_table(reports: list[PairReport]) -> str:
     """Per pair: rows from archives, fetched, no-trade minutes, still missing and why."""
     head = (
-        "exchange", "pair", "wanted", "archive", "fetched", "no-trade", "missing", "why missing",
-        "req",
+        "exchange", "pair", "archive", "rest wanted", "fetched", "no-trade", "missing",
+        "why missing", "req",
     )  # fmt: skip
     rows = []
     for r in sorted(reports, key=lambda r: (r.exchange, r.symbol)):
@@ -133,8 +133,8 @@ def summary_table(reports: list[PairReport]) -> str:
             (
                 r.exchange,
                 r.symbol,
-                f"{r.wanted:,}",
                 f"{r.archive:,}",
+                f"{r.wanted:,}",
                 f"{r.fetched:,}",
                 f"{r.no_trades:,}",
                 f"{r.still_missing:,}",
