@@ -2,9 +2,9 @@
 
 One table, one row per exchange/pair, one two-character column per hour. With few pairs each
 cell is a three-line stacked bar of where the hour's 60 minutes came from (ws_final, rest,
-trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with many pairs
-(or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs. The cell
-cursor picks an hour; the line below the table spells out its counts.
+archive, trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with
+many pairs (or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs.
+The cell cursor picks an hour; the line below the table spells out its counts.
 """
 
 from __future__ import annotations

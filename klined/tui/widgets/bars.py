@@ -17,6 +17,7 @@ from klined.tui.sources import HourCompleteness
 CATEGORY_COLOR: dict[str, str] = {
     "ws_final": "#3fb950",
     "rest": "#58a6ff",
+    "archive": "#a371f7",
     "trades": "#39c5cf",
     "no_trades": "#8b949e",
     "ws_partial": "#d29922",
@@ -102,7 +103,7 @@ def legend(heat: bool) -> Text:
     else:
         for name in CATEGORIES:
             text.append("█", Style(color=CATEGORY_COLOR[name]))
-            text.append(f" {name}  ")
+            text.append(f" {name} ")
     text.append("·", _EMPTY)
     text.append(" n/a")
     return text
