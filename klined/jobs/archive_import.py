@@ -155,8 +155,9 @@ async def load_binance(
     job's report and ``result`` (errors). Stops asking once the archive is unreachable."""
     stamp = now_ms if now_ms is not None else int(time.time() * 1000)
     todo = iter(enumerate(jobs))
-    if frontier is not None:
-        for i, job in enumerate(jobs):
+    for i, job in enumerate(jobs):
+        job.report.files += 1
+        if frontier is not None:
             frontier.open(i, "binance", job.period.start_ms)
 
     def finish(job: BinanceJob, outcome: LoadResult) -> None:
@@ -261,8 +262,6 @@ async def import_binance(
         return result
     named = [(p, adapter.native(p), r) for p, r in zip(pairs, reports, strict=True)]
     jobs = binance_jobs(named, days)
-    for job in jobs:
-        job.report.files += 1
     if progress is not None:
         progress.files_total = len(jobs)
     frontier = _Frontier()

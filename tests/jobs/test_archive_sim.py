@@ -11,7 +11,14 @@ from typing import Any
 import anyio
 import pytest
 
-from klined.jobs.archive_import import ImportResult, import_binance
+from klined.archives.download import ArchiveSource
+from klined.jobs.archive_import import (
+    FileReport,
+    ImportResult,
+    binance_jobs,
+    import_binance,
+    load_binance,
+)
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, to_datetime
 from klined.sim import FaultPlan, FaultRule
@@ -179,31 +186,67 @@ async def test_a_revised_file_replaces_its_rows(
             assert gold_volume == truth_5m + step
 
 
-@pytest.mark.parametrize("delay_days", [0, 60])
-async def test_whole_months_come_as_monthly_files_or_day_by_day(
-    sim_factory: Any, pg_dsn: str, tmp_path: Any, delay_days: int
+async def test_a_whole_month_comes_as_one_monthly_file(
+    sim_factory: Any, pg_dsn: str, tmp_path: Any
 ) -> None:
-    """November 2025 in one file; or, when the month is not published yet, in 30."""
-    pairs = ["REKT/USD"]
+    """November 2025 in one file, the days around it in daily ones. (Loaded without the
+    merge: a month of hours merges like any other, only slowly.)"""
     nov, dec = 1_761_955_200_000, 1_764_547_200_000
-    async with sim_factory(pairs=pairs, binance_archive_monthly_delay_days=delay_days) as sim:
-        cfg = make_config(sim, pg_dsn, pairs, data_dir=str(tmp_path), exchanges=("binance",))
-        async with open_database(cfg, apply_schema=True) as db:
-            await sync_configured_pairs(db, cfg)
-            result = await import_binance(
-                db, cfg, [Pair.parse("REKT/USD")], nov - DAY_MS, dec + DAY_MS,
-                now_ms=sim.clock.now_ms(),
-            )  # fmt: skip
-            assert result.ok, result.errors
+    async with sim_factory(pairs=["REKT/USD"]) as sim:
+        cfg = make_config(sim, pg_dsn, ["REKT/USD"], data_dir=str(tmp_path), exchanges=("binance",))
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            ArchiveSource(sim.binance_archive_url, work_dir=tmp_path) as source,
+        ):
+            report = FileReport("binance", "REKT/USD")
+            days = list(range(nov - DAY_MS, dec + DAY_MS, DAY_MS))
+            jobs = binance_jobs([(Pair.parse("REKT/USD"), "REKTUSD", report)], days)
+            result = ImportResult()
+            await load_binance(
+                db, source, jobs, workers=2, result=result, now_ms=sim.clock.now_ms()
+            )
+            assert not result.errors and report.rows == len(days) * 1440
             names = [r["name"] for r in await db.fetch("SELECT name FROM ops.archive_files")]
-            monthly = "REKTUSD-1m-2025-11.zip"
-            if delay_days:
-                assert monthly not in names and len(names) == 32
-            else:
-                assert sorted(names) == sorted(
-                    ["REKTUSD-1m-2025-10-31.zip", monthly, "REKTUSD-1m-2025-12-01.zip"]
-                )
-            await assert_silver_is_truth(db, sim, "binance", pairs, nov - DAY_MS, dec + DAY_MS)
+            assert sorted(names) == [
+                "REKTUSD-1m-2025-10-31.zip", "REKTUSD-1m-2025-11.zip", "REKTUSD-1m-2025-12-01.zip"
+            ]  # fmt: skip
+            row = await db.fetchrow(
+                "SELECT count(*) AS n, sum(volume) AS v, sum(trade_count) AS t"
+                " FROM bronze.bronze_ohlcv_native WHERE interval_start >= $1"
+                " AND interval_start < $2",
+                to_datetime(nov),
+                to_datetime(dec),
+            )
+            truth = list(sim.market.truth_range("binance", "REKT/USD", nov, dec))
+            assert row is not None and row["n"] == len(truth)
+            assert row["v"] == sum(Decimal(t.volume) for t in truth)
+            assert row["t"] == sum(t.trades for t in truth)
+
+
+async def test_a_month_not_published_yet_is_read_day_by_day(
+    sim_factory: Any, pg_dsn: str, tmp_path: Any
+) -> None:
+    """Binance publishes a month's file days after the month: until then, its days. (Here the
+    days are missing too, so nothing loads and the test stays quick.)"""
+    nov, dec = 1_761_955_200_000, 1_764_547_200_000
+    plan = FaultPlan(rules=[FaultRule(kind="archive_missing", endpoint="-2025-11-", times=0)])
+    async with sim_factory(
+        pairs=["REKT/USD"], binance_archive_monthly_delay_days=60, faults=plan
+    ) as sim:
+        cfg = make_config(sim, pg_dsn, ["REKT/USD"], data_dir=str(tmp_path), exchanges=("binance",))
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            ArchiveSource(sim.binance_archive_url, work_dir=tmp_path) as source,
+        ):
+            report = FileReport("binance", "REKT/USD")
+            days = list(range(nov, dec, DAY_MS))
+            jobs = binance_jobs([(Pair.parse("REKT/USD"), "REKTUSD", report)], days)
+            assert [j.period.kind for j in jobs] == ["monthly"]
+            await load_binance(db, source, jobs, workers=1, result=ImportResult(),
+                               now_ms=sim.clock.now_ms())  # fmt: skip
+            assert report.files == 30 and report.missing == 30 and report.missing_days == days
+            asked = [n for n in sim.binance_archive.requests if n.endswith(".CHECKSUM")]
+            assert "REKTUSD-1m-2025-11.zip.CHECKSUM" in asked and len(asked) == 31
 
 
 async def test_an_interrupted_import_resumes_without_duplicates(
