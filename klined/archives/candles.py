@@ -73,7 +73,7 @@ class FileStats:
 
     rows: int = 0  # candles written: the file's rows plus the filled minutes
     no_trades: int = 0  # of them, minutes filled because the file omits them
-    first_minute: int | None = None  # the file's own rows inside the window
+    first_minute: int | None = None  # the first and last minute written (fills included)
     last_minute: int | None = None
     lines: int = 0  # data lines read (the whole file)
 
@@ -144,6 +144,9 @@ class ArchiveCandles:
                 for gap in range(start, min(minute, hi), MINUTE_MS):
                     stats.rows += 1
                     stats.no_trades += 1
+                    if stats.first_minute is None:
+                        stats.first_minute = gap
+                    stats.last_minute = gap
                     yield self._quiet(gap, prev_close)
             if lo <= minute < hi:
                 stats.rows += 1

@@ -39,6 +39,9 @@ BRONZE_TABLE = "bronze.bronze_ohlcv_native"
 SILVER_TABLE = "silver.fact_ohlcv"
 PARTITIONED_TABLES = (BRONZE_TABLE, SILVER_TABLE)
 
+#: Partitions created per statement (and so per transaction) at most.
+PARTITIONS_PER_STATEMENT = 500
+
 #: Database created on the embedded server (the wheel's default database stays untouched).
 EMBEDDED_DATABASE = "klined"
 
@@ -204,16 +207,19 @@ class Database:
                 self._known = await self._load_known(conn)
             for table in PARTITIONED_TABLES:
                 missing = sorted(wanted - self._known[table])
-                if not missing:
-                    continue
-                rows = await conn.fetch(  # autocommit: the parent's lock ends with it
-                    "SELECT ops.ensure_hour_partition($1, t.h) AS created"
-                    " FROM unnest($2::timestamptz[]) WITH ORDINALITY AS t(h, n) ORDER BY t.n",
-                    table,
-                    [to_datetime(h) for h in missing],
-                )
-                created += sum(1 for r in rows if r["created"])
-                self._known[table].update(missing)
+                # a few hundred per statement: each new partition holds locks until commit,
+                # and a year of hours at once overflows the server's lock table
+                for i in range(0, len(missing), PARTITIONS_PER_STATEMENT):
+                    chunk = missing[i : i + PARTITIONS_PER_STATEMENT]
+                    rows = await conn.fetch(  # autocommit: the parent's lock ends with it
+                        "SELECT ops.ensure_hour_partition($1, t.h) AS created"
+                        " FROM unnest($2::timestamptz[]) WITH ORDINALITY AS t(h, n)"
+                        " ORDER BY t.n",
+                        table,
+                        [to_datetime(h) for h in chunk],
+                    )
+                    created += sum(1 for r in rows if r["created"])
+                    self._known[table].update(chunk)
         if created:
             logger.debug("created {} hourly partitions", created)
         return created

@@ -438,9 +438,11 @@ ON CONFLICT (version) DO NOTHING;
 -- Kraken CSV is named with its container, 'Kraken_OHLCVT_Q1_2026.zip/XBTUSD_1.csv'); sha256
 -- is the checksum of the bytes read (Binance: verified against its .CHECKSUM file first).
 -- [range_start, range_end) is the span the load covered (a backfill may load part of a Kraken
--- file); first_minute/last_minute are the file's own rows in it. Inserted in the same
--- transaction as the file's bronze rows: a file is loaded completely or not at all. A file
--- whose checksum changed is loaded again and its older row becomes 'superseded'.
+-- file); first_minute/last_minute are the first and last minute it wrote (rows, and minutes
+-- the file omits between rows, as no_trades). Inserted in the same transaction as the file's
+-- bronze rows (a file spanning months: with its last month): a file is in the ledger only
+-- once it is loaded completely. A file whose checksum changed is loaded again and its older
+-- row becomes 'superseded'.
 CREATE TABLE IF NOT EXISTS ops.archive_files (
     file_id      bigserial PRIMARY KEY,
     exchange     text NOT NULL,
@@ -449,7 +451,7 @@ CREATE TABLE IF NOT EXISTS ops.archive_files (
     sha256       text NOT NULL,
     range_start  timestamptz NOT NULL,
     range_end    timestamptz NOT NULL,
-    first_minute timestamptz,                  -- NULL: the file has no rows in the range
+    first_minute timestamptz,                  -- NULL: the file wrote nothing
     last_minute  timestamptz,
     rows         bigint NOT NULL,              -- bronze rows written (file rows + no_trades)
     no_trades    bigint NOT NULL DEFAULT 0,    -- of them: minutes the file omits (Kraken)

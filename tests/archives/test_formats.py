@@ -206,7 +206,10 @@ def test_a_window_keeps_its_minutes_and_fills_from_a_close_before_it() -> None:
     out = list(c)
     assert [(x.interval_start - JAN) // MINUTE_MS for x in out] == [5, 6, 7, 8, 9, 10]
     assert out[0].close == "10" and out[-1].close == "12"
-    assert (c.stats.first_minute, c.stats.last_minute) == (JAN + 10 * MINUTE_MS,) * 2
+    assert (c.stats.first_minute, c.stats.last_minute) == (
+        JAN + 5 * MINUTE_MS,
+        JAN + 10 * MINUTE_MS,
+    )
     assert (c.stats.rows, c.stats.no_trades, c.stats.lines) == (6, 5, 2)
 
 

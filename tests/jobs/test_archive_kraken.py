@@ -196,3 +196,33 @@ async def test_bad_kraken_files_are_reported_and_leave_nothing_behind(
                 for r in await db.fetch("SELECT DISTINCT symbol FROM bronze.bronze_ohlcv_native")
             }
             assert symbols == {"REKT/USD"}
+
+
+async def test_a_file_across_months_is_checked_whole_then_written_a_month_at_a_time(
+    sim_factory: Any, pg_dsn: str, tmp_path: Path, market: Market
+) -> None:
+    dec = 1_764_547_200_000  # 2025-12-01
+    lo, hi = dec - 12 * HOUR_MS, dec + 12 * HOUR_MS
+    lines = list(kraken_lines(market, "BTC/USD", lo, hi))
+    bad = next(i for i, line in enumerate(lines) if int(line.split(",")[0]) * 1000 > dec + HOUR_MS)
+    broken = [*lines[:bad], "1764554400,1,2,0.5,x,1,1", *lines[bad:]]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    csv = folder / "XBTUSD_1.csv"
+    csv.write_text("\n".join(broken) + "\n")
+    async with sim_factory(pairs=["BTC/USD"]) as sim:
+        cfg = make_config(sim, pg_dsn, ["BTC/USD"], data_dir=str(tmp_path), exchanges=("kraken",))
+        async with open_database(cfg, apply_schema=True) as db:
+            await sync_configured_pairs(db, cfg)
+            result = await import_kraken(db, cfg, [csv], [Pair("BTC", "USD")])
+            (error,) = result.errors
+            assert str(error).startswith(f"XBTUSD_1.csv line {bad + 1}: close")
+            # November's rows come first in the file, and still nothing was written
+            assert await db.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native") == 0
+
+            csv.write_text("\n".join(lines) + "\n")
+            result = await import_kraken(db, cfg, [csv], [Pair("BTC", "USD")])
+            assert result.ok
+            (ledger,) = await db.fetch("SELECT rows, first_minute FROM ops.archive_files")
+            assert ledger["rows"] == (hi - lo) // MINUTE_MS
+            await assert_silver_is_truth(db, sim, "kraken", ["BTC/USD"], lo, hi)
