@@ -369,6 +369,12 @@ def _server_settings(config: DatabaseConfig, extra: Mapping[str, str] | None) ->
         "application_name": "klined",
         "statement_timeout": str(max(0, round(config.statement_timeout_s * 1000))),
         "jit": "off",
+        # Statements are prepared (asyncpg) and repeated per hour; after five runs PostgreSQL may
+        # switch to a generic plan, which cannot prune partitions when it is planned and locks
+        # every partition of bronze and silver (and their indexes) at each run. A year of
+        # hourly partitions then overflows the lock table ("out of shared memory"). A custom
+        # plan per run prunes to the hour's partitions; planning costs far less than that.
+        "plan_cache_mode": "force_custom_plan",
     }
     settings.update(extra or {})
     return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -180,6 +181,37 @@ async def test_partitions_on_demand_and_cached(db: Database) -> None:
     far = H0 + 500 * HOUR_MS
     assert await bronze.insert_candles(db, [candle(far + 59 * MINUTE_MS, origin="rest")]) == 1
     assert far in await _partition_hours(db, BRONZE_TABLE)
+
+
+async def test_prepared_statements_are_planned_for_their_hour(db: Database) -> None:
+    """A generic plan locks every partition at each run: with a year of hourly partitions the
+    lock table overflows (bench/import.py found it). Sessions plan per run instead."""
+    assert await db.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    await db.apply_schema()
+    await db.ensure_partitions(range(H0 - 48 * HOUR_MS, H0 + HOUR_MS, HOUR_MS))
+
+    async def locks_per_run(conn: Any) -> list[int]:
+        stmt = await conn.prepare(
+            "SELECT count(*) FROM silver.fact_ohlcv WHERE interval_start >= $1"
+            " AND interval_start < $2"
+        )
+        counts = []
+        for _ in range(8):  # past the five runs after which a generic plan may be chosen
+            async with conn.transaction():
+                await stmt.fetchval(to_datetime(H0), to_datetime(H0 + HOUR_MS))
+                counts.append(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
+                        " AND relation::regclass::text LIKE 'silver.fact_ohlcv_p%'"
+                    )
+                )
+        return counts
+
+    async with db.acquire() as conn:
+        assert max(await locks_per_run(conn)) <= 3  # the hour's partition, its index, toast
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        assert max(await locks_per_run(conn)) >= 49 * 2  # every partition and its index
+        await conn.execute("RESET plan_cache_mode")
 
 
 async def test_concurrent_partition_creation(db: Database) -> None:
