@@ -146,14 +146,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         )
         baseline_csv = work / "baseline.csv"
-        baseline_rows = await anyio.to_thread.run_sync(
-            render_baseline, cache, pairs, start, end, baseline_csv
-        )
+        # in a child process, so that this process's peak RSS is the import's own
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            baseline_rows = await anyio.to_thread.run_sync(
+                pool.apply, render_baseline, (cache, pairs, start, end, baseline_csv)
+            )
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
             copy_s = await bare_copy(db, baseline_csv, start, end)
             baseline_csv.unlink()
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
             proc = psutil.Process()
             peak = proc.memory_info().rss
             t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from klined.errors import ArchiveError, ArchiveNotPublished, ArchiveUnreachable
 from klined.jobs.archive import ArchiveFile, LoadResult, covered, describe, load_file
 from klined.jobs.chain import ChainReport
 from klined.jobs.gapfill import dirty_hours
-from klined.jobs.merge import Merger
+from klined.jobs.merge import Merger, load_and_merge
 from klined.jobs.progress import ImportProgress
 from klined.model import HOUR_MS, Pair, iso
 from klined.rest.client import build_adapter
@@ -274,31 +274,18 @@ async def import_binance(
         reports=result.merges, trigger="import",
         on_merged=progress.add_merged if progress is not None else None,
     )  # fmt: skip
-    done = anyio.Event()
     section = cfg.exchanges.binance
     async with ArchiveSource(
         cfg.archive_url, timeout_s=section.rest_timeout_s * 3, work_dir=cfg.data_dir / WORK_DIR
     ) as source:
 
         async def load_all() -> None:
-            try:
-                await load_binance(
-                    db, source, jobs, workers=section.archive_downloads, result=result,
-                    progress=progress, frontier=frontier, multiplier=adapter.multiplier,
-                    now_ms=now,
-                )  # fmt: skip
-            finally:
-                done.set()
-                if progress is not None:
-                    progress.stage = "merging"
+            await load_binance(
+                db, source, jobs, workers=section.archive_downloads, result=result,
+                progress=progress, frontier=frontier, multiplier=adapter.multiplier, now_ms=now,
+            )  # fmt: skip
 
-        async with anyio.create_task_group() as outer:
-            if progress is not None:
-                outer.start_soon(progress.run)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(merger.run, done)
-                tg.start_soon(load_all)
-            outer.cancel_scope.cancel()
+        await load_and_merge(load_all, merger, progress)
     result.duration_s = time.monotonic() - started
     return result
 
@@ -407,22 +394,10 @@ async def import_kraken(
         reports=result.merges, trigger="import",
         on_merged=progress.add_merged if progress is not None else None,
     )  # fmt: skip
-    done = anyio.Event()
 
     async def load_all() -> None:
-        try:
-            await load_kraken(db, files, result=result, progress=progress, now_ms=now_ms)
-        finally:
-            done.set()
-            if progress is not None:
-                progress.stage = "merging"
+        await load_kraken(db, files, result=result, progress=progress, now_ms=now_ms)
 
-    async with anyio.create_task_group() as outer:
-        if progress is not None:
-            outer.start_soon(progress.run)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(merger.run, done)
-            tg.start_soon(load_all)
-        outer.cancel_scope.cancel()
+    await load_and_merge(load_all, merger, progress)
     result.duration_s = time.monotonic() - started
     return result

@@ -45,7 +45,7 @@ from klined.jobs.gapfill import (
     fill_pair_range,
     wanted_minutes,
 )
-from klined.jobs.merge import Merger
+from klined.jobs.merge import Merger, load_and_merge
 from klined.jobs.progress import Progress
 from klined.model import (
     EXCHANGES,
@@ -267,7 +267,6 @@ async def run_backfill(
         initial=dirty,
         reports=result.merges,
     )
-    fetched = anyio.Event()
     archives = BackfillArchives(db, cfg, request.source, start, end, now)
     result.archive = archives.result
 
@@ -333,24 +332,14 @@ async def run_backfill(
                 await close_checkpoint(db, backfill_id, status, detail)
 
     async def fetch_all() -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                for ex, plist in by_exchange.items():
-                    gate = anyio.CapacityLimiter(max(1, concurrency))
-                    for pair, rep in zip(plist, reports[ex], strict=True):
-                        tg.start_soon(one_pair, clients[ex], pair, rep, gate)
-        finally:
-            fetched.set()
-            if progress is not None:
-                progress.stage = "merging"
-
-    async with archives, anyio.create_task_group() as outer:
-        if progress is not None:
-            outer.start_soon(progress.run)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(merger.run, fetched)
-            tg.start_soon(fetch_all)
-        outer.cancel_scope.cancel()
+            for ex, plist in by_exchange.items():
+                gate = anyio.CapacityLimiter(max(1, concurrency))
+                for pair, rep in zip(plist, reports[ex], strict=True):
+                    tg.start_soon(one_pair, clients[ex], pair, rep, gate)
+
+    async with archives:
+        await load_and_merge(fetch_all, merger, progress)
     result.duration_s = time.monotonic() - started
     return result
 

@@ -23,7 +23,7 @@ from klined.jobs.backfill_archive import (
     BackfillArchives,
 )
 from klined.jobs.gapfill import configured_pairs, dirty_hours, wanted_minutes
-from klined.jobs.gapplan import Estimate, estimate, plan_windows
+from klined.jobs.gapplan import Estimate, estimate, plan_windows, runs
 from klined.model import DAY_MS, iso
 from klined.rest.client import RestClient
 from klined.warehouse.database import Database
@@ -53,19 +53,9 @@ def day_ranges(minutes: Sequence[int]) -> str:
     """``2026-09-01..2026-09-29, 2026-10-03``: the UTC days of these minutes."""
     days = sorted({m - m % DAY_MS for m in minutes})
     parts: list[str] = []
-    for s, e in runs_of(days, DAY_MS):
+    for s, e in runs(days, DAY_MS):
         parts.append(_day(s) if e - s == DAY_MS else f"{_day(s)}..{_day(e - DAY_MS)}")
     return ", ".join(parts)
-
-
-def runs_of(values: Sequence[int], step: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for v in values:
-        if out and out[-1][1] == v:
-            out[-1] = (out[-1][0], v + step)
-        else:
-            out.append((v, v + step))
-    return out
 
 
 async def dry_run(

@@ -14,12 +14,13 @@ Performance.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
 
 from klined.config import Config
 from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
+from klined.jobs.progress import ImportProgress, Progress
 from klined.warehouse.database import Database
 
 #: Hours merged per chain-lock hold (the lock is released between batches).
@@ -95,3 +96,29 @@ class Merger:
             if not done.is_set():
                 await self.merge()
         await self.merge(final=True)
+
+
+async def load_and_merge(
+    load: Callable[[], Awaitable[None]],
+    merger: Merger,
+    progress: Progress | ImportProgress | None = None,
+) -> None:
+    """Run ``load()`` with ``merger`` beside it (what becomes ready while it runs, everything
+    left once it is done) and the progress display; return when both are done."""
+    done = anyio.Event()
+
+    async def loading() -> None:
+        try:
+            await load()
+        finally:
+            done.set()
+            if progress is not None:
+                progress.stage = "merging"
+
+    async with anyio.create_task_group() as outer:
+        if progress is not None:
+            outer.start_soon(progress.run)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(merger.run, done)
+            tg.start_soon(loading)
+        outer.cancel_scope.cancel()

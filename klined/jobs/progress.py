@@ -1,5 +1,6 @@
-"""Backfill progress: a redrawn status block on a terminal, plain log lines otherwise, and the
-summary table at the end. Plain ANSI, no rich/Textual (the headless core stays light)."""
+"""Backfill and import progress: a redrawn status block on a terminal, plain log lines
+otherwise, and the backfill's summary table at the end. Plain ANSI, no rich/Textual (the
+headless core stays light)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,59 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Progress:
+class _Display:
+    """Redraws :meth:`lines` on a terminal; logs all but the last line now and then otherwise."""
+
+    #: the log lines' first word
+    what = ""
+
+    def __init__(
+        self,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.clock = clock
+        self.started = clock()
+        self.log_every_s = log_every_s
+        self._lines = 0
+        self.stage = "fetching"
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+    def draw(self) -> None:
+        lines = self.lines()
+        if self.tty:
+            up = f"\x1b[{self._lines}A" if self._lines else ""
+            text = up + "".join(f"\r\x1b[K{line}\n" for line in lines)
+            self.stream.write(text)
+            self.stream.flush()
+            self._lines = len(lines)
+        else:
+            for line in lines[:-1]:
+                logger.info("{} {}", self.what, " ".join(line.split()))
+
+    async def run(self) -> None:
+        """Redraw until cancelled (run it in the work's task group)."""
+        period = 0.5 if self.tty else self.log_every_s
+        try:
+            while True:
+                await anyio.sleep(period)
+                self.draw()
+        finally:
+            if self.tty:
+                self.draw()
+
+
+class Progress(_Display):
     """Live view of a backfill: what each exchange has done, how fast, and how long is left."""
+
+    what = "backfill"
 
     def __init__(
         self,
@@ -37,15 +89,9 @@ class Progress:
         clock: Callable[[], float] = time.monotonic,
         log_every_s: float = 10.0,
     ) -> None:
+        super().__init__(stream=stream, tty=tty, clock=clock, log_every_s=log_every_s)
         self.reports = reports
         self.limiters = limiters
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.clock = clock
-        self.started = clock()
-        self.log_every_s = log_every_s
-        self._lines = 0
-        self.stage = "fetching"
 
     # ------------------------------------------------------------------------------- numbers
 
@@ -94,31 +140,6 @@ class Progress:
         out.append(f"{self.stage} ... {elapsed} elapsed")
         return out
 
-    # ------------------------------------------------------------------------------- output
-
-    def draw(self) -> None:
-        lines = self.lines()
-        if self.tty:
-            up = f"\x1b[{self._lines}A" if self._lines else ""
-            text = up + "".join(f"\r\x1b[K{line}\n" for line in lines)
-            self.stream.write(text)
-            self.stream.flush()
-            self._lines = len(lines)
-        else:
-            for line in lines[:-1]:
-                logger.info("backfill {}", line)
-
-    async def run(self) -> None:
-        """Redraw until cancelled (run it in the backfill's task group)."""
-        period = 0.5 if self.tty else self.log_every_s
-        try:
-            while True:
-                await anyio.sleep(period)
-                self.draw()
-        finally:
-            if self.tty:
-                self.draw()
-
 
 def summary_table(reports: list[PairReport]) -> str:
     """Per pair: rows from archives, fetched, no-trade minutes, still missing and why."""
@@ -165,28 +186,22 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
 
 
-class ImportProgress:
-    """Live view of an archive import: files fetched and loaded, rows, hours merged.
+class ImportProgress(_Display):
+    """Live view of an archive import: files fetched and loaded, rows, hours merged."""
 
-    The same display as :class:`Progress`: a redrawn block on a terminal, log lines otherwise.
-    The importer bumps the counters; ``run`` redraws until cancelled.
-    """
+    what = "import"
 
     def __init__(
         self,
-        what: str,
+        exchange: str,
         *,
         stream: TextIO | None = None,
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         log_every_s: float = 10.0,
     ) -> None:
-        self.what = what
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.clock = clock
-        self.started = clock()
-        self.log_every_s = log_every_s
+        super().__init__(stream=stream, tty=tty, clock=clock, log_every_s=log_every_s)
+        self.exchange = exchange
         self.files_total = 0
         self.files_done = 0
         self.failed = 0
@@ -194,7 +209,6 @@ class ImportProgress:
         self.rows = 0
         self.hours_merged = 0
         self.stage = "loading"
-        self._lines = 0
 
     def add_bytes(self, n: int) -> None:
         self.bytes += n
@@ -213,30 +227,9 @@ class ImportProgress:
         eta = left / rate if rate > 0 else float("inf")
         failed = f"  {self.failed} failed" if self.failed else ""
         return [
-            f"{self.what:<8} files {self.files_done:,}/{self.files_total:,} ({pct:5.1f}%)"
+            f"{self.exchange:<8} files {self.files_done:,}/{self.files_total:,} ({pct:5.1f}%)"
             f"{failed}  {_size(self.bytes)} read  ETA {fmt_duration(eta if left else 0.0)}",
             f"{'':<8} rows {self.rows:,} ({self.rows / elapsed:,.0f}/s)  hours merged "
             f"{self.hours_merged:,}",
             f"{self.stage} ... {fmt_duration(elapsed)} elapsed",
         ]
-
-    def draw(self) -> None:
-        lines = self.lines()
-        if self.tty:
-            up = f"\x1b[{self._lines}A" if self._lines else ""
-            self.stream.write(up + "".join(f"\r\x1b[K{line}\n" for line in lines))
-            self.stream.flush()
-            self._lines = len(lines)
-        else:
-            logger.info("import {}", " | ".join(" ".join(ln.split()) for ln in lines[:-1]))
-
-    async def run(self) -> None:
-        """Redraw until cancelled (run it in the import's task group)."""
-        period = 0.5 if self.tty else self.log_every_s
-        try:
-            while True:
-                await anyio.sleep(period)
-                self.draw()
-        finally:
-            if self.tty:
-                self.draw()
