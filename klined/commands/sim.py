@@ -111,6 +111,7 @@ def sim_command(
     async def main() -> None:
         async with run_simulator(cfg) as sim:
             click.echo(f"binance  ws {sim.binance_ws_url}  rest {sim.binance_rest_url}")
+            click.echo(f"         archive {sim.binance_archive_url}")
             click.echo(f"kraken   ws {sim.kraken_ws_url}  rest {sim.kraken_rest_url}")
             click.echo(f"sim clock {iso(sim.clock.now_ms())} x{sim.clock.speed:g}, seed {seed}")
             click.echo("\n# paste into klined.toml:\n" + sim.config_snippet())

@@ -168,8 +168,9 @@ class Simulator:
             sockets = getattr(server, "sockets", None) or []
             self.ports[name] = sockets[0].getsockname()[1] if sockets else ports[name]
         logger.info(
-            "simulator up: binance {} kraken {} (seed {}, speed {})",
-            self.binance_rest_url, self.kraken_rest_url, self.config.seed, self.clock.speed,
+            "simulator up: binance {} (archive {}) kraken {} (seed {}, speed {})",
+            self.binance_rest_url, self.binance_archive_url, self.kraken_rest_url,
+            self.config.seed, self.clock.speed,
         )  # fmt: skip
 
     async def stop(self) -> None:
