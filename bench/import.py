@@ -39,7 +39,7 @@ from klined.config import (
     ExchangesConfig,
     KrakenConfig,
 )
-from klined.model import DAY_MS, HOUR_MS, Pair, iso
+from klined.model import DAY_MS, HOUR_MS, Pair, iso, to_datetime
 from klined.sim.market import DEFAULT_PAIRS
 
 #: 2025-01-01T00:00:00Z: the year imported (all in microsecond files, as Binance's are now)
@@ -92,18 +92,21 @@ def render_baseline(root: Path, pairs: list[str], start: int, end: int, out: Pat
     return rows
 
 
-async def bare_copy(db: Any, path: Path, start: int, end: int) -> float:
+async def bare_copy(db: Any, path: Path, start: int, end: int) -> tuple[float, float]:
+    """(seconds of the COPY, seconds it took to create the table's hourly partitions)."""
     await db.execute(
         "DROP SCHEMA IF EXISTS bench CASCADE; CREATE SCHEMA bench;"
         " CREATE TABLE bench.copy_csv (LIKE bronze.bronze_ohlcv_native INCLUDING ALL)"
         "  PARTITION BY RANGE (interval_start)"
     )
+    t0 = time.perf_counter()
     for hour in range(start, end, HOUR_MS):
         a, b = iso(hour), iso(hour + HOUR_MS)
         await db.execute(
             f"CREATE TABLE bench.copy_csv_{hour // HOUR_MS} PARTITION OF bench.copy_csv"
             f" FOR VALUES FROM ('{a}') TO ('{b}')"
         )
+    ddl = time.perf_counter() - t0
 
     async def chunks() -> Any:
         with path.open("rb") as fh:
@@ -123,7 +126,7 @@ async def bare_copy(db: Any, path: Path, start: int, end: int) -> float:
     for i in range(0, len(names), 500):
         await db.execute("DROP TABLE " + ", ".join(names[i : i + 500]))
     await db.execute("DROP SCHEMA bench CASCADE")
-    return seconds
+    return seconds, ddl
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
-            copy_s = await bare_copy(db, baseline_csv, start, end)
+            copy_s, ddl_s = await bare_copy(db, baseline_csv, start, end)
             baseline_csv.unlink()
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
             proc = psutil.Process()
@@ -173,8 +176,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 tg.cancel_scope.cancel()
             import_s = time.perf_counter() - t0
+            print(f"imported {result.rows:,} rows in {import_s:.1f}s, ok={result.ok}; bare COPY"
+                  f" {copy_s:.1f}s", file=sys.stderr)  # fmt: skip
             merge_s = sum(m.duration_s for m in result.merges)
-            silver_rows = await db.fetchval("SELECT count(*) FROM silver.fact_ohlcv")
+            silver_rows = 0
+            for month in range(start, end, 30 * DAY_MS):  # a year of hourly partitions in one
+                silver_rows += await db.fetchval(  # query overflows the server's lock table
+                    "SELECT count(*) FROM silver.fact_ohlcv WHERE interval_start >= $1"
+                    " AND interval_start < $2",
+                    to_datetime(month),
+                    to_datetime(min(end, month + 30 * DAY_MS)),
+                )
             gold_1h = await db.fetchval("SELECT count(*) FROM gold.ohlcv_1h")
             server = await db.fetchval("SHOW server_version")
         return {
@@ -188,6 +200,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "merge_seconds": round(merge_s, 2),
             "rows_per_s": round(result.rows / import_s),
             "bare_copy_seconds": round(copy_s, 2),
+            "partitions_ddl_seconds_per_table": round(ddl_s, 2),
             "ratio": round(copy_s / import_s, 3),
             "peak_rss_mb": round(peak / 2**20, 1),
             "maxrss_before_import_mb": round(rss_before / 1024, 1),
