@@ -84,7 +84,7 @@ def summary(result: ImportResult) -> str:
 def _report(result: ImportResult) -> int:
     click.echo(summary(result))
     rate = result.rows / result.duration_s if result.duration_s > 0 else 0.0
-    merged = sum(len(m.hours) for m in result.merges)
+    merged = result.hours_merged
     click.echo(
         f"{result.rows:,} rows in {fmt_duration(result.duration_s)} ({rate:,.0f} rows/s);"
         f" {merged:,} hour(s) merged into silver/gold"

@@ -92,6 +92,8 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
     unreachable: str = ""
     duration_s: float = 0.0
+    hours_merged: int = 0
+    load_s: float = 0.0  # until the last file was loaded (merging goes on after it)
 
     @property
     def rows(self) -> int:
@@ -100,6 +102,12 @@ class ImportResult:
     @property
     def ok(self) -> bool:
         return not self.errors and not self.unreachable and all(m.ok for m in self.merges)
+
+
+def _merged(result: ImportResult, progress: ImportProgress | None, hours: int) -> None:
+    result.hours_merged += hours
+    if progress is not None:
+        progress.add_merged(hours)
 
 
 class _Frontier:
@@ -271,8 +279,8 @@ async def import_binance(
         touched=lambda ex: (h for r in reports for h in r.hours),
         is_ready=frontier.ready,
         initial={"binance": initial.get("binance", set())},
-        reports=result.merges, trigger="import",
-        on_merged=progress.add_merged if progress is not None else None,
+        reports=result.merges, trigger="import", keep_ok_reports=False,
+        on_merged=lambda n: _merged(result, progress, n),
     )  # fmt: skip
     section = cfg.exchanges.binance
     async with ArchiveSource(
@@ -284,6 +292,7 @@ async def import_binance(
                 db, source, jobs, workers=section.archive_downloads, result=result,
                 progress=progress, frontier=frontier, multiplier=adapter.multiplier, now_ms=now,
             )  # fmt: skip
+            result.load_s = time.monotonic() - started
 
         await load_and_merge(load_all, merger, progress)
     result.duration_s = time.monotonic() - started
@@ -391,12 +400,13 @@ async def import_kraken(
         touched=lambda ex: (h for r in result.reports for h in r.hours),
         is_ready=lambda ex, hour: False,  # a file spans years: merge once everything is in
         initial={"kraken": initial.get("kraken", set())},
-        reports=result.merges, trigger="import",
-        on_merged=progress.add_merged if progress is not None else None,
+        reports=result.merges, trigger="import", keep_ok_reports=False,
+        on_merged=lambda n: _merged(result, progress, n),
     )  # fmt: skip
 
     async def load_all() -> None:
         await load_kraken(db, files, result=result, progress=progress, now_ms=now_ms)
+        result.load_s = time.monotonic() - started
 
     await load_and_merge(load_all, merger, progress)
     result.duration_s = time.monotonic() - started

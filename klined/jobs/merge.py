@@ -49,6 +49,7 @@ class Merger:
         reports: list[ChainReport] | None = None,
         trigger: str = "backfill",
         on_merged: Callable[[int], None] | None = None,
+        keep_ok_reports: bool = True,
     ) -> None:
         self.db = db
         self.cfg = cfg
@@ -60,6 +61,8 @@ class Merger:
         self.reports = reports if reports is not None else []
         self.trigger = trigger
         self.on_merged = on_merged
+        #: a year merges in 365 batches: an import keeps only the reports of failed ones
+        self.keep_ok_reports = keep_ok_reports
 
     def todo(self, exchange: str) -> set[int]:
         """Hours of ``exchange`` written or known dirty and not merged yet."""
@@ -83,7 +86,8 @@ class Merger:
                     self.db, self.cfg, batch, trigger=self.trigger, steps=MERGE_STEPS,
                     exchange=ex, lock_wait_s=None, maintain_partitions=False,
                 )  # fmt: skip
-                self.reports.append(report)
+                if self.keep_ok_reports or not report.ok:
+                    self.reports.append(report)
                 self.merged[ex].update(batch)
                 if self.on_merged is not None:
                     self.on_merged(len(batch))
