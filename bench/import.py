@@ -178,7 +178,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             import_s = time.perf_counter() - t0
             print(f"imported {result.rows:,} rows in {import_s:.1f}s, ok={result.ok}; bare COPY"
                   f" {copy_s:.1f}s", file=sys.stderr)  # fmt: skip
-            merge_s = sum(m.duration_s for m in result.merges)
+            merge_s = result.merge_s
             silver_rows = 0
             for month in range(start, end, 30 * DAY_MS):  # a year of hourly partitions in one
                 silver_rows += await db.fetchval(  # query overflows the server's lock table

@@ -93,6 +93,7 @@ class ImportResult:
     unreachable: str = ""
     duration_s: float = 0.0
     hours_merged: int = 0
+    merge_s: float = 0.0  # spent merging (beside the loading, then after it)
     load_s: float = 0.0  # until the last file was loaded (merging goes on after it)
 
     @property
@@ -295,6 +296,7 @@ async def import_binance(
             result.load_s = time.monotonic() - started
 
         await load_and_merge(load_all, merger, progress)
+    result.merge_s = merger.seconds
     result.duration_s = time.monotonic() - started
     return result
 
@@ -409,5 +411,6 @@ async def import_kraken(
         result.load_s = time.monotonic() - started
 
     await load_and_merge(load_all, merger, progress)
+    result.merge_s = merger.seconds
     result.duration_s = time.monotonic() - started
     return result

@@ -63,6 +63,7 @@ class Merger:
         self.on_merged = on_merged
         #: a year merges in 365 batches: an import keeps only the reports of failed ones
         self.keep_ok_reports = keep_ok_reports
+        self.seconds = 0.0  # spent merging
 
     def todo(self, exchange: str) -> set[int]:
         """Hours of ``exchange`` written or known dirty and not merged yet."""
@@ -86,6 +87,7 @@ class Merger:
                     self.db, self.cfg, batch, trigger=self.trigger, steps=MERGE_STEPS,
                     exchange=ex, lock_wait_s=None, maintain_partitions=False,
                 )  # fmt: skip
+                self.seconds += report.duration_s
                 if self.keep_ok_reports or not report.ok:
                     self.reports.append(report)
                 self.merged[ex].update(batch)
