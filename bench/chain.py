@@ -1,8 +1,9 @@
 """Benchmark: one hour of N pairs x 2 exchanges through bronze, silver, gold and completeness.
 
 Synthetic lake parts (every minute: several partial WS updates then a final, with realistic raw
-payloads; several parts per pair-hour as the writer's age bound makes them) are written to a
-temporary lake, then the chain steps run against the embedded PostgreSQL (or ``--dsn``).
+payloads; several parts per pair-hour as the writer's age bound makes them; gzip, as the writer
+seals them) are written to a temporary lake, then the chain steps run against the embedded
+PostgreSQL (or ``--dsn``).
 Two bare COPY baselines of the same rows run in the same process into an identical table:
 
 * ``copy_csv``: the rows pre-rendered as CSV (ISO timestamps), one COPY: the server's floor.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import csv
+import gzip
 import io
 import json
 import shutil
@@ -33,13 +35,14 @@ import anyio
 import msgspec
 import psutil
 
-from klined.config import Config, DaemonConfig, DatabaseConfig
+from klined.config import Config, DaemonConfig, DatabaseConfig, LakeConfig
 from klined.jobs import bronze, completeness, gold, silver
 from klined.lake import LakeStore, part_key, read_part
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Pair
 from klined.warehouse.database import Database, open_database, sync_pairs
 
 HOUR = 1_790_000_000_000 - 1_790_000_000_000 % HOUR_MS  # a fixed hour in 2026
+LEVEL = LakeConfig().compress_level
 EXCHANGES = ("binance", "kraken")
 COLUMNS = [
     "exchange", "symbol", "native_symbol", "interval_seconds", "interval_start", "interval_end",
@@ -97,10 +100,11 @@ def write_lake(root: Path, pairs: list[Pair], updates: int, parts: int) -> int:
                             raw=msgspec.Raw(raw),
                         )
                         lines.append(enc.encode(candle))
-                key = part_key(exchange, str(pair), HOUR, first_event, f"bench-{part}")
+                # sealed as the writer seals them: gzip at its default level
+                key = part_key(exchange, str(pair), HOUR, first_event, f"bench-{part}") + ".gz"
                 path = root / key
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"\n".join(lines) + b"\n")
+                path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n", LEVEL, mtime=0))
                 lines_total += len(lines)
     return lines_total
 
@@ -115,7 +119,7 @@ def baseline_rows(root: Path) -> tuple[list[tuple[Any, ...]], bytes]:
     records: list[tuple[Any, ...]] = []
     buf = io.StringIO()
     writer = csv.writer(buf)
-    for path in sorted(root.rglob("*.jsonl")):
+    for path in sorted(root.rglob("*.jsonl.gz")):
         key = path.relative_to(root).as_posix()
         for r in read_part(path.read_bytes()).records:
             start = datetime.fromtimestamp(r.interval_start / 1000, UTC)

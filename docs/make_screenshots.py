@@ -21,13 +21,14 @@ from klined.tui.fakes import (
     demo_completeness,
     demo_job_runs,
     demo_snapshot,
+    demo_so_far,
 )
 
 
 def demo_app() -> KlinedApp:
     return KlinedApp(
         FakeStatusSource(demo_snapshot()),
-        FakeWarehouseSource(demo_completeness(), demo_job_runs()),
+        FakeWarehouseSource(demo_completeness(), demo_job_runs(), demo_so_far()),
         FakeChainRunner(),
         refresh=3600,
         clock=lambda: DEMO_NOW_MS,

@@ -27,11 +27,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chain": ("chain_command", "Run the hourly chain by hand."),
     "backfill": ("backfill_command", "Repair or seed a time range."),
     "import": ("import_command", "Import the exchanges' published history files."),
+    "export": ("export_command", "Export candles to Parquet, CSV or JSON-lines files."),
+    "rebuild": ("rebuild_command", "Rebuild the warehouse for a range from the lake alone."),
     "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
+    "tail": ("tail_command", "Print each candle as it is committed (LISTEN/NOTIFY)."),
     "sim": ("sim_command", "Run the Binance US / Kraken exchange simulator."),
     "demo": ("demo_command", "Run everything against the simulator, no internet."),
     "check": ("check_command", "Check config, PostgreSQL, S3, exchanges, daemon."),
     "config": ("config_command", "Validate a config file and print it."),
+    "sql": ("sql_command", "Open psql on the warehouse (--dsn prints its DSN)."),
 }
 
 

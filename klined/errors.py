@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 
+def underlying(exc: BaseException) -> BaseException:
+    """The error that actually happened: task groups wrap a failure in (nested) exception
+    groups, which say nothing ("unhandled errors in a TaskGroup (1 sub-exception)"). The first
+    leaf that is not a cancellation, else the first leaf."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [underlying(inner) for inner in exc.exceptions]
+    for leaf in leaves:
+        if isinstance(leaf, Exception):
+            return leaf
+    return leaves[0] if leaves else exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of the underlying error, on one line."""
+    cause = underlying(exc)
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
 class KlinedError(Exception):
     """Root of every error klined raises on purpose."""
 
@@ -72,6 +92,11 @@ class LakeError(KlinedError):
     """Local spool or S3 mirror trouble."""
 
 
+class EventsLost(LakeError):
+    """Captured events could be neither written to the lake nor uploaded to S3 (the daemon
+    exits 1 with this one line, so systemd sees a failure)."""
+
+
 class DatabaseError(KlinedError):
     """PostgreSQL could not be reached or refused a statement."""
 
@@ -106,3 +131,8 @@ class ArchiveNotPublished(ArchiveError):
 class ArchiveUnreachable(KlinedError):
     """The archive's location cannot be reached at all (DNS, refused, a missing mirror folder):
     nothing more is asked of it in this run."""
+
+
+class DatasetError(KlinedError):
+    """An export, publish or read of the candle datasets cannot be done as asked (a value that
+    does not fit its column, a destination holding another dataset, a bad source)."""

@@ -248,9 +248,13 @@ class _InterceptHandler(logging.Handler):
         while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
             frame = frame.f_back
             depth += 1
-        logger.opt(depth=depth, exception=record.exc_info or None).bind(logger=record.name).log(
-            level, message
-        )
+        exc_info = record.exc_info or None
+        if exc_info and exc_info[1] is not None and record.levelno < logging.ERROR:
+            # a library's warning about an expected failure (asyncpg's pool retrying while
+            # the server is down) is one line: its error, not a traceback
+            message = f"{message}: {type(exc_info[1]).__name__}: {exc_info[1]}"
+            exc_info = None
+        logger.opt(depth=depth, exception=exc_info).bind(logger=record.name).log(level, message)
 
 
 # -- setup ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ float on its way to PostgreSQL's ``numeric``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -154,6 +155,48 @@ class Candle(CandleRecord, omit_defaults=True, gc=False):
     """
 
     raw: msgspec.Raw = msgspec.Raw(b"null")
+
+
+# ---------------------------------------------------------------------------------------------
+# shards: which capture host streams which pair
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` -> ``(k, n)`` with ``1 <= k <= n <= MAX_SHARDS``; ``ValueError`` otherwise."""
+    m = re.fullmatch(r"\s*(\d{1,4})\s*/\s*(\d{1,4})\s*", text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a shard; write it as k/n, e.g. '1/2'")
+    k, n = int(m[1]), int(m[2])
+    if not 1 <= n <= MAX_SHARDS:
+        raise ValueError(f"the shard count n must be between 1 and {MAX_SHARDS}, got {n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"the shard number k must be between 1 and n ({n}), got {k}")
+    return k, n
+
+
+#: the most capture hosts one configuration can be split over
+MAX_SHARDS = 1024
+
+
+def shard_of(exchange: str, pair: Pair | str, n: int) -> int:
+    """The shard (1..n) that streams ``pair`` of ``exchange``.
+
+    Deterministic on every host and Python version (BLAKE2b of ``exchange:BASE/QUOTE``, never
+    the randomized ``hash()``), so every host sharing a config agrees without talking: each
+    listed pair belongs to exactly one shard. Jump consistent hashing (Lamping and Veach) maps
+    the digest to a shard, so growing ``n`` to ``n + 1`` moves only about 1/(n + 1) of the
+    pairs, all of them to the new shard.
+    """
+    if n <= 1:
+        return 1
+    digest = hashlib.blake2b(f"{exchange}:{pair}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big")
+    b, j = -1, 0
+    while j < n:
+        b = j
+        key = (key * 2862933555777941757 + 1) % (1 << 64)
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return b + 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,11 +161,17 @@ def test_a_cycle_is_found() -> None:
     assert cycles(edges) == [["a", "b", "c"]]
 
 
+#: the public API the package exposes at its top (each imported lazily, where it is called)
+PUBLIC_API = {"klined.datasets.read"}
+
+
 def test_root_holds_only_what_every_layer_uses() -> None:
     root = {p.stem for p in PACKAGE.glob("*.py")}
     assert root == ROOT_MODULES
     for name in ROOT_MODULES - {"cli"}:
         inner = {m for m in graph()[f"klined.{name}" if name != "__init__" else "klined"]}
+        if name == "__init__":
+            inner -= PUBLIC_API
         assert all(m.count(".") == 1 for m in inner), f"klined.{name} imports a layer: {inner}"
 
 
@@ -184,19 +190,32 @@ def test_only_the_cli_imports_commands() -> None:
     [
         # pure protocol adapters: parse and build messages, never do I/O or touch the warehouse
         ("klined.exchanges", ("klined.streams", "klined.rest", "klined.lake", "klined.warehouse",
-                              "klined.jobs", "klined.daemon", "klined.sim", "klined.tui")),
+                              "klined.jobs", "klined.live", "klined.daemon", "klined.sim",
+                              "klined.tui")),
         # the simulator follows the exchanges, never klined's clients or the daemon
         ("klined.sim", ("klined.exchanges", "klined.archives", "klined.streams", "klined.rest",
-                        "klined.lake", "klined.warehouse", "klined.jobs", "klined.daemon",
-                        "klined.tui")),
+                        "klined.lake", "klined.warehouse", "klined.jobs", "klined.live",
+                        "klined.daemon", "klined.tui")),
         # the exchanges' history files: formats, local reading and fetching, no warehouse
         ("klined.archives", ("klined.streams", "klined.lake", "klined.warehouse", "klined.jobs",
-                             "klined.daemon", "klined.sim", "klined.tui")),
-        ("klined.streams", ("klined.warehouse", "klined.jobs", "klined.daemon", "klined.tui")),
-        ("klined.lake", ("klined.streams", "klined.warehouse", "klined.jobs", "klined.daemon",
-                         "klined.tui")),
-        ("klined.warehouse", ("klined.streams", "klined.jobs", "klined.daemon", "klined.tui")),
-        ("klined.jobs", ("klined.streams", "klined.daemon", "klined.tui")),
+                             "klined.live", "klined.daemon", "klined.datasets", "klined.sim",
+                             "klined.tui")),
+        ("klined.streams", ("klined.warehouse", "klined.jobs", "klined.live", "klined.daemon",
+                            "klined.tui")),
+        ("klined.lake", ("klined.streams", "klined.warehouse", "klined.jobs", "klined.live",
+                         "klined.daemon", "klined.datasets", "klined.tui")),
+        ("klined.warehouse", ("klined.streams", "klined.jobs", "klined.live", "klined.daemon",
+                              "klined.datasets", "klined.tui")),
+        # candles out: reads the warehouse, writes files (S3 through the lake's client)
+        ("klined.datasets", ("klined.exchanges", "klined.streams", "klined.rest", "klined.jobs",
+                             "klined.live", "klined.daemon", "klined.sim", "klined.tui")),
+        ("klined.jobs", ("klined.streams", "klined.live", "klined.daemon", "klined.tui")),
+        # the live path: silver's own statement (jobs) and the warehouse; the lake and the
+        # streams reach it through the daemon, as callables (only the backoff is shared)
+        ("klined.live", ("klined.exchanges", "klined.streams.connection", "klined.streams.session",
+                         "klined.streams.supervisor", "klined.streams.finality", "klined.rest",
+                         "klined.lake", "klined.daemon", "klined.checks", "klined.sim",
+                         "klined.tui", "klined.demo")),
         ("klined.daemon", ("klined.tui", "klined.sim", "klined.demo")),
     ],
 )  # fmt: skip
@@ -249,7 +268,9 @@ def test_headless_core_never_loads_textual() -> None:
     (Rich may load: httpx imports it for its own command line when it is installed.)
     """
     core = sorted(
-        m for m in modules() if not _in(m, "klined.tui", "klined.commands.tui", "klined.demo")
+        m
+        for m in modules()
+        if not _in(m, "klined.tui", "klined.commands.tui", "klined.demo", "klined.spark")
     )
     code = (
         "import importlib, sys\n"
@@ -262,3 +283,12 @@ def test_headless_core_never_loads_textual() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_nothing_imports_the_spark_job_and_it_imports_only_the_model() -> None:
+    """``klined.spark`` is an optional extra (PySpark): the core must run without it."""
+    edges = graph()
+    importers = {m for m, targets in edges.items() for t in targets if _in(t, "klined.spark")}
+    assert importers <= {m for m in edges if _in(m, "klined.spark")}
+    used = {t for m, targets in edges.items() if _in(m, "klined.spark") for t in targets}
+    assert {t for t in used if not _in(t, "klined.spark")} <= {"klined.model"}

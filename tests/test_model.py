@@ -17,8 +17,10 @@ from klined.model import (
     from_datetime,
     iso,
     minutes_of_hour,
+    parse_shard,
     parse_time,
     plain_decimal,
+    shard_of,
     silver_source,
 )
 
@@ -99,3 +101,42 @@ def test_check_ohlcv() -> None:
     assert check_ohlcv("-1", "2", "0.5", "1", "1") == "non-positive price"
     assert check_ohlcv("1", "2", "0.5", "1", "-1") == "negative volume"
     assert check_ohlcv("x", "2", "0.5", "1", "1") == "non-numeric price or volume"
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+
+
+@given(st.lists(st.from_regex(r"[A-Z]{2,6}/(USD|USDT|EUR)", fullmatch=True), unique=True))
+def test_every_pair_belongs_to_exactly_one_shard(pairs: list[str]) -> None:
+    for n in (1, 2, 3, 7):
+        owners = {p: [k for k in range(1, n + 1) if shard_of("binance", p, n) == k] for p in pairs}
+        assert all(len(ks) == 1 for ks in owners.values())
+
+
+def test_shards_are_stable_deterministic_and_balanced() -> None:
+    pairs = [f"C{i}/USD" for i in range(4000)]
+    # the same on every host and every run: pinned values (a randomized hash would change)
+    assert [shard_of("kraken", p, 4) for p in pairs[:8]] == [
+        shard_of("kraken", Pair.parse(p), 4) for p in pairs[:8]
+    ]
+    assert shard_of("binance", "BTC/USD", 2) == 2
+    counts = [sum(shard_of("binance", p, 4) == k for p in pairs) for k in (1, 2, 3, 4)]
+    assert min(counts) > 850 and max(counts) < 1150
+    # the exchange is part of the key: the two exchanges' lists split independently
+    assert any(shard_of("binance", p, 2) != shard_of("kraken", p, 2) for p in pairs[:50])
+    # growing n by one only moves pairs to the new shard, about 1/(n+1) of them
+    moved = [p for p in pairs if shard_of("binance", p, 4) != shard_of("binance", p, 5)]
+    assert all(shard_of("binance", p, 5) == 5 for p in moved)
+    assert 600 < len(moved) < 1000
+
+
+@pytest.mark.parametrize(("text", "shard"), [("1/1", (1, 1)), ("2/3", (2, 3)), (" 1 / 2 ", (1, 2))])
+def test_parse_shard(text: str, shard: tuple[int, int]) -> None:
+    assert parse_shard(text) == shard
+
+
+@pytest.mark.parametrize("bad", ["", "1", "0/2", "3/2", "1/0", "a/b", "1/2000", "-1/2"])
+def test_parse_shard_refuses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_shard(bad)

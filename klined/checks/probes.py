@@ -26,6 +26,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,16 +72,24 @@ async def _bounded(
     ]
 
 
-async def run_checks(cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> list[CheckResult]:
-    """Every check, concurrently; rows in a fixed order (config first)."""
+async def run_checks(
+    cfg: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S, lake_s3: bool = False
+) -> list[CheckResult]:
+    """Every check, concurrently; rows in a fixed order (config first). ``lake_s3`` adds the
+    comparison of the local parts with S3 (``klined check --lake``)."""
     plan: list[tuple[list[str], Callable[[], Awaitable[list[CheckResult]]]]] = [
-        (["postgresql", "schema", "read-only role"], functools.partial(check_postgres, cfg)),
+        (
+            ["postgresql", "schema", "read-only role", "reader role", "lake parts"],
+            functools.partial(check_postgres, cfg),
+        ),
         (["s3"], _single(check_s3, cfg)),
         *[([f"exchange {name}"], _single(check_exchange, cfg, name)) for name in EXCHANGES],
         *[([f"archive {name}"], _single(check_archive, cfg, name)) for name in EXCHANGES],
         (["status socket"], _single(check_status_socket, cfg)),
         (["lake"], _single(check_lake, cfg)),
     ]
+    if lake_s3:
+        plan.append((["lake in s3"], _single(check_lake_in_s3, cfg)))
     slots: list[list[CheckResult]] = [[] for _ in plan]
 
     async def run(i: int) -> None:
@@ -150,7 +159,8 @@ def check_config(cfg: Config) -> CheckResult:
 
 
 async def check_postgres(cfg: Config) -> list[CheckResult]:
-    """Reachable, schema version, read-only role: three rows (later ones SKIP if unreachable)."""
+    """Reachable, schema version, the read-only (Looker) and reader roles: four rows (later ones
+    SKIP if unreachable)."""
     from klined.warehouse.database import (
         SCHEMA_VERSION,
         open_database,
@@ -163,8 +173,13 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
             first,
             CheckResult("schema", Outcome.SKIP, why),
             CheckResult("read-only role", Outcome.SKIP, why),
+            CheckResult("reader role", Outcome.SKIP, why),
+            CheckResult("lake parts", Outcome.SKIP, why),
         ]
 
+    if not cfg.chains and cfg.daemon.role == "capture":
+        why = "daemon.role is capture: this host writes the lake, a chain host the warehouse"
+        return rows(CheckResult("postgresql", Outcome.SKIP, why), "capture host")
     dsn = cfg.dsn
     where = "KLINED_DSN" if os.environ.get("KLINED_DSN") else "database.dsn"
     if not dsn:
@@ -207,10 +222,39 @@ async def check_postgres(cfg: Config) -> list[CheckResult]:
                 f"{redact_dsn(dsn)} ({where}; PostgreSQL {version_text.split()[0]})",
             )
             schema = await _schema_row(conn, SCHEMA_VERSION)
-            role = await _role_row(conn, cfg.database.readonly_role, schema)
+            role = await _role_row(conn, LOOKER_ROLE, cfg.database.readonly_role, schema)
+            reader = await _role_row(conn, READER_ROLE, cfg.database.reader_role, schema)
+            parts = await _quarantine_row(conn, schema)
     except DatabaseError as exc:
         return rows(CheckResult("postgresql", Outcome.FAIL, str(exc)), "database not reachable")
-    return [reach, schema, role]
+    return [reach, schema, role, reader, parts]
+
+
+async def _quarantine_row(conn: Any, schema: CheckResult) -> CheckResult:
+    """Lake parts the loader could not read (quarantined, tried again by every chain run)."""
+    row = "lake parts"
+    has_status = await conn.fetchval(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'ops'"
+        " AND table_name = 'lake_parts' AND column_name = 'status'"
+    )
+    if schema.outcome is Outcome.FAIL or not has_status:
+        return CheckResult(row, Outcome.SKIP, "schema not applied yet")
+    found = await conn.fetch(
+        "SELECT lake_key, reason, attempts FROM ops.lake_parts WHERE status = 'quarantined'"
+        " ORDER BY hour_start DESC, lake_key LIMIT 21"
+    )
+    if not found:
+        return CheckResult(row, Outcome.OK, "no quarantined part: every part read was loaded")
+    total = await conn.fetchval("SELECT count(*) FROM ops.lake_parts WHERE status = 'quarantined'")
+    details = [f"{r['lake_key']}: {r['reason']} ({r['attempts']} tries)" for r in found[:20]]
+    if total > 20:
+        details.append(f"... and {total - 20} more")
+    return CheckResult(
+        row,
+        Outcome.WARN,
+        f"{total} part(s) quarantined (unreadable; fix them and the next chain loads them):",
+        details,
+    )
 
 
 async def _schema_row(conn: Any, code_version: int) -> CheckResult:
@@ -248,29 +292,65 @@ async def _schema_row(conn: Any, code_version: int) -> CheckResult:
     return CheckResult("schema", Outcome.OK, f"version {found} (matches this klined)")
 
 
-async def _role_row(conn: Any, role: str, schema: CheckResult) -> CheckResult:
+@dataclass(frozen=True, slots=True)
+class _RoleKind:
+    """A read-only role klined grants: its check row, config key, grant and what it reads."""
+
+    row: str
+    key: str
+    grant: str
+    tables: tuple[str, ...]
+    reads: str
+
+
+LOOKER_ROLE = _RoleKind(
+    "read-only role",
+    "database.readonly_role",
+    "ops.grant_readonly",
+    ("monitoring.hourly_completeness",),
+    "the monitoring views",
+)
+READER_ROLE = _RoleKind(
+    "reader role",
+    "database.reader_role",
+    "ops.grant_reader",
+    ("silver.fact_ohlcv", "gold.ohlcv_1h", "monitoring.hourly_completeness"),
+    "silver, gold and monitoring",
+)
+
+
+async def _role_row(conn: Any, kind: _RoleKind, role: str, schema: CheckResult) -> CheckResult:
+    name = kind.row
     if not role:
-        return CheckResult("read-only role", Outcome.SKIP, "database.readonly_role is empty")
+        return CheckResult(name, Outcome.SKIP, f"{kind.key} is empty")
     exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    grant = f"SELECT ops.grant_readonly('{role}') as a superuser"
+    grant = f"SELECT {kind.grant}('{role}') as a superuser"
     if schema.outcome is not Outcome.OK:
         if exists:
-            return CheckResult("read-only role", Outcome.OK, f"{role} exists")
+            return CheckResult(name, Outcome.OK, f"{role} exists")
         return CheckResult(
-            "read-only role", Outcome.WARN, f"{role} does not exist yet; `klined run` creates it"
+            name, Outcome.WARN, f"{role} does not exist yet; `klined run` creates it"
         )
     if not exists:
-        return CheckResult("read-only role", Outcome.FAIL, f"{role} does not exist: run {grant}")
-    can_read = await conn.fetchval(
-        "SELECT has_schema_privilege($1, 'monitoring', 'USAGE')"
-        " AND has_table_privilege($1, 'monitoring.hourly_completeness', 'SELECT')",
-        role,
+        return CheckResult(name, Outcome.FAIL, f"{role} does not exist: run {grant}")
+    present = [
+        t for t in kind.tables if await conn.fetchval("SELECT to_regclass($1)", t) is not None
+    ]
+    can_read = all(
+        [
+            await conn.fetchval(
+                "SELECT has_schema_privilege($1, $2, 'USAGE')"
+                " AND has_table_privilege($1, $3, 'SELECT')",
+                role,
+                table.split(".")[0],
+                table,
+            )
+            for table in present
+        ]
     )
-    if not can_read:
-        return CheckResult(
-            "read-only role", Outcome.FAIL, f"{role} cannot read the monitoring views: run {grant}"
-        )
-    return CheckResult("read-only role", Outcome.OK, f"{role} can read the monitoring views")
+    if not present or not can_read:
+        return CheckResult(name, Outcome.FAIL, f"{role} cannot read {kind.reads}: run {grant}")
+    return CheckResult(name, Outcome.OK, f"{role} can read {kind.reads}")
 
 
 # -- S3 ---------------------------------------------------------------------------------------
@@ -419,7 +499,10 @@ async def check_exchange(cfg: Config, name: str) -> CheckResult:
         else:
             why = f"listing from {url} failed: {exc}"
         return CheckResult(row, Outcome.FAIL, why)
-    listed, problems = check_listing(pairs, listing, exchange=name)
+    from klined.exchanges.listing import configured_natives
+
+    natives = configured_natives(adapter)
+    listed, problems = check_listing(pairs, listing, exchange=name, natives=natives)
     if problems:
         return CheckResult(
             row,
@@ -501,6 +584,50 @@ def _lake_sync(root: Path) -> CheckResult:
 async def check_lake(cfg: Config) -> CheckResult:
     """The lake root is writable (or creatable); free disk space shown, WARN when low."""
     return await anyio.to_thread.run_sync(_lake_sync, cfg.lake_root, abandon_on_cancel=True)
+
+
+async def check_lake_in_s3(cfg: Config) -> CheckResult:
+    """The local parts marked uploaded are in S3 with the same size and checksum; the ones S3
+    lost are uploaded again (the only thing ``check`` writes, and only with ``--lake``)."""
+    row = "lake in s3"
+    if not cfg.s3.bucket:
+        return CheckResult(row, Outcome.SKIP, "no bucket configured (the lake is local only)")
+    from klined.lake import LakeUploader
+
+    uploader = LakeUploader(cfg.lake_root, cfg.lake, cfg.s3, attempts=2)
+    report = await uploader.verify()
+    if report.error:
+        return CheckResult(row, Outcome.FAIL, f"cannot compare with S3: {report.error}")
+    details = [f"differs (not overwritten): {k}" for k in report.different[:20]]
+    if report.missing:
+        try:
+            await uploader.upload_pending()
+        except Exception as exc:
+            return CheckResult(
+                row,
+                Outcome.FAIL,
+                f"{len(report.missing)} part(s) missing in S3 could not be uploaded again: {exc}",
+                [f"missing: {k}" for k in report.missing[:20]],
+            )
+        details += [f"uploaded again: {k}" for k in report.missing[:20]]
+    if report.different:
+        return CheckResult(
+            row,
+            Outcome.FAIL,
+            f"{len(report.different)} of {report.checked} part(s) differ from their S3 copy",
+            details,
+        )
+    if report.missing:
+        return CheckResult(
+            row,
+            Outcome.WARN,
+            f"{len(report.missing)} of {report.checked} part(s) were missing in S3 and are "
+            "uploaded again:",
+            details,
+        )
+    return CheckResult(
+        row, Outcome.OK, f"{report.checked} local part(s) match their S3 copy (size, MD5)"
+    )
 
 
 # -- output -----------------------------------------------------------------------------------

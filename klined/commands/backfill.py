@@ -126,6 +126,8 @@ def backfill_command(
         click.echo(f"warning: archive {err} ({instead})", err=True)
     if result.archive.unreachable:
         click.echo(f"warning: {result.archive.unreachable} ({instead})", err=True)
+    if result.published is not None:
+        click.echo(result.published.publish_line())
     if not result.ok:
         click.echo(
             "some minutes are still missing for reasons a later run may fix; run the same "

@@ -61,6 +61,12 @@ def render_json(cfg: Config, results: list[CheckResult]) -> str:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(
+    "--lake",
+    "lake_s3",
+    is_flag=True,
+    help="Also compare the local parts with S3 (size, checksum); upload again what S3 lost.",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=0.5, max=600),
     default=DEFAULT_TIMEOUT_S,
@@ -69,7 +75,7 @@ def render_json(cfg: Config, results: list[CheckResult]) -> str:
 )
 @click.pass_context
 def check_command(
-    ctx: click.Context, config_path: str | None, as_json: bool, timeout: float
+    ctx: click.Context, config_path: str | None, as_json: bool, lake_s3: bool, timeout: float
 ) -> None:
     """Check config, PostgreSQL (schema, read-only role), S3, exchange listings, the exchanges'
     archives, the daemon's status socket and the lake; print OK/WARN/FAIL/SKIP per check.
@@ -77,11 +83,12 @@ def check_command(
     Exit code 0 when nothing FAILs, 1 otherwise, 2 for a bad config. WARN never fails the
     check: a daemon that is not running (status socket), an embedded PostgreSQL the daemon has
     not started yet, a schema or read-only role `klined run` will create. `check` never starts
-    a database and leaves nothing behind (the S3 probe object is deleted).
+    a database and leaves nothing behind (the S3 probe object is deleted); with --lake it
+    compares the parts still on disk with S3 and uploads again the ones S3 lost.
     """
     cfg = load_config(config_path)
     setup_logging("ERROR", json=False)  # problems belong in the table, not in log lines
-    results = anyio.run(lambda: run_checks(cfg, deadline_s=timeout))
+    results = anyio.run(lambda: run_checks(cfg, deadline_s=timeout, lake_s3=lake_s3))
     if as_json:
         click.echo(render_json(cfg, results))
     else:

@@ -14,9 +14,9 @@ from klined.config import load_config
 from klined.daemon.status_server import fetch_status
 from klined.errors import StatusError
 from klined.model import format_duration
-from klined.status import StatusSnapshot, StreamState, encode_snapshot
+from klined.status import ChainStatus, LiveStatus, StatusSnapshot, StreamState, encode_snapshot
 
-__all__ = ["render_status", "status_command"]
+__all__ = ["live_line", "render_status", "role_line", "status_command"]
 
 #: problem pairs listed before "... and N more"
 MAX_PROBLEM_PAIRS = 20
@@ -64,14 +64,31 @@ def _one_line(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def role_line(s: StatusSnapshot) -> str:
+    """``capture, shard 1/2 (8 of 15 pairs)`` / ``chain (no streams; ...)`` / ``all``."""
+    if s.role == "chain":
+        return f"chain (no streams; loads the lake for all {s.configured_pairs} pairs)"
+    text = s.role
+    if s.shard != "1/1":
+        text += f", shard {s.shard} ({s.shard_pairs} of {s.configured_pairs} pairs)"
+    if s.role == "capture":
+        text += " (no chain: another host builds the warehouse)"
+    return text
+
+
 def render_status(s: StatusSnapshot) -> str:
     """The human view: connections, pair summary and problem pairs, lake, chain, process."""
     now = s.now_ms
     out = [
         f"klined pid {s.pid} · up {format_duration(s.uptime_s)} · RSS {_bytes(s.rss_bytes)}"
         f" · at {datetime.fromtimestamp(now / 1000, UTC):%Y-%m-%d %H:%M:%S}Z",
-        "",
     ]
+    if s.simulated:
+        out.append(
+            "SIMULATED: the exchanges are klined's simulator; its errors are injected faults"
+        )
+    out.append(f"ROLE {role_line(s)}")
+    out.append("")
 
     out.append(f"CONNECTIONS ({len(s.connections)})")
     if s.connections:
@@ -137,17 +154,95 @@ def render_status(s: StatusSnapshot) -> str:
     )
     if lake.last_upload_error:
         out.append(f"  last upload error: {_one_line(lake.last_upload_error, 100)}")
+    if lake.write_failing_since_ms is not None:
+        out.append(
+            f"  cannot write the lake since {_when(lake.write_failing_since_ms, now)}:"
+            f" {_bytes(lake.held_bytes)} held in memory: {_one_line(lake.last_write_error, 60)}"
+        )
+    if lake.dropped_events:
+        out.append(
+            f"  {lake.dropped_events:,} events dropped past lake.max_held_bytes (recorded for"
+            " gap-fill)"
+        )
 
     ch = s.chain
-    line = f"CHAIN: last run {_when(ch.last_run_ms, now)}"
-    if ch.last_result:
-        line += f" ({_one_line(ch.last_result, 60)})"
-    line += f" · next {_when(ch.next_run_ms, now)}"
-    if ch.running:
-        hour = _when(ch.current_hour_ms, now)
-        line += f" · running {ch.current_step or '?'} for hour {hour}"
-    out.append(line)
+    out.extend(chain_lines(ch, now))
+    if ch.quarantined_parts:
+        out.append(
+            f"  {ch.quarantined_parts} lake part(s) quarantined (unreadable; tried again every "
+            "run; `klined check` lists them):"
+        )
+        out += [f"    {_one_line(item, 100)}" for item in ch.quarantined_sample[:3]]
+    out.append(live_line(s.live, now))
+    if s.live.last_error:
+        out.append(f"  last live error: {_one_line(s.live.last_error, 100)}")
     return "\n".join(out)
+
+
+_TRIGGERS = {"catchup": "catch-up", "schedule": "hourly run", "manual": "run by hand"}
+
+
+def chain_activity(ch: ChainStatus, now_ms: int) -> str:
+    """What the chain is doing now, in words: waiting for the lock and for whom, or the step
+    and hour it runs, with the catch-up's progress; "idle" otherwise."""
+    if not ch.running:
+        return "idle"
+    what = _TRIGGERS.get(ch.trigger, ch.trigger or "run")
+    if ch.run_total > 1:
+        what += f", hour {min(ch.run_done + 1, ch.run_total)} of {ch.run_total}"
+    if ch.waiting_for:
+        return f"waiting for the chain lock, held by {ch.waiting_for} ({what})"
+    if ch.current_hour_ms is None:
+        return f"running ({what})"
+    hour = _when(ch.current_hour_ms, now_ms)
+    return f"running {ch.current_step or 'the chain'} for hour {hour} ({what})"
+
+
+def next_run_text(ch: ChainStatus, now_ms: int) -> str:
+    """The next scheduled run, never a time already past: a run whose time has come waits for
+    the hour in progress and says so."""
+    if ch.next_run_ms is None:
+        return "not scheduled"
+    if ch.next_run_ms > now_ms:
+        return _when(ch.next_run_ms, now_ms)
+    return "due now, after the hour in progress" if ch.running else "due now"
+
+
+def chain_lines(ch: ChainStatus, now_ms: int) -> list[str]:
+    line = f"CHAIN: {chain_activity(ch, now_ms)} · next scheduled run {next_run_text(ch, now_ms)}"
+    last = f"  last run {_when(ch.last_run_ms, now_ms)}"
+    if ch.last_result:
+        last += f" ({_one_line(ch.last_result, 70)})"
+    return [line, last]
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s" if value < 10 else format_duration(value)
+
+
+def live_line(live: LiveStatus, now: int) -> str:
+    """``LIVE: ok · lag p50 0.41s p99 0.93s max 1.20s (last 5m00s, 4,012 finals)`` and a second
+    line: written, queued, dropped, rejected, gold's last refresh."""
+    if not live.enabled:
+        return "LIVE: off (needs [live] enabled and the chain's database)"
+    line = f"LIVE: {live.state}"
+    if live.lag_samples:
+        line += (
+            f" · lag p50 {_seconds(live.lag_p50_s)} p99 {_seconds(live.lag_p99_s)}"
+            f" max {_seconds(live.lag_max_s)} (last {format_duration(live.lag_window_s)},"
+            f" {live.lag_samples:,} finals)"
+        )
+    else:
+        line += " · no final committed lately"
+    line += (
+        f"\n  written {live.written:,} · queued {live.queued_batches}"
+        f" · dropped {live.dropped_batches} batch(es) ({live.dropped_finals:,} finals)"
+    )
+    if live.rejected:
+        line += f" · rejected {live.rejected:,}"
+    if live.gold_refreshed_ms is not None:
+        line += f" · gold {_age(now, live.gold_refreshed_ms)} ago"
+    return line
 
 
 @click.command("status")

@@ -195,6 +195,8 @@ def render_metrics(
             (({"exchange": k}, float(v)) for k, v in sorted(completeness.items())),
         )
 
+    _live(w, s)
+
     w.family(
         "klined_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, s.uptime_s)]
     )
@@ -208,6 +210,49 @@ def render_metrics(
         "klined_rss_bytes", "gauge", "Resident memory of the daemon process.", [({}, s.rss_bytes)]
     )
     return w.text()
+
+
+def _live(w: _Writer, s: StatusSnapshot) -> None:
+    """The live path's families (left out when it is off)."""
+    live = s.live
+    if not live.enabled:
+        return
+    w.family(
+        "klined_live_up",
+        "gauge",
+        "1 while the live path writes into silver (0: waiting for or failing on PostgreSQL).",
+        [({}, int(live.state == "ok"))],
+    )
+    quantiles = [("0.5", live.lag_p50_s), ("0.99", live.lag_p99_s), ("1", live.lag_max_s)]
+    w.family(
+        "klined_live_lag_seconds",
+        "gauge",
+        "Exchange event time of a final candle to its commit in silver, over the last"
+        f" {live.lag_window_s:g} s (quantile 1 is the maximum).",
+        (({"quantile": q}, v) for q, v in quantiles if v is not None),
+    )
+    for name, value, help_text in (
+        ("klined_live_finals_total", live.finals, "Proven-final candles the live path received."),
+        ("klined_live_written_total", live.written, "Silver rows the live path wrote."),
+        ("klined_live_dropped_batches_total", live.dropped_batches,
+         "Live batches dropped while PostgreSQL was slow or down (the chain fills them)."),
+        ("klined_live_dropped_finals_total", live.dropped_finals,
+         "Final candles in the dropped live batches."),
+    ):  # fmt: skip
+        w.family(name, "counter", help_text, [({}, value)])
+    w.family(
+        "klined_live_queued_batches",
+        "gauge",
+        "Live batches waiting to be written.",
+        [({}, live.queued_batches)],
+    )
+    if live.last_commit_ms is not None:
+        w.family(
+            "klined_live_last_commit_timestamp_seconds",
+            "gauge",
+            "When the live path last committed (Unix time).",
+            [({}, live.last_commit_ms / 1000)],
+        )
 
 
 class MetricsServer:

@@ -142,6 +142,7 @@ def config_text(workdir: Path, sim: Simulator, options: DemoOptions) -> str:
         "# While the demo runs, from another terminal:",
         f"#   klined status -c {path}",
         f"#   klined tui -c {path}",
+        f"#   klined tail -c {path}",
         f"#   klined chain -c {path} --hour <ISO hour>",
         "",
         "[daemon]",
@@ -169,6 +170,10 @@ def config_text(workdir: Path, sim: Simulator, options: DemoOptions) -> str:
     else:
         lines.append('bucket = ""  # local lake only')
     lines += [
+        "",
+        "[live]",
+        "# gold follows the live finals every 10 s (default 30 s), so it fills while you watch",
+        "gold_interval_s = 10.0",
         "",
         "[chain]",
         "# the demo seeds the last hours itself; older hours stay empty",

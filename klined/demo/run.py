@@ -12,7 +12,8 @@ Order (each step is up before the next; everything is undone in reverse on every
    catch-up finds nothing left to do);
 5. the daemon (streams, lake, uploads, status socket, hourly chain), connected to the same
    PostgreSQL by DSN so only the demo ever starts or stops the embedded server;
-6. the dashboard (in this process, on this event loop) or, headless, a timed wait;
+6. the dashboard (in this process, on this event loop) or, headless, a timed wait; meanwhile
+   each closed minute is logged as the live path put it into silver and gold;
 7. stop: the daemon seals and uploads every part, the summary is collected, PostgreSQL
    stops, the simulator stops.
 
@@ -39,6 +40,7 @@ from loguru import logger
 
 from klined.config import Config, load_config
 from klined.daemon.process import Daemon
+from klined.demo.live import live_line
 from klined.demo.prepare import (
     SIM_RATE_SCALE,
     DemoError,
@@ -48,7 +50,14 @@ from klined.demo.prepare import (
     sim_config,
     write_config,
 )
-from klined.demo.summary import LakeLine, Summary, completeness_lines, gold_rows, stream_lines
+from klined.demo.summary import (
+    LakeLine,
+    Summary,
+    completeness_lines,
+    datasets_line,
+    gold_rows,
+    stream_lines,
+)
 from klined.model import HOUR_MS, iso
 from klined.sim import Simulator, run_simulator
 from klined.status import StreamState
@@ -103,6 +112,7 @@ class Demo:
         self.app: Any = None
         self._setup_scope: anyio.CancelScope | None = None
         self.connected: set[str] = set()
+        self.daemon_span = (0, 0)  # wall ms the daemon started and stopped
         self.interrupted = False
         self._log_file_handler: int | None = None
 
@@ -189,7 +199,9 @@ class Demo:
             self.step = "running the daemon"
             before = set(await anyio.to_thread.run_sync(local_parts, cfg.lake_root))
             started = time.monotonic()
-            daemon = await self._run_daemon(run_cfg, config_path)
+            self.daemon_span = (int(time.time() * 1000), 0)
+            daemon = await self._run_daemon(run_cfg, config_path, db)
+            self.daemon_span = (self.daemon_span[0], int(time.time() * 1000))
             ran_s = time.monotonic() - started
 
             self.step = "collecting the summary"
@@ -215,22 +227,26 @@ class Demo:
             "  while the demo runs, from another terminal:",
             f"    klined status -c {config_path}",
             f"    klined tui -c {config_path}",
+            f"    klined tail -c {config_path}     (each candle as it is committed)",
         ]
         if not opts.headless:
             lines.append(f"  logs while the dashboard is open: {self.workdir / 'demo.log'}")
             lines.append("  Ctrl-C or q stops everything.")
         click.echo("\n".join(lines), err=True)
 
-    async def _run_daemon(self, run_cfg: Config, config_path: Path) -> Daemon:
-        """The daemon until the duration is over, the dashboard is closed, or a signal."""
+    async def _run_daemon(self, run_cfg: Config, config_path: Path, db: Any) -> Daemon:
+        """The daemon until the duration is over, the dashboard is closed, or a signal. Each
+        closed minute is logged as it stands in silver and gold (to the terminal headless, to
+        ``demo.log`` behind the dashboard)."""
         # no signal handling of its own: the demo owns the signals for the whole run (set-up,
         # daemon, shutdown), so one Ctrl-C stops everything in order
-        daemon = Daemon(run_cfg, handle_signals=False)
+        daemon = Daemon(run_cfg, handle_signals=False, simulated=True)
         self.daemon = daemon
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             await tg.start(daemon.run)
             watcher = anyio.CancelScope()
+            reporter = anyio.CancelScope()
 
             async def watch() -> None:
                 with watcher:
@@ -239,6 +255,7 @@ class Demo:
                         await anyio.sleep(0.5)
 
             tg.start_soon(watch, name="demo watcher")
+            tg.start_soon(self._watch_live, daemon, db, run_cfg, reporter, name="demo live")
             try:
                 if not self.stop.is_set():
                     if self.options.headless:
@@ -253,10 +270,19 @@ class Demo:
             finally:
                 self._note_connected(daemon)
                 watcher.cancel()
+                reporter.cancel()
                 daemon.request_stop()
         if error is not None:
             raise error
         return daemon
+
+    async def _watch_live(
+        self, daemon: Daemon, db: Any, run_cfg: Config, scope: anyio.CancelScope
+    ) -> None:
+        from klined.demo.live import watch_live
+
+        with scope:
+            await watch_live(daemon, db, _pairs(run_cfg))
 
     def _note_connected(self, daemon: Daemon) -> None:
         for conn in daemon.snapshot().connections:
@@ -310,7 +336,7 @@ class Demo:
     ) -> Summary:
         opts = self.options
         exchanges = list(run_cfg.exchanges.enabled())
-        pairs = {ex: [str(p) for p in run_cfg.pairs(ex)] for ex in exchanges}
+        pairs = _pairs(run_cfg)
         summary = Summary(self.workdir, ran_s, opts.seed, len(opts.pair_names), hours)
         summary.temporary = opts.dir is None
         summary.streams = stream_lines(daemon.snapshot(), exchanges, self.connected)
@@ -332,13 +358,19 @@ class Demo:
                 lake.s3_error = str(exc)[:200]
         summary.lake = lake
         try:
+            summary.live = await live_line(db, daemon, pairs, *self.daemon_span)
             summary.completeness = await completeness_lines(db, hours, pairs)
             summary.gold = await gold_rows(db, hours, pairs)
+            summary.datasets = await datasets_line(db, str(run_cfg.lake_root / "datasets"))
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
             summary.problems.append(f"reading completeness failed: {exc}")
         return summary
+
+
+def _pairs(cfg: Config) -> dict[str, list[str]]:
+    return {ex: [str(p) for p in cfg.pairs(ex)] for ex in cfg.exchanges.enabled()}
 
 
 async def count_s3_objects(cfg: Config, timeout_s: float = 30.0) -> int:

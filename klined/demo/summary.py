@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klined.demo.live import LiveLine
 from klined.model import HOUR_MS, iso, to_datetime
 from klined.status import StatusSnapshot
 from klined.warehouse.database import Database
 
-GOLD_TABLES = ("5m", "15m", "30m", "1h")
+GOLD_TABLES = ("5m", "15m", "30m", "1h", "4h", "1d")
 SOURCES = ("ws_final", "rest", "archive", "trades", "no_trades", "ws_partial", "missing")
 
 
@@ -59,6 +60,16 @@ class LakeLine:
 
 
 @dataclass(slots=True)
+class DatasetsLine:
+    """The Parquet day files the chain's publish step wrote (``ops.published``)."""
+
+    files: int = 0
+    rows: int = 0
+    mirrored: int = 0  # of them in S3
+    root: str = ""
+
+
+@dataclass(slots=True)
 class Summary:
     workdir: Path
     ran_s: float
@@ -67,8 +78,10 @@ class Summary:
     hours: list[int]
     streams: list[StreamLine] = field(default_factory=list)
     lake: LakeLine = field(default_factory=LakeLine)
+    live: LiveLine = field(default_factory=LiveLine)
     completeness: list[CompletenessLine] = field(default_factory=list)
     gold: dict[str, dict[str, int]] = field(default_factory=dict)  # exchange -> table -> rows
+    datasets: DatasetsLine = field(default_factory=DatasetsLine)
     problems: list[str] = field(default_factory=list)
     temporary: bool = False  # the working directory is removed at exit
 
@@ -120,12 +133,14 @@ class Summary:
         else:
             out.append("              local only (no --s3-endpoint/--bucket given)")
         out.append("")
+        out.extend(self.live.render())
+        out.append("")
         if self.hours:
             first, end = self.hours[0], self.hours[-1] + HOUR_MS
             out.append(
                 f"completeness  seeded hours {iso(first)} .. {iso(end)} ({len(self.hours)} h)"
             )
-            out.append("              (pair-hours from monitoring.hourly_completeness)")
+            out.append("              (minutes, from monitoring.hourly_completeness)")
         out.append(
             f"  {'':<7}{'expected':>9}{'ws_final':>9}{'rest':>7}{'archive':>8}{'trades':>7}"
             f"{'no_trd':>7}{'partial':>8}{'missing':>8}{'rate':>8}"
@@ -144,6 +159,13 @@ class Summary:
         out.append(f"{'gold rows':<11}" + "".join(f"{t:>8}" for t in GOLD_TABLES))
         for ex, tables in self.gold.items():
             out.append(f"  {ex:<9}" + "".join(f"{tables.get(t, 0):>8,}" for t in GOLD_TABLES))
+        out.append("")
+        d = self.datasets
+        out.append(
+            f"datasets      {d.files:,} Parquet day file(s), {d.rows:,} rows, under {d.root}"
+        )
+        if d.mirrored:
+            out.append(f"              {d.mirrored:,} mirrored to S3 under datasets/")
         out.append("")
         out.extend(f"problem: {p}" for p in self.problems)
         if self.ok:
@@ -220,10 +242,20 @@ async def completeness_lines(
     ]
 
 
+async def datasets_line(db: Database, root: str) -> DatasetsLine:
+    row = await db.fetchrow(
+        "SELECT count(*) AS files, coalesce(sum(rows), 0) AS rows, count(s3_key) AS mirrored"
+        " FROM ops.published"
+    )
+    if row is None:  # pragma: no cover - an aggregate always returns a row
+        return DatasetsLine(root=root)
+    return DatasetsLine(int(row["files"]), int(row["rows"]), int(row["mirrored"]), root)
+
+
 async def gold_rows(
     db: Database, hours: Sequence[int], pairs: dict[str, list[str]]
 ) -> dict[str, dict[str, int]]:
-    """Gold rows per exchange and interval whose bucket starts in the seeded hours."""
+    """Gold rows per exchange and interval whose bucket overlaps the seeded hours."""
     out: dict[str, dict[str, int]] = {ex: {} for ex in pairs}
     if not hours:
         return out
@@ -234,7 +266,7 @@ async def gold_rows(
             f"SELECT g.exchange, count(*) AS n FROM gold.ohlcv_{table} g"  # fixed table names
             " JOIN unnest($3::text[], $4::text[]) AS c(exchange, symbol)"
             "   ON c.exchange = g.exchange AND c.symbol = g.symbol"
-            " WHERE g.interval_start >= $1 AND g.interval_start < $2 GROUP BY g.exchange",
+            " WHERE g.interval_end > $1 AND g.interval_start < $2 GROUP BY g.exchange",
             to_datetime(hours[0]),
             to_datetime(hours[-1] + HOUR_MS),
             exchanges,

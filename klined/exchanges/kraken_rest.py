@@ -1,6 +1,9 @@
 """Kraken's public REST API (AssetPairs, OHLC, Trades) and its symbol names.
 
 The REST half of :class:`klined.exchanges.kraken.Kraken`, kept apart to keep modules short.
+Native names keep Kraken's spelling, case included: its tokenized stocks are ``AAPLx/USD`` on the
+WebSocket and ``AAPLxUSD`` over REST, while klined's canonical pair is ``AAPLX/USD`` (canonical
+pairs are upper-case; the listing, or a ``native`` override, supplies the exchange's spelling).
 REST names are the legacy ones (``XBTUSD`` for BTC/USD) and results are keyed by the pair's own
 key, legacy (``XXBTZUSD``) or plain (``SOLUSD``), so responses are read by taking the single
 key of ``result`` that is not ``last``. Errors come as an array of strings, usually with HTTP
@@ -11,10 +14,12 @@ pages by a nanosecond ``last`` cursor, up to 1000 trades per page.
 
 from __future__ import annotations
 
+import itertools
 import re
 from decimal import Decimal
 
 import msgspec
+from loguru import logger
 
 from klined.config import SymbolOverride
 from klined.errors import ExchangeError, ParseError, RateLimited, RequestRejected, UnlistedPair
@@ -38,6 +43,8 @@ NAME = "kraken"
 COSTS = {"ohlc": 1, "trades": 1, "listing": 1}
 
 OHLC_WINDOW = 720
+#: Kraken's OHLC intervals other than one minute (5 min to 15 days), in ms
+_OTHER_INTERVALS_MS = frozenset(m * MINUTE_MS for m in (5, 15, 30, 60, 240, 1440, 10080, 21600))
 TRADES_PER_PAGE = 1000
 
 #: Kraken's legacy asset codes (REST and WS v1) -> the common names WS v2 and klined use.
@@ -59,20 +66,30 @@ class _AssetPair(msgspec.Struct):
 
 
 _OhlcRow = tuple[int, str, str, str, str, str, str, int]
-_TradeRow = tuple[str, str, Decimal, str, str, str, int]
-_OldTradeRow = tuple[str, str, Decimal, str, str, str]
+#: a trade row's leading fields: price, volume, time (then side, type, misc, trade id, and
+#: whatever Kraken may append later, which is ignored)
+_TradeHead = tuple[str, str, Decimal]
 
 _REST = msgspec.json.Decoder(_Rest)
 _PAIRS = msgspec.json.Decoder(_AssetPair)
 _RAWS = msgspec.json.Decoder(list[msgspec.Raw])
 _OHLC_ROW = msgspec.json.Decoder(_OhlcRow)
-_TRADE_ROW = msgspec.json.Decoder(_TradeRow)
-_OLD_TRADE_ROW = msgspec.json.Decoder(_OldTradeRow)
+_TRADE_HEAD = msgspec.json.Decoder(_TradeHead)
+_TRADE_ID = msgspec.json.Decoder(int)
+_TRADE_FIELDS = 7
 _LAST = msgspec.json.Decoder(int | str)
 
 
 def _common_asset(code: str) -> str:
     return ASSET_ALIASES.get(code.upper(), code.upper())
+
+
+def ws_native_name(wsname: str) -> str:
+    """AssetPairs' ``wsname`` as WS v2 spells it: legacy codes replaced (``XBT/USD`` ->
+    ``BTC/USD``), the case of everything else kept (``AAPLx/USD``)."""
+    if wsname.count("/") != 1:
+        return wsname
+    return "/".join(ASSET_ALIASES.get(side.upper(), side) for side in wsname.split("/"))
 
 
 def ws_name_to_pair(name: str) -> Pair | None:
@@ -84,6 +101,23 @@ def ws_name_to_pair(name: str) -> Pair | None:
         return Pair.parse(f"{_common_asset(base)}/{_common_asset(quote)}")
     except ValueError:
         return None
+
+
+_extra_fields_noted = False
+
+
+def _note_extra_trade_fields(count: int, item: bytes) -> None:
+    """Kraken appended fields to its trade rows: they are ignored; said once per process."""
+    global _extra_fields_noted
+    if not _extra_fields_noted:
+        _extra_fields_noted = True
+        logger.warning(
+            "kraken Trades rows now carry {} fields (klined reads the first {}; the rest are "
+            "ignored): {}",
+            count,
+            _TRADE_FIELDS,
+            snippet(item),
+        )
 
 
 class KrakenRest:
@@ -156,7 +190,7 @@ class KrakenRest:
                 continue
             listing[pair] = ListedPair(
                 pair=pair,
-                ws_native=str(ws_pair) if ws_pair is not None else info.wsname,
+                ws_native=ws_native_name(info.wsname),
                 rest_native=info.altname or key,
                 rest_key=key,
                 trading=info.status == "online",
@@ -219,6 +253,16 @@ class KrakenRest:
             parsed.append((t_ms, row, item))
         if not parsed:
             return CandlePage(candles=[], covered=(start, start))
+        spacings = {b[0] - a[0] for a, b in itertools.pairwise(parsed)}
+        if len(parsed) >= 3 and len(spacings) == 1 and spacings <= _OTHER_INTERVALS_MS:
+            # Kraken sends a row for every minute of a 1-minute request (traded or not):
+            # rows evenly one of its other intervals apart are candles of that interval (a
+            # proxy or cache that ignored ``interval``), never 1-minute candles
+            raise ParseError(
+                f"kraken OHLC for {pair}: rows are {min(spacings) // 1000} s apart, but "
+                f"1-minute candles were requested (interval={request.params.get('interval')})",
+                snippet(body),
+            )
         candles = []
         for t_ms, row, item in parsed[:-1]:  # the last entry is the uncommitted current candle
             if t_ms + MINUTE_MS > now_ms or not (start <= t_ms < end):
@@ -295,14 +339,16 @@ class KrakenRest:
             item = bytes(raw)
             trade_id: int | None = None
             try:
-                full = _TRADE_ROW.decode(item)
-                price_s, volume_s, when, trade_id = full[0], full[1], full[2], full[6]
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                try:
-                    old = _OLD_TRADE_ROW.decode(item)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    raise ParseError(f"kraken trade for {pair}: {exc}", snippet(item)) from None
-                price_s, volume_s, when = old[0], old[1], old[2]
+                fields = _RAWS.decode(item)
+                if len(fields) < 6:
+                    raise msgspec.ValidationError(f"{len(fields)} fields, expected 6 or more")
+                price_s, volume_s, when = _TRADE_HEAD.decode(b"[%s,%s,%s]" % tuple(fields[:3]))
+                if len(fields) >= _TRADE_FIELDS:
+                    trade_id = _TRADE_ID.decode(fields[6])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ParseError(f"kraken trade for {pair}: {exc}", snippet(item)) from None
+            if len(fields) > _TRADE_FIELDS:
+                _note_extra_trade_fields(len(fields), item)
             try:
                 price = to_decimal(price_s, "price")
                 volume = to_decimal(volume_s, "volume")

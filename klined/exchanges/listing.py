@@ -7,6 +7,7 @@ pairs of the same base so the user can configure one explicitly.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 
 from klined.exchanges.base import ListedPair
 from klined.model import Pair
@@ -31,17 +32,27 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def configured_natives(adapter: object) -> dict[Pair, str]:
+    """The native names the config sets explicitly (``[exchanges.X.symbols."P"] native``)."""
+    symbols = getattr(adapter, "symbols", None)
+    overrides = getattr(symbols, "overrides", None) or {}
+    return {pair: ov.native for pair, ov in overrides.items() if ov.native}
+
+
 def check_listing(
     configured: list[Pair],
     listing: dict[Pair, ListedPair],
     *,
     exchange: str = "this exchange",
+    natives: Mapping[Pair, str] | None = None,
 ) -> tuple[list[Pair], dict[Pair, str]]:
     """Split ``configured`` into listed pairs and ``{pair: message}`` for the others.
 
     A listed pair that is not trading (halted, cancel-only, delisting) is reported too: no
     candles will come for it. Messages suggest same-base pairs in another quote, or a close
-    base name for a probable typo.
+    base name for a probable typo. ``natives`` are the configured native names (overrides):
+    one the exchange does not use for the pair is reported too, since an exchange may accept
+    a subscription to a name it does not list and then simply send nothing.
     """
     listed: list[Pair] = []
     problems: dict[Pair, str] = {}
@@ -49,8 +60,25 @@ def check_listing(
     for pair, info in listing.items():
         if info.trading:
             by_base.setdefault(pair.base, []).append(pair)
+    by_native = {info.ws_native: info for info in listing.values()}
     for pair in configured:
         found = listing.get(pair)
+        native = (natives or {}).get(pair, "")
+        if native and (found is None or found.ws_native != native):
+            other = by_native.get(native)
+            if other is not None and other.pair != pair:
+                problems[pair] = (
+                    f"{pair}: the configured native name {native!r} is {other.pair} on "
+                    f"{exchange}, not {pair}"
+                )
+                continue
+            if found is not None:
+                problems[pair] = (
+                    f"{pair}: the configured native name {native!r} is not listed on {exchange};"
+                    f" it lists {pair} as {found.ws_native!r} (fix exchanges.{exchange}.symbols."
+                    f'"{pair}".native)'
+                )
+                continue
         if found is not None and found.trading:
             listed.append(pair)
             continue

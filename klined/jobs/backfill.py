@@ -5,7 +5,14 @@ the warehouse lacks (final WS candles are never fetched again; ``refetch`` re-ve
 rows) into bronze, and :func:`klined.jobs.chain.run_chain` with the merge steps (silver, gold,
 completeness) turns every touched hour into silver and gold, under the chain's advisory lock,
 while the fetching goes on (hours are merged as soon as every pair of the exchange has
-passed them, so the merge overlaps the rate-limited fetching).
+passed them, so the merge overlaps the rate-limited fetching). The lock is taken per hour, so
+the daemon's hourly chain never waits behind more than one hour of merging; while the merge
+waits for the lock, the progress says for whom. At the end, the chain's ``publish`` step
+writes the changed days as Parquet datasets (when ``publish.enabled``).
+
+A backfill is how klined starts tracking history: the range's start becomes the requested
+pairs' coverage start (:mod:`klined.warehouse.coverage`) and their closed hours get pending
+completeness rows at once, so until the merge reaches an hour it counts as missing.
 
 With ``source`` ``auto`` (the default) each pair first loads what the exchange's published
 archive has of its missing minutes (:mod:`klined.jobs.backfill_archive`: Binance US's files
@@ -24,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from loguru import logger
@@ -36,8 +44,9 @@ from klined.jobs.backfill_archive import (
     BackfillArchives,
     check_source,
 )
-from klined.jobs.chain import ChainReport
-from klined.jobs.fetcher import LOOKBACK_FAILED, PairReport
+from klined.jobs.chain import RUN_STEPS, ChainReport, run_chain
+from klined.jobs.completeness import mark_pending
+from klined.jobs.fetcher import REQUEST_FAILED, PairReport
 from klined.jobs.gapfill import (
     PAIR_CONCURRENCY,
     configured_pairs,
@@ -45,8 +54,10 @@ from klined.jobs.gapfill import (
     fill_pair_range,
     wanted_minutes,
 )
+from klined.jobs.ingest import ingest_for
 from klined.jobs.merge import Merger, load_and_merge
 from klined.jobs.progress import Progress
+from klined.jobs.scheduler import closed_end_ms
 from klined.model import (
     EXCHANGES,
     HOUR_MS,
@@ -59,10 +70,11 @@ from klined.model import (
     to_datetime,
 )
 from klined.rest.client import RestClient
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database
 
-#: Reasons a minute stays missing that a later run may fix (the exit code says so).
-RETRYABLE = {"rate limited", "exchange error", "exchange ban (418)", LOOKBACK_FAILED}
+#: Reasons a minute stays missing that a later run may fix (failed requests: exit code 1).
+RETRYABLE = REQUEST_FAILED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +88,10 @@ class BackfillRequest:
     pairs: dict[str, list[Pair]]  # exchange -> pairs
     note: str = ""  # e.g. the end was clamped to now
     source: str = "auto"  # auto | rest | archive
+
+
+def ceil_hour(ms: int) -> int:
+    return -(-ms // HOUR_MS) * HOUR_MS
 
 
 def resolve_request(
@@ -210,6 +226,7 @@ class BackfillResult:
     merges: list[ChainReport] = field(default_factory=list)
     duration_s: float = 0.0
     archive: ImportResult = field(default_factory=ImportResult)  # archive problems and notes
+    published: ChainReport | None = None  # the publish run after the merges
 
     @property
     def rows(self) -> int:
@@ -217,7 +234,7 @@ class BackfillResult:
 
     @property
     def merged_ok(self) -> bool:
-        return all(m.ok for m in self.merges)
+        return all(m.ok for m in self.merges) and (self.published is None or self.published.ok)
 
     @property
     def retryable_missing(self) -> int:
@@ -240,9 +257,12 @@ async def run_backfill(
     now_ms: int | None = None,
     concurrency: int = PAIR_CONCURRENCY,
     progress: Progress | None = None,
+    lake: Any = None,
 ) -> BackfillResult:
-    """Fetch what the warehouse lacks in the range, then merge every touched hour."""
+    """Fetch what the warehouse lacks in the range (into the lake, then bronze), then merge
+    every touched hour. ``lake``: a :class:`~klined.lake.LakeStore` (default: configured)."""
     started = time.monotonic()
+    ingest = ingest_for(db, cfg, lake)
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     start, end = request.start_ms, request.end_ms
     result = BackfillResult()
@@ -253,6 +273,13 @@ async def run_backfill(
         result.reports.extend(reports[ex])
     if progress is not None:
         progress.reports[:] = result.reports
+    # klined tracks these pairs from the range's start now: their hours count from here on,
+    # as pending until the merge reaches them
+    # (from the first whole hour of the range)
+    await extend_coverage(
+        db, [(ex, str(p)) for ex, plist in by_exchange.items() for p in plist], ceil_hour(start)
+    )
+    await mark_pending(db, closed_end_ms(cfg, now))
     dirty = await dirty_hours(db, start, end)
 
     def frontier(ex: str) -> int:
@@ -266,6 +293,7 @@ async def run_backfill(
         is_ready=lambda ex, hour: hour + HOUR_MS <= frontier(ex),
         initial=dirty,
         reports=result.merges,
+        progress=progress,
     )
     archives = BackfillArchives(db, cfg, request.source, start, end, now)
     result.archive = archives.result
@@ -306,9 +334,9 @@ async def run_backfill(
                     await checkpoint(end)
                 else:
                     await fill_pair_range(
-                        db, client, pair, resume, end, now_ms=now, refetch=refetch,
-                        bronze_hours=bronze_hours, reason="backfill", report=rep,
-                        on_progress=checkpoint,
+                        db, client, pair, resume, end, ingest=ingest, now_ms=now,
+                        refetch=refetch, bronze_hours=bronze_hours, reason="backfill",
+                        report=rep, on_progress=checkpoint,
                     )  # fmt: skip
                 status = "done"
                 detail = f"fetched {rep.fetched}, no-trade {rep.no_trades}"
@@ -340,6 +368,12 @@ async def run_backfill(
 
     async with archives:
         await load_and_merge(fetch_all, merger, progress)
+    if cfg.publish.enabled and any(m.hours for m in result.merges):
+        # the days the merges changed, as Parquet datasets (queued by gold, published once)
+        result.published = await run_chain(
+            db, cfg, [], trigger="backfill", steps=RUN_STEPS, lock_wait_s=None,
+            maintain_partitions=False,
+        )  # fmt: skip
     result.duration_s = time.monotonic() - started
     return result
 

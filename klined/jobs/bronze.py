@@ -1,4 +1,4 @@
-"""Bronze: load lake parts (and gap-fill rows) into ``bronze.bronze_ohlcv_native`` with COPY.
+"""Bronze: load lake parts into ``bronze.bronze_ohlcv_native`` with COPY.
 
 Exactly once: a batch of parts is loaded in ONE transaction that first claims the parts in
 ``ops.lake_parts`` (``INSERT ... ON CONFLICT DO NOTHING``), then COPYs their rows, then records
@@ -7,19 +7,36 @@ or cancellation rolls the whole batch back, claims included, so a re-run loads i
 
 Speed: asyncpg's binary COPY encodes ``numeric`` from Python at ~60k rows/s on this class of
 machine, far below what the server ingests, so rows go in as CSV. Lines are decoded with
-msgspec (:func:`klined.lake.read_part`), timestamps rendered from a per-second cache, and each
-part re-encoded as JSON arrays in C; when that is byte-for-byte valid CSV (no backslash escape,
-the row separator unambiguous) it is streamed as is, otherwise rows are quoted by hand. Encoding
+msgspec (:func:`klined.lake.read_part`, which unzips sealed gzip parts first), timestamps
+rendered from a per-second cache, and each part re-encoded as JSON arrays in C; when that is
+byte-for-byte valid CSV (no backslash escape, the row separator unambiguous) it is streamed as
+is, otherwise rows are quoted by hand. Encoding
 the next part overlaps with the server parsing the previous one (on the other core), so COPY
 messages stay well under the socket buffer. Parts on the local disk (a :class:`LakeStore`
 ref's ``local_path``) are read in place: a few tens of KB from the page cache take microseconds,
 while a worker-thread hop per part, fighting the busy loop for the GIL, cost more than decoding
 the part. Other parts are fetched a few at a time concurrently, ahead of the COPY.
 
-Torn or malformed lines are skipped and counted per part. A value the server refuses (a
-non-numeric price, NaN) fails the batch, which is then re-done in careful mode: every line is
-validated in Python and the bad ones are counted like torn lines. Rows filed under another
-hour's folder are loaded too (their partitions are created in the same transaction).
+A loaded part is proof its pair was captured in its hour, so the same transaction starts the
+pair's coverage there if it started later (:mod:`klined.warehouse.coverage`).
+
+One bad part never stops an hour:
+
+* A part that cannot be read (permissions, an I/O error, gone from disk and from S3, content
+  that cannot be decoded at all) is **quarantined**: its ledger row says ``quarantined`` with
+  the reason, its rows are not loaded, and the rest of the hour loads. Every later run tries
+  it again (the chain picks hours with quarantined parts); once it reads, it is loaded exactly
+  once and its row turns ``loaded``.
+* **Bad lines** are skipped and counted per part (``bad_lines``, a sample of their numbers):
+  torn or malformed JSON; a line whose exchange or symbol differs from the part's folder; a
+  minute outside the part's hour or off the minute grid (the writer files every event under
+  its candle's hour, so there is no late window for the *minute*: lateness shows only in
+  ``ingestion_ts``, and a late event goes to a new part of the right hour); an interval other
+  than one minute; a value PostgreSQL cannot hold (not a finite number, more digits than
+  ``numeric`` keeps, a trade count beyond ``bigint``). The cheap checks run on every part;
+  when one fails, that part is decoded again line by line to count exactly which lines are
+  bad. A value only the server refuses fails the batch, which is then re-done in careful mode:
+  every line is validated in Python.
 """
 
 from __future__ import annotations
@@ -39,9 +56,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from loguru import logger
 
 from klined.jobs.ops import StepResult, mark_dirty_hours
-from klined.lake import LakeStore, read_part
-from klined.model import HOUR_MS, Candle, CandleRecord, Origin, floor_hour, iso, to_datetime
-from klined.warehouse.database import BRONZE_TABLE, PARTITIONED_TABLES, Database
+from klined.lake import LakeStore, parse_key, plain_bytes, read_part
+from klined.model import (
+    HOUR_MS,
+    Candle,
+    CandleRecord,
+    Origin,
+    floor_hour,
+    from_datetime,
+    iso,
+    to_datetime,
+)
+from klined.warehouse.coverage import extend_coverage
+from klined.warehouse.database import Database
 
 STEP = "bronze"
 
@@ -71,6 +98,9 @@ _PLAIN = operator.attrgetter(
     "volume", "quote_volume", "vwap", "trade_count", "is_final", "origin", "session_id",
 )  # fmt: skip
 _EXCHANGE = operator.attrgetter("exchange")
+_PAIR = operator.attrgetter("exchange", "symbol")
+_SYMBOL = operator.attrgetter("symbol")
+_SECONDS_OF = operator.attrgetter("interval_seconds")
 
 _ENCODER = msgspec.json.Encoder()
 _LINE_DECODER = msgspec.json.Decoder(CandleRecord)
@@ -121,13 +151,26 @@ def _ref_exchange(ref: Any) -> str:
 # validation and CSV encoding
 
 
+#: PostgreSQL ``numeric``: at most 131072 digits before the decimal point, 16383 after
+NUMERIC_INT_DIGITS = 131_072
+NUMERIC_FRAC_DIGITS = 16_383
+
+
 def _bad_number(text: str | None, optional: bool) -> bool:
+    """Whether ``text`` is not a number PostgreSQL's ``numeric`` can hold exactly."""
     if text is None:
         return not optional
     try:
-        return not Decimal(text).is_finite()
+        value = Decimal(text)
     except (InvalidOperation, ValueError, TypeError):
         return True
+    if not value.is_finite():
+        return True
+    if value.is_zero():
+        return False
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return value.adjusted() >= NUMERIC_INT_DIGITS or -exponent > NUMERIC_FRAC_DIGITS
 
 
 def validate_record(rec: CandleRecord | Candle) -> str | None:
@@ -145,21 +188,66 @@ def validate_record(rec: CandleRecord | Candle) -> str | None:
     for name in ("interval_start", "event_ts", "ingestion_ts"):
         if not 0 <= getattr(rec, name) < _MAX_MS - 86_400_000:
             return f"{name} out of range"
+    if rec.interval_start % (rec.interval_seconds * 1000):
+        return f"interval_start {rec.interval_start} is not on the {rec.interval_seconds} s grid"
     for name in ("open", "high", "low", "close", "volume"):
         if _bad_number(getattr(rec, name), optional=False):
-            return f"{name} is not a finite number: {getattr(rec, name)!r}"
+            return f"{name} is not a finite number PostgreSQL can hold: {getattr(rec, name)!r:.60}"
     for name in ("quote_volume", "vwap"):
         if _bad_number(getattr(rec, name), optional=True):
-            return f"{name} is not a finite number: {getattr(rec, name)!r}"
+            return f"{name} is not a finite number PostgreSQL can hold: {getattr(rec, name)!r:.60}"
     if rec.trade_count is not None and not 0 <= rec.trade_count < 2**63:
         return f"bad trade_count {rec.trade_count}"
     return None
 
 
-def _careful_decode(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
+class _Folder(msgspec.Struct, frozen=True):
+    """What a part's folder says every line of it must be: exchange, symbol, hour."""
+
+    exchange: str
+    symbol: str
+    hour_ms: int
+
+    def mismatch(self, rec: CandleRecord) -> str | None:
+        if rec.exchange != self.exchange or rec.symbol != self.symbol:
+            return f"{rec.exchange!r} {rec.symbol!r} in the folder of {self.exchange} {self.symbol}"
+        if not self.hour_ms <= rec.interval_start < self.hour_ms + HOUR_MS:
+            return f"minute {rec.interval_start} outside the part's hour"
+        if rec.interval_seconds != 60:
+            return f"interval of {rec.interval_seconds} s in a 1-minute part"
+        return None
+
+    def fits(self, records: list[CandleRecord], outside: bool) -> bool:
+        """The cheap check of a whole part (C-level set building); ``outside``: whether
+        ``format_rows`` put a row outside the hour or off the minute grid."""
+        return (
+            not outside
+            and set(map(_EXCHANGE, records)) == {self.exchange}
+            and set(map(_SYMBOL, records)) == {self.symbol}
+            and set(map(_SECONDS_OF, records)) == {60}
+        )
+
+
+def _folder_of(ref: Any, hour: int) -> _Folder | None:
+    """The folder a part was filed under (None for a source whose keys are not lake keys)."""
+    try:
+        pk = parse_key(ref.key)
+    except (ValueError, AttributeError):
+        return None
+    return _Folder(pk.exchange, pk.symbol, hour if pk.hour_ms == hour else pk.hour_ms)
+
+
+def _careful_decode(
+    data: bytes, folder: _Folder | None = None
+) -> tuple[list[CandleRecord], int, list[int]]:
+    """Every line validated (and checked against its folder): the good records, the count of
+    bad lines and a sample of their numbers."""
     records: list[CandleRecord] = []
-    bad = 0
-    numbers: list[int] = []
+    data, complete = plain_bytes(data)
+    if not complete:
+        data = data[: data.rfind(b"\n") + 1]  # a line cut by the damage is part of it
+    bad = 0 if complete else 1  # the damaged rest of a gzip part
+    numbers: list[int] = [] if complete else [data.count(b"\n") + 1]
     for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -167,7 +255,11 @@ def _careful_decode(data: bytes) -> tuple[list[CandleRecord], int, list[int]]:
             rec: CandleRecord | None = _LINE_DECODER.decode(line)
         except msgspec.DecodeError:
             rec = None
-        if rec is None or validate_record(rec) is not None:
+        if (
+            rec is None
+            or validate_record(rec) is not None
+            or (folder is not None and folder.mismatch(rec) is not None)
+        ):
             bad += 1
             if len(numbers) < BAD_LINE_SAMPLE:
                 numbers.append(number)
@@ -195,7 +287,7 @@ def _span(start_ms: int, seconds: int) -> tuple[str, str]:
         (_SECONDS.get(q) or _second(q)) + _MILLIS[m],
         (_SECONDS.get(q + seconds) or _second(q + seconds)) + _MILLIS[m],
     )
-    if seconds == 60:
+    if seconds == 60 and not start_ms % 60_000:
         if len(_SPANS) > _CACHE_MAX:
             _SPANS.clear()
         _SPANS[start_ms] = span
@@ -205,7 +297,8 @@ def _span(start_ms: int, seconds: int) -> tuple[str, str]:
 def format_rows(
     records: Iterable[CandleRecord | Candle], lo: int, hi: int
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], set[int]]:
-    """COPY rows (``COPY_COLUMNS`` order, without lake_key) split by ``lo <= start < hi``.
+    """COPY rows (``COPY_COLUMNS`` order, without lake_key) split by ``lo <= start < hi``
+    (a start off its interval's grid counts as outside too).
 
     Timestamps become UTC text with an explicit ``+00`` (from caches: this loop is the
     loader's hot path); returns (inside, outside, the hours of the outside rows).
@@ -220,10 +313,15 @@ def format_rows(
     keep = inside.append
     for r in records:
         s = r.interval_start
+        grid = True
         if r.interval_seconds == 60:
-            span = spans.get(s) or _span(s, 60)
+            span = spans.get(s)  # only minutes on the grid are cached
+            if span is None:
+                span = _span(s, 60)
+                grid = not s % 60_000
         else:
             span = _span(s, r.interval_seconds)
+            grid = not s % (r.interval_seconds * 1000)
         e = r.event_ts
         i = r.ingestion_ts
         row = (
@@ -234,7 +332,7 @@ def format_rows(
                 (sec.get(i // 1000) or _second(i // 1000)) + ms[i % 1000],
             )
         )
-        if lo <= s < hi:
+        if grid and lo <= s < hi:
             keep(row)
         else:
             outside.append(row)
@@ -284,28 +382,19 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _create_partitions_here(conn: asyncpg.Connection, hours: Iterable[int]) -> None:
-    """Create partitions inside the caller's transaction (rare: rows outside their folder)."""
-    await conn.execute(
-        "SELECT ops.ensure_hour_partition(t, h)"
-        " FROM unnest($1::text[]) t CROSS JOIN unnest($2::timestamptz[]) h",
-        list(PARTITIONED_TABLES),
-        [to_datetime(h) for h in sorted(hours)],
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # loading parts
 
 
 class _PartStats:
-    __slots__ = ("bad", "bad_numbers", "rows", "size")
+    __slots__ = ("bad", "bad_numbers", "quarantined", "rows", "size")
 
     def __init__(self) -> None:
         self.size = 0
         self.rows = 0
         self.bad = 0
         self.bad_numbers: list[int] = []
+        self.quarantined = ""  # why the part could not be read ("" when it was)
 
 
 class _Batch:
@@ -314,8 +403,12 @@ class _Batch:
     def __init__(self) -> None:
         self.stats: dict[str, _PartStats] = {}
         self.dirty: set[tuple[str, int]] = set()
-        self.outside: list[bytes] = []
-        self.outside_hours: set[int] = set()
+        self.pairs: set[tuple[str, str]] = set()  # (exchange, symbol) captured in the hour
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 async def _read_parts(
@@ -335,7 +428,7 @@ async def _read_parts(
                     raise
                 except Exception as exc:
                     await out.send((ref, exc))
-                    return
+                    continue
                 await out.send((ref, data))
 
     async with send, anyio.create_task_group() as tg:
@@ -351,8 +444,13 @@ def _local_path(source: PartSource, ref: Any) -> str | None:
     return None
 
 
-async def _read_one(source: PartSource, ref: Any) -> bytes:
-    data: bytes = await _maybe_await(source.read_part_bytes(ref))
+async def _read_one(source: PartSource, ref: Any) -> bytes | Exception:
+    try:
+        data: bytes = await _maybe_await(source.read_part_bytes(ref))
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        return exc
     return data
 
 
@@ -365,18 +463,43 @@ def _read_local(path: str) -> bytes | None:
         return None
 
 
+def _decode(
+    data: bytes, folder: _Folder | None, careful: bool, lo: int, hi: int, st: _PartStats
+) -> tuple[list[tuple[Any, ...]], list[CandleRecord]]:
+    """The part's COPY rows; bad lines counted in ``st``. Fast unless something is off."""
+    if not careful:
+        contents = read_part(data)
+        records = contents.records
+        inside, outside, _hours = format_rows(records, lo, hi)
+        if folder is None or not records or folder.fits(records, bool(outside)):
+            st.bad, st.bad_numbers = contents.bad_lines, list(contents.bad_line_numbers)
+            return inside, records
+    records, st.bad, st.bad_numbers = _careful_decode(data, folder)
+    inside, _outside, _hours = format_rows(records, lo, hi)
+    return inside, records
+
+
 async def _load_batch(
-    db: Database, hour: int, refs: Sequence[Any], source: PartSource, careful: bool
+    db: Database,
+    hour: int,
+    refs: Sequence[Any],
+    source: PartSource,
+    careful: bool,
+    reason: str = "lake_parts",
 ) -> _Batch:
     batch = _Batch()
     lo, hi = hour, hour + HOUR_MS
     async with db.transaction() as conn:
+        # a part is claimed once; a quarantined one is claimed again (it may read now)
         claimed_keys = {
             r["lake_key"]
             for r in await conn.fetch(
-                "INSERT INTO ops.lake_parts (lake_key, hour_start, exchange, size, rows)"
+                "INSERT INTO ops.lake_parts AS p (lake_key, hour_start, exchange, size, rows)"
                 " SELECT k, $2, e, 0, 0 FROM unnest($1::text[], $3::text[]) AS t(k, e)"
-                " ON CONFLICT (lake_key) DO NOTHING RETURNING lake_key",
+                " ON CONFLICT (lake_key) DO UPDATE SET status = 'loaded', reason = '',"
+                "   attempts = p.attempts + 1, loaded_at = now()"
+                " WHERE p.status = 'quarantined'"
+                " RETURNING lake_key",
                 [r.key for r in refs],
                 to_datetime(hour),
                 [_ref_exchange(r) for r in refs],
@@ -392,17 +515,15 @@ async def _load_batch(
 
         async def parts_data(
             fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
-        ) -> AsyncIterator[tuple[Any, bytes]]:
+        ) -> AsyncIterator[tuple[Any, bytes | Exception]]:
             for n, (ref, path) in enumerate(local, 1):
                 data = _read_local(path)
                 yield ref, (data if data is not None else await _read_one(source, ref))
                 if n % YIELD_PARTS == 0:
                     # a run of parts with no rows for the COPY never reaches its checkpoint
                     await anyio.lowlevel.checkpoint()
-            async for ref, item in fetched:
-                if isinstance(item, Exception):
-                    raise item
-                yield ref, item
+            async for item in fetched:
+                yield item
 
         async def chunks(
             parts: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
@@ -411,32 +532,29 @@ async def _load_batch(
             pending_size = 0
             async for ref, data in parts_data(parts):
                 st = batch.stats[ref.key] = _PartStats()
-                st.size = len(data)
-                if careful:
-                    records, st.bad, st.bad_numbers = _careful_decode(data)
-                else:
-                    contents = read_part(data)
-                    records, st.bad = contents.records, contents.bad_lines
-                    st.bad_numbers = list(contents.bad_line_numbers)
-                st.rows = len(records)
-                if not records:
+                if isinstance(data, Exception):
+                    st.quarantined = _why(data)
                     continue
-                inside, outside, hours = format_rows(records, lo, hi)
-                exchanges = set(map(_EXCHANGE, records))
-                batch.dirty.update((e, h) for e in exchanges for h in (hours | {hour}))
-                if outside:
-                    batch.outside.append(encode_csv(outside, ref.key))
-                    batch.outside_hours.update(hours)
-                if inside:
-                    encoded = encode_csv(inside, ref.key)
-                    pending.append(encoded)
-                    pending_size += len(encoded)
-                    if pending_size >= COPY_CHUNK:
-                        yield b"".join(pending)
-                        pending.clear()
-                        pending_size = 0
-                        # let the loop flush the socket (and other tasks run)
-                        await anyio.lowlevel.checkpoint()
+                st.size = len(data)
+                try:
+                    inside, records = _decode(data, _folder_of(ref, hour), careful, lo, hi, st)
+                except Exception as exc:  # content no decoder makes sense of (e.g. bad gzip)
+                    st.quarantined = _why(exc)
+                    continue
+                st.rows = len(inside)
+                if not inside:
+                    continue
+                batch.dirty.update((e, hour) for e in set(map(_EXCHANGE, records)))
+                batch.pairs.update(map(_PAIR, records))
+                encoded = encode_csv(inside, ref.key)
+                pending.append(encoded)
+                pending_size += len(encoded)
+                if pending_size >= COPY_CHUNK:
+                    yield b"".join(pending)
+                    pending.clear()
+                    pending_size = 0
+                    # let the loop flush the socket (and other tasks run)
+                    await anyio.lowlevel.checkpoint()
             if pending:
                 yield b"".join(pending)
 
@@ -454,17 +572,14 @@ async def _load_batch(
                     tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        if batch.outside:
-            unknown = batch.outside_hours - db.known_partitions(BRONZE_TABLE)
-            if unknown:
-                await _create_partitions_here(conn, unknown)
-            await copy_csv(conn, _one_chunk(b"".join(batch.outside)))
         keys = list(batch.stats)
         await conn.execute(
             "UPDATE ops.lake_parts p SET size = t.size, rows = t.n, bad_lines = t.bad,"
-            "   bad_line_numbers = t.nums::int[]"
-            " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::text[])"
-            "   AS t(k, size, n, bad, nums)"
+            "   bad_line_numbers = t.nums::int[],"
+            "   status = CASE WHEN t.why = '' THEN 'loaded' ELSE 'quarantined' END,"
+            "   reason = t.why"
+            " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::text[],"
+            "   $6::text[]) AS t(k, size, n, bad, nums, why)"
             " WHERE p.lake_key = t.k",
             keys,
             [batch.stats[k].size for k in keys],
@@ -474,10 +589,12 @@ async def _load_batch(
                 "{" + ",".join(map(str, batch.stats[k].bad_numbers[:BAD_LINE_SAMPLE])) + "}"
                 for k in keys
             ],
+            [batch.stats[k].quarantined for k in keys],
         )
-        await mark_dirty_hours(conn, batch.dirty, "lake_parts")
-    if batch.outside_hours:
-        await db.ensure_partitions(batch.outside_hours)
+        await mark_dirty_hours(conn, batch.dirty, reason)
+        # a part is proof the pair was captured in its hour: its coverage starts there at
+        # the latest (klined.warehouse.coverage)
+        await extend_coverage(conn, batch.pairs, hour)
     return batch
 
 
@@ -493,10 +610,12 @@ async def load_hour(
     exchange: str | None = None,
     batch_parts: int = BATCH_PARTS,
 ) -> StepResult:
-    """Load every part of the hour that is not in ``ops.lake_parts`` yet; re-runnable.
+    """Load every part of the hour that is not loaded yet (quarantined ones are tried again);
+    re-runnable.
 
     Returns rows loaded; details: ``parts_listed``, ``parts_loaded``, ``parts_skipped``
-    (already loaded, here or by a concurrent loader), ``bad_lines``, ``bytes``,
+    (already loaded, here or by a concurrent loader), ``parts_quarantined`` (could not be
+    read; recorded with the reason, tried again by later runs), ``bad_lines``, ``bytes``,
     ``dirty_hours`` and ``careful_batches``.
     """
     hour = floor_hour(hour_ms)
@@ -505,7 +624,8 @@ async def load_hour(
         refs = [r for r in refs if _ref_exchange(r) == exchange]
     refs.sort(key=lambda r: r.key)
     done = await db.fetch(
-        "SELECT lake_key FROM ops.lake_parts WHERE lake_key = ANY($1::text[])",
+        "SELECT lake_key FROM ops.lake_parts WHERE lake_key = ANY($1::text[])"
+        " AND status = 'loaded'",
         [r.key for r in refs],
     )
     loaded = {r["lake_key"] for r in done}
@@ -514,6 +634,7 @@ async def load_hour(
         "parts_listed": len(refs),
         "parts_loaded": 0,
         "parts_skipped": len(refs) - len(todo),
+        "parts_quarantined": 0,
         "bad_lines": 0,
         "bytes": 0,
         "dirty_hours": 0,
@@ -526,38 +647,101 @@ async def load_hour(
     size = max(1, batch_parts)
     for start in range(0, len(todo), size):
         group = todo[start : start + size]
-        try:
-            batch = await _load_batch(db, hour, group, parts, careful=False)
-        except _SERVER_REFUSED as exc:
-            if _missing_partition(exc):
-                db.forget_partitions()
-                await db.ensure_partitions([hour])
-            else:
-                logger.warning(
-                    "bronze {}: the server refused a value ({}); loading {} parts carefully",
-                    iso(hour),
-                    exc,
-                    len(group),
-                )
-                details["careful_batches"] += 1
-            batch = await _load_batch(db, hour, group, parts, careful=True)
-        stats = batch.stats.values()
-        rows += sum(s.rows for s in stats)
-        details["parts_loaded"] += len(batch.stats)
-        details["parts_skipped"] += len(group) - len(batch.stats)
-        details["bad_lines"] += sum(s.bad for s in stats)
-        details["bytes"] += sum(s.size for s in stats)
+        batch = await _load_group(db, hour, group, parts, details, "lake_parts")
+        stats = batch.stats
+        quarantined = {k: st for k, st in stats.items() if st.quarantined}
+        for key, st in quarantined.items():
+            logger.error("bronze {}: part {} quarantined: {}", iso(hour), key, st.quarantined)
+        rows += sum(s.rows for s in stats.values())
+        details["parts_loaded"] += len(stats) - len(quarantined)
+        details["parts_quarantined"] += len(quarantined)
+        details["parts_skipped"] += len(group) - len(stats)
+        details["bad_lines"] += sum(s.bad for s in stats.values())
+        details["bytes"] += sum(s.size for s in stats.values())
         dirty.update(batch.dirty)
     details["dirty_hours"] = len(dirty)
     if details["bad_lines"]:
         logger.warning(
-            "bronze {}: skipped {} torn or malformed lines", iso(hour), details["bad_lines"]
+            "bronze {}: skipped {} torn, malformed or misfiled lines",
+            iso(hour),
+            details["bad_lines"],
         )
     return StepResult(step=STEP, hour_ms=hour, rows=rows, details=dict(details))
 
 
+async def quarantined_parts(
+    db: Database, *, since_ms: int | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Quarantined parts, newest hour first: ``lake_key``, ``hour_ms``, ``exchange``,
+    ``reason``, ``attempts``, ``last_tried_ms`` (for status, the TUI and ``klined check``)."""
+    rows = await db.fetch(
+        "SELECT lake_key, hour_start, exchange, reason, attempts, loaded_at FROM ops.lake_parts"
+        " WHERE status = 'quarantined' AND ($1::timestamptz IS NULL OR hour_start >= $1)"
+        " ORDER BY hour_start DESC, lake_key LIMIT $2",
+        to_datetime(since_ms) if since_ms is not None else None,
+        limit,
+    )
+    return [
+        {
+            "lake_key": r["lake_key"],
+            "hour_ms": from_datetime(r["hour_start"]),
+            "exchange": r["exchange"],
+            "reason": r["reason"],
+            "attempts": r["attempts"],
+            "last_tried_ms": from_datetime(r["loaded_at"]),
+        }
+        for r in rows
+    ]
+
+
+async def _load_group(
+    db: Database,
+    hour: int,
+    group: Sequence[Any],
+    parts: PartSource,
+    details: dict[str, int],
+    reason: str,
+) -> _Batch:
+    """One batch transaction; a value the server refuses makes it redo the batch carefully."""
+    try:
+        return await _load_batch(db, hour, group, parts, careful=False, reason=reason)
+    except _SERVER_REFUSED as exc:
+        if _missing_partition(exc):
+            db.forget_partitions()
+            await db.ensure_partitions([hour])
+        else:
+            logger.warning(
+                "bronze {}: the server refused a value ({}); loading {} parts carefully",
+                iso(hour),
+                exc,
+                len(group),
+            )
+            details["careful_batches"] = details.get("careful_batches", 0) + 1
+        return await _load_batch(db, hour, group, parts, careful=True, reason=reason)
+
+
+async def load_parts(
+    db: Database, refs: Sequence[Any], parts: PartSource, *, reason: str = "lake_parts"
+) -> int:
+    """Load these parts (refs with ``key``, ``hour_ms``, ideally ``exchange`` and
+    ``local_path``) through the ledger, each exactly once; mark their hours dirty with
+    ``reason``. Returns the rows loaded (0 for parts a loader took before)."""
+    by_hour: dict[int, list[Any]] = {}
+    for ref in refs:
+        by_hour.setdefault(floor_hour(ref.hour_ms), []).append(ref)
+    if not by_hour:
+        return 0
+    await db.ensure_partitions(by_hour)
+    rows = 0
+    details: dict[str, int] = {}
+    for hour, group in sorted(by_hour.items()):
+        batch = await _load_group(db, hour, group, parts, details, reason)
+        rows += sum(s.rows for s in batch.stats.values())
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
-# gap-fill rows
+# rows inserted directly (tests and tools: production rows enter through the lake)
 
 
 async def insert_candles(
@@ -567,10 +751,12 @@ async def insert_candles(
     reason: str = "gapfill",
     lake_key: str | None = None,
 ) -> int:
-    """Append REST / trades / no_trades candles to bronze (one transaction); mark their hours.
+    """Append candles to bronze directly (one transaction); mark their hours.
 
-    Every candle is validated first; an invalid one raises ``ValueError`` and nothing is
-    written. Returns the number of rows inserted.
+    For tests and tools that build a warehouse by hand: rows inserted here are in no lake part,
+    so a rebuild from the lake would not have them. The gap-fill and every other producer go
+    through the lake (:mod:`klined.jobs.ingest`). Every candle is validated first; an invalid
+    one raises ``ValueError`` and nothing is written. Returns the number of rows inserted.
     """
     items = list(candles)
     for candle in items:

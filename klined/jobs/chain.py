@@ -1,52 +1,66 @@
-"""The hourly chain: flush -> bronze -> gapfill -> silver -> gold -> completeness, per hour.
+"""The hourly chain: flush -> bronze -> gapfill -> silver -> gold -> completeness, per hour,
+then publish once per run.
 
-:func:`run_chain` runs the steps for a list of hours under a PostgreSQL advisory lock (two
-chains never run at once, even from several daemons or a backfill sharing the warehouse).
+:func:`run_chain` runs the steps for a list of hours, taking the chain lock
+(:mod:`klined.jobs.lock`) for one hour at a time, so another chain (the daemon's, a by-hand
+``klined chain``, a backfill's merges) never waits behind more than one hour of this one.
 Each step is recorded in ``ops.job_runs``; a failing step stops its hour (later hours still
 run) and the hour is picked again by the next run, because it is still dirty or was never
-completed. :func:`select_hours` decides which hours a run takes; :class:`ChainScheduler` runs
-it from the embedded cron inside ``klined run``; ``klined chain`` runs it by hand
-(:mod:`klined.commands.chain`).
+completed. A gap-fill whose requests failed is ``incomplete``: its hour goes on (silver, gold
+and completeness from what there is), the report says so, and ``klined chain`` exits 1.
+:mod:`klined.jobs.scheduler` decides which hours the daemon runs and when; ``klined chain``
+runs them by hand (:mod:`klined.commands.chain`).
 
 Idempotent by construction: every step is (see each step module), and a dirty mark is only
 cleared when the hour's silver, gold and completeness succeeded after the mark was made.
+
+``publish`` (:mod:`klined.datasets.publish`) is not tied to an hour: after the run's hours it
+writes every day whose silver or gold changed (queued by gold) as Parquet datasets, once, so a
+run that catches up on 24 hours of one day writes that day once, not 24 times. It runs even
+when an hour failed (what did change is published; the rest stays queued) and is recorded in
+``ops.job_runs`` without an hour. ``publish.enabled = false`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import asyncpg
-from cronsim import CronSim, CronSimError
 from loguru import logger
 
 from klined.config import Config
-from klined.errors import ChainError, ConfigError
+from klined.errors import ChainError, DatabaseError, describe_error, underlying
 from klined.jobs import ops
-from klined.model import HOUR_MS, floor_hour, from_datetime, iso, to_datetime
+from klined.jobs.fetcher import REQUEST_FAILED
+from klined.jobs.lock import ChainBusy, ChainLock, chain_lock, describe
+from klined.model import HOUR_MS, floor_hour, iso, to_datetime
 from klined.rest.client import RestClient
 from klined.status import ChainStatus
 from klined.warehouse.database import Database
 
-#: The steps of one hour, in order.
-STEPS = ("flush", "bronze", "gapfill", "silver", "gold", "completeness")
+__all__ = [
+    "MERGE_STEPS",
+    "RUN_STEPS",
+    "STEPS",
+    "ChainBusy",
+    "ChainReport",
+    "HourOutcome",
+    "StepOutcome",
+    "chain_lock",
+    "run_chain",
+]
+
+#: The steps of one hour, in order, then ``publish``, once per run.
+STEPS = ("flush", "bronze", "gapfill", "silver", "gold", "completeness", "publish")
+#: Steps run once per run, after the hours.
+RUN_STEPS = ("publish",)
 #: The steps that turn bronze into silver/gold/completeness (what a backfill runs).
 MERGE_STEPS = ("silver", "gold", "completeness")
-
-#: ``pg_try_advisory_lock`` key held by a running chain ("klined" in ASCII).
-CHAIN_LOCK_KEY = 0x6B6C696E6564
-
-_CLEANUP_S = 10.0
-
-
-class ChainBusy(ChainError):
-    """Another chain (daemon, ``klined chain`` or a backfill's merge) holds the lock."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +70,7 @@ class ChainBusy(ChainError):
 @dataclass(slots=True)
 class StepOutcome:
     step: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | incomplete | failed | skipped
     rows: int = 0
     duration_s: float = 0.0
     error: str = ""
@@ -71,33 +85,78 @@ class HourOutcome:
 
     @property
     def ok(self) -> bool:
+        """No step failed (an ``incomplete`` gap-fill is reported apart: see
+        :attr:`incomplete`)."""
         return all(s.status != "failed" for s in self.steps)
+
+    @property
+    def incomplete(self) -> bool:
+        """A step ran but failed requests left minutes missing."""
+        return any(s.status == "incomplete" for s in self.steps)
+
+    @property
+    def duration_s(self) -> float:
+        return sum(s.duration_s for s in self.steps)
 
 
 @dataclass(slots=True)
 class ChainReport:
     trigger: str
     hours: list[HourOutcome] = field(default_factory=list)
-    skipped: str = ""  # why the whole run did not happen (lock held elsewhere)
+    skipped: str = ""  # why (some of) the run did not happen (lock held elsewhere)
+    not_run: list[int] = field(default_factory=list)  # hours left undone because of that
     started_ms: int = 0
     duration_s: float = 0.0
+    publish: StepOutcome | None = None  # the run's publish step, when it ran
 
     @property
     def ok(self) -> bool:
-        return not self.skipped and all(h.ok for h in self.hours)
+        """Every hour ran, no step failed, no gap-fill was incomplete, publish did not fail."""
+        published = self.publish is None or self.publish.status != "failed"
+        return not self.skipped and all(h.ok and not h.incomplete for h in self.hours) and published
 
     def summary(self) -> str:
-        if self.skipped:
-            return f"skipped: {self.skipped}"
+        parts = [f"{len(self.hours)} hour(s)"]
         failed = sum(1 for h in self.hours if not h.ok)
-        text = f"{len(self.hours)} hour(s), {failed} failed, {self.duration_s:.1f}s"
-        return text if failed else text.replace(", 0 failed", "")
+        incomplete = sum(1 for h in self.hours if h.ok and h.incomplete)
+        if failed:
+            parts.append(f"{failed} failed")
+        if incomplete:
+            parts.append(f"{incomplete} incomplete")
+        parts.append(f"{self.duration_s:.1f}s")
+        text = ", ".join(parts)
+        if self.skipped:
+            if not self.hours and self.publish is None:
+                return f"skipped: {self.skipped}"
+            text += f"; {len(self.not_run)} hour(s) not run: {self.skipped}"
+        if self.publish is not None:
+            text += f"; {self.publish_line()}"
+        return text
+
+    def publish_line(self) -> str:
+        """``publish: 14 day file(s) written (120,000 rows), 2 unchanged`` or the failure."""
+        p = self.publish
+        if p is None:
+            return ""
+        if p.status == "failed":
+            return f"publish FAILED: {p.error}"
+        if p.status == "skipped":
+            return f"publish skipped: {p.error}"
+        d = p.details
+        text = f"publish: {d.get('written', 0)} day file(s) written ({p.rows:,} rows)"
+        if d.get("unchanged"):
+            text += f", {d['unchanged']} unchanged"
+        if d.get("removed"):
+            text += f", {d['removed']} removed"
+        return text
 
     def table(self, steps: Sequence[str] = STEPS) -> str:
-        """One line per hour, one column per step: ``ok 1,234`` / ``skipped`` / ``FAILED``.
+        """One line per hour, one column per step: ``ok 1,234`` / ``incomplete`` / ``skipped``
+        / ``FAILED``.
 
-        A gap-fill that could not fetch everything says how many minutes are still missing
-        (they are retried by later runs; the reasons are in ``ops.gapfill_attempts``).
+        A gap-fill that could not fetch everything says how many minutes are still missing;
+        ``incomplete`` when requests failed (a later run may fill them; the reasons follow the
+        table and are in ``ops.gapfill_attempts``), ``ok`` when the exchange has nothing more.
         """
         cols = [s for s in steps if any(o.step == s for h in self.hours for o in h.steps)]
         head = ["hour", *cols]
@@ -109,9 +168,11 @@ class ChainReport:
                 o = by_step.get(s)
                 if o is None:
                     cells.append("-")
-                elif o.status == "ok":
+                elif o.status in ("ok", "incomplete"):
                     missing = o.details.get("missing") or 0
-                    cells.append(f"ok {o.rows:,}" + (f" ({missing:,} missing)" if missing else ""))
+                    cells.append(
+                        f"{o.status} {o.rows:,}" + (f" ({missing:,} missing)" if missing else "")
+                    )
                 elif o.status == "failed":
                     cells.append("FAILED")
                 else:
@@ -125,120 +186,15 @@ class ChainReport:
             f"  {iso(h.hour_ms)} {o.step}: {o.error}"
             for h in self.hours
             for o in h.steps
-            if o.status == "failed"
+            if o.status in ("failed", "incomplete")
         ]
         if errors:
             lines += ["", "errors:", *errors]
+        if self.not_run:
+            lines += ["", f"not run ({self.skipped}):", *(f"  {iso(h)}" for h in self.not_run)]
+        if self.publish is not None:
+            lines += ["", self.publish_line()]
         return "\n".join(line.rstrip() for line in lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# cron
-
-
-def next_cron_ms(schedule: str, after_ms: int) -> int:
-    """The first time strictly after ``after_ms`` that the 5-field cron ``schedule`` (UTC)
-    names; a bad expression is a :class:`ConfigError`."""
-    try:
-        it = CronSim(schedule, datetime.fromtimestamp(after_ms / 1000, tz=UTC))
-        return from_datetime(next(it))
-    except (CronSimError, StopIteration) as exc:
-        raise ConfigError(
-            f"bad cron expression {schedule!r}: {exc}", key="chain.schedule"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# the advisory lock
-
-
-@asynccontextmanager
-async def chain_lock(
-    db: Database, *, wait_s: float | None = 0.0, poll_s: float = 1.0
-) -> AsyncIterator[None]:
-    """Hold the chain lock on a dedicated connection for the ``async with`` body.
-
-    ``wait_s``: how long to wait for another holder (``None``: as long as it takes); raises
-    :class:`ChainBusy` when it does not come free. Closing the connection releases the lock
-    even if the unlock itself cannot run (a cancelled or crashed holder never leaves it held).
-    """
-    conn: asyncpg.Connection = await asyncpg.connect(db.dsn, timeout=10)
-    try:
-        deadline = None if wait_s is None else time.monotonic() + wait_s
-        told = False
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", CHAIN_LOCK_KEY):
-            holder = await _lock_holder(conn)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ChainBusy(f"another chain is running ({holder}); try again later")
-            if not told:
-                logger.info("waiting for the chain lock, held by {}", holder)
-                told = True
-            await anyio.sleep(poll_s)
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_S):
-                await conn.execute("SELECT pg_advisory_unlock($1)", CHAIN_LOCK_KEY)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_S):
-            await conn.close()
-        if not conn.is_closed():
-            conn.terminate()
-
-
-async def _lock_holder(conn: asyncpg.Connection) -> str:
-    row = await conn.fetchrow(
-        "SELECT l.pid, a.application_name, a.client_addr::text AS addr"
-        " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-        "   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
-        CHAIN_LOCK_KEY,
-    )
-    if row is None:
-        return "another session"
-    where = f" from {row['addr']}" if row["addr"] else ""
-    return f"PostgreSQL backend pid {row['pid']} ({row['application_name'] or '?'}{where})"
-
-
-# ---------------------------------------------------------------------------------------------
-# which hours
-
-
-async def select_hours(db: Database, cfg: Config, now_ms: int) -> list[int]:
-    """Closed hours that need the chain, oldest first.
-
-    An hour is closed when its end plus the lake's ``hour_grace_s`` has passed. It needs the
-    chain when it was never completed (inside ``chain.catchup_hours``), is dirty (any age: new
-    lake parts, gap-fill or backfill rows), or is still incomplete inside
-    ``chain.rest_retry_hours`` (missing or partial minutes REST may still supply).
-    """
-    closed_end = floor_hour(now_ms - int(cfg.lake.hour_grace_s * 1000))
-    catchup_start = closed_end - cfg.chain.catchup_hours * HOUR_MS
-    retry_start = closed_end - cfg.chain.rest_retry_hours * HOUR_MS
-    hours: set[int] = set()
-    if cfg.chain.catchup_hours:
-        rows = await db.fetch(
-            "SELECT DISTINCT hour_start FROM ops.job_runs"
-            " WHERE step = 'completeness' AND status = 'ok'"
-            "   AND hour_start >= $1 AND hour_start < $2",
-            to_datetime(catchup_start),
-            to_datetime(closed_end),
-        )
-        done = {from_datetime(r["hour_start"]) for r in rows}
-        hours.update(h for h in range(catchup_start, closed_end, HOUR_MS) if h not in done)
-    hours.update(d.hour_ms for d in await ops.list_dirty_hours(db, before_ms=closed_end))
-    if cfg.chain.rest_retry_hours:
-        rows = await db.fetch(
-            "SELECT DISTINCT h.hour_start FROM monitoring.hourly_completeness h"
-            " JOIN ops.pairs p ON p.exchange = h.exchange AND p.symbol = h.symbol"
-            " WHERE p.active AND p.listed IS DISTINCT FROM false"
-            "   AND h.hour_start >= $1 AND h.hour_start < $2"
-            "   AND (h.missing > 0 OR h.ws_partial > 0)",
-            to_datetime(retry_start),
-            to_datetime(closed_end),
-        )
-        hours.update(from_datetime(r["hour_start"]) for r in rows)
-    return sorted(hours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +279,11 @@ class _Runner:
             run.skip("no REST clients (exchanges disabled)")
             return None
         retry_from = floor_hour(self.now_ms) - self.cfg.chain.rest_retry_hours * HOUR_MS
-        if hour < retry_from and await self._gapfilled_before(hour):
+        if (
+            hour < retry_from
+            and await self._gapfilled_before(hour)
+            and not await ops.has_lake_drops(self.db, hour)
+        ):
             run.skip("outside chain.rest_retry_hours (use klined backfill for older hours)")
             return None
         from klined.jobs.gapfill import fill_hour
@@ -331,13 +291,45 @@ class _Runner:
         clients = self.clients
         if self.exchange is not None:
             clients = {k: v for k, v in clients.items() if k == self.exchange}
-        result = await fill_hour(self.db, self.cfg, hour, clients, now_ms=self.now_ms)
-        return result.step_result(hour)
+        result = await fill_hour(
+            self.db, self.cfg, hour, clients, now_ms=self.now_ms, lake=self.lake
+        )
+        step = result.step_result(hour)
+        failed = {
+            why: n for why, n in step.details["missing_reasons"].items() if why in REQUEST_FAILED
+        }
+        if failed:
+            reasons = ", ".join(f"{why} ({n:,})" for why, n in sorted(failed.items()))
+            run.incomplete(
+                f"{sum(failed.values()):,} minutes left missing, requests failed: {reasons}"
+            )
+        return step
+
+    async def publish(self) -> StepOutcome:
+        """The run's publish step, recorded without an hour; never raises (but cancellation)."""
+        from klined.datasets.publish import publish
+
+        started = time.monotonic()
+        try:
+            async with ops.record_step(self.db, "publish", None, trigger=self.trigger) as run:
+                report = await publish(self.db, self.cfg)
+                run.set_result(
+                    ops.StepResult(step="publish", rows=report.rows, details=report.details())
+                )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("chain {}: publish failed: {}", self.trigger, error)
+            return StepOutcome("publish", "failed", 0, time.monotonic() - started, error[:500])
+        return StepOutcome(
+            "publish", "ok", run.rows, time.monotonic() - started, "", dict(run.details)
+        )
 
     async def _gapfilled_before(self, hour: int) -> bool:
         row = await self.db.fetchval(
             "SELECT 1 FROM ops.job_runs WHERE hour_start = $1 AND step = 'gapfill'"
-            " AND status = 'ok' LIMIT 1",
+            " AND status IN ('ok', 'incomplete') LIMIT 1",
             to_datetime(hour),
         )
         return row is not None
@@ -369,26 +361,32 @@ class _Runner:
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                if lost_database(exc):
+                    raise
+                error = describe_error(exc)
                 logger.error("chain {} {}: {} failed: {}", iso(hour), self.trigger, name, error)
                 outcome.steps.append(
                     StepOutcome(name, "failed", 0, time.monotonic() - started, error[:500])
                 )
                 return outcome
-            status = "skipped" if run.skipped_reason is not None else "ok"
+            status, note = "ok", ""
+            if run.skipped_reason is not None:
+                status, note = "skipped", run.skipped_reason
+            elif run.incomplete_reason is not None:
+                status, note = "incomplete", run.incomplete_reason
+                logger.warning(
+                    "chain {} {}: {} incomplete: {}", iso(hour), self.trigger, name, note
+                )
             outcome.steps.append(
                 StepOutcome(
-                    name,
-                    status,
-                    run.rows,
-                    time.monotonic() - started,
-                    run.skipped_reason or "",
-                    dict(run.details),
+                    name, status, run.rows, time.monotonic() - started, note, dict(run.details)
                 )
             )
         if dirty and all(s in steps for s in MERGE_STEPS):
             for d in dirty:
                 await ops.clear_dirty_hour(self.db, d)
+        if "silver" in steps:
+            await ops.settle_lake_drops(self.db, hour)
         return outcome
 
 
@@ -407,53 +405,137 @@ async def run_chain(
     seal_hour: Callable[[int], Awaitable[None]] | None = None,
     maintain_partitions: bool = True,
     now_ms: int | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    publish_status: bool = True,
+    on_hour: Callable[[HourOutcome], None] | None = None,
 ) -> ChainReport:
-    """Run ``steps`` for every hour in ``hours`` (oldest first) under the chain lock.
+    """Run ``steps`` for every hour in ``hours``, in the order given, one hour per lock hold.
 
     ``lake``: a :class:`klined.lake.LakeUploader` (flush + bronze) or
     :class:`klined.lake.LakeStore` (bronze only); ``clients``: REST clients by exchange (for
     gapfill); ``exchange`` limits every step to one exchange; ``status`` is updated in place
-    for the daemon's status feed. When the lock is held elsewhere past ``lock_wait_s`` the
-    report says ``skipped`` and nothing runs. Cancellation stops the current step (recorded
-    ``failed: cancelled``) and releases the lock.
+    for the daemon's status feed (with ``publish_status``, its last run and result at the end).
+    ``publish`` in ``steps`` (and ``publish.enabled``) runs the publish step once, after the
+    hours, under its own hold of the lock.
+    Each hour waits up to ``lock_wait_s`` for the lock (``on_wait(holder)`` is told whom it
+    waits for); when it does not come free the report says ``skipped`` and lists the hours
+    not run. Cancellation stops the current step (recorded ``failed: cancelled``) and
+    releases the lock. ``on_hour`` is called with each hour's outcome as soon as it is done
+    (progress lines).
     """
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise ChainError(f"unknown step(s) {unknown}; steps are {', '.join(STEPS)}")
-    ordered = [s for s in STEPS if s in steps]
+    ordered = [s for s in STEPS if s in steps and s not in RUN_STEPS]
+    run_publish = "publish" in steps and cfg.publish.enabled
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     report = ChainReport(trigger, started_ms=int(time.time() * 1000))
-    todo = sorted({floor_hour(h) for h in hours})
+    todo = list(dict.fromkeys(floor_hour(h) for h in hours))
     started = time.monotonic()
     runner = _Runner(
         db, cfg, trigger=trigger, lake=lake, clients=clients, exchange=exchange,
         status=status, seal_hour=seal_hour, now_ms=now,
     )  # fmt: skip
+
+    def waiting(holder: str) -> None:
+        if status is not None:
+            status.waiting_for = holder
+        if on_wait is not None:
+            on_wait(holder)
+
+    if status is not None:
+        status.running = True
     try:
-        async with chain_lock(db, wait_s=lock_wait_s):
-            if status is not None:
-                status.running = True
-            if maintain_partitions:
-                await _maintain(db, trigger, now)
-            for hour in todo:
-                outcome = await runner.hour(hour, ordered)
-                report.hours.append(outcome)
-    except ChainBusy as exc:
-        report.skipped = str(exc)
-        logger.warning("chain ({}) skipped: {}", trigger, exc)
+        async with ChainLock(db, wait_s=lock_wait_s, on_wait=waiting) as lock:
+            if not todo and not run_publish:
+                # nothing to run: still tidy up after killed chains, if the lock is free
+                with contextlib.suppress(ChainBusy):
+                    async with lock.hold(describe(trigger)):
+                        await _mark_abandoned(db)
+            for i, hour in enumerate(todo):
+                try:
+                    async with lock.hold(describe(trigger, hour)):
+                        if status is not None:
+                            status.waiting_for = ""
+                        if i == 0:
+                            # under the lock no other chain runs: a row left running is
+                            # abandoned when its process is gone
+                            await _mark_abandoned(db)
+                            if maintain_partitions:
+                                await _maintain(db, trigger, now)
+                        if ordered:
+                            outcome = await runner.hour(hour, ordered)
+                            report.hours.append(outcome)
+                            if on_hour is not None:
+                                on_hour(outcome)
+                except ChainBusy as exc:
+                    report.skipped = str(exc)
+                    report.not_run = todo[i:]
+                    logger.warning(
+                        "chain ({}): {} hour(s) not run: {}", trigger, len(report.not_run), exc
+                    )
+                    break
+            if run_publish and not report.not_run:
+                try:
+                    async with lock.hold(f"{describe(trigger)}: publish"):
+                        if status is not None:
+                            status.waiting_for = ""
+                            status.current_hour_ms = None
+                            status.current_step = "publish"
+                        if not todo:
+                            await _mark_abandoned(db)
+                        report.publish = await runner.publish()
+                except ChainBusy as exc:
+                    # what changed stays queued for the next run's publish
+                    report.publish = StepOutcome("publish", "skipped", error=str(exc))
+    except Exception as exc:
+        if not lost_database(exc):
+            raise
+        raise DatabaseError(f"lost the connection to PostgreSQL: {describe_error(exc)}") from (
+            underlying(exc)
+        )
     finally:
         report.duration_s = time.monotonic() - started
         if status is not None:
             status.running = False
+            status.waiting_for = ""
             status.current_step = ""
             status.current_hour_ms = None
-            status.last_run_ms = report.started_ms
-            status.last_result = report.summary()
-    if report.hours:
+            if publish_status:
+                status.last_run_ms = report.started_ms
+                status.last_result = report.summary()
+    # a scheduler that does not publish its status logs its own progress
+    if (report.hours or report.publish is not None) and publish_status:
         # a backfill's or an import's merges come by the hundred and have their own progress
         quiet = trigger in ("backfill", "import") and report.ok
         logger.log("DEBUG" if quiet else "INFO", "chain ({}): {}", trigger, report.summary())
     return report
+
+
+def lost_database(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database went away (stopped, restarted, unreachable): then
+    nothing more can be recorded, and the chain stops with one clear error."""
+    cause = underlying(exc)
+    return isinstance(
+        cause,
+        DatabaseError
+        | OSError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError,
+    )
+
+
+async def _mark_abandoned(db: Database) -> None:
+    """Runs left ``running`` by a gone process become ``abandoned`` (never fatal)."""
+    try:
+        await ops.mark_abandoned(db)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        if lost_database(exc):
+            raise
+        logger.warning("could not mark abandoned step runs: {}", exc)
 
 
 async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
@@ -465,103 +547,6 @@ async def _maintain(db: Database, trigger: str, now_ms: int) -> None:
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as exc:
+        if lost_database(exc):
+            raise
         logger.warning("partition upkeep failed (will retry next run): {}", exc)
-
-
-# ---------------------------------------------------------------------------------------------
-# the scheduler inside ``klined run``
-
-
-class ChainScheduler:
-    """Runs the chain from the cron schedule (UTC), once at start for catch-up.
-
-    Start it in the daemon's task group (``await tg.start(scheduler.run)``). It never runs two
-    chains at once in this process, never lets a chain error take the daemon down, and keeps
-    ``status`` (the daemon's :class:`~klined.status.ChainStatus`) current: ``running``,
-    ``current_hour_ms``, ``current_step``, ``last_run_ms``, ``last_result``, ``next_run_ms``.
-    Cancelling ``run`` stops the current step (recorded as failed: cancelled) and releases the
-    lock; the hour is redone by the next run.
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        cfg: Config,
-        *,
-        lake: Any = None,
-        clients: Mapping[str, RestClient] | None = None,
-        status: ChainStatus | None = None,
-        seal_hour: Callable[[int], Awaitable[None]] | None = None,
-        clock_ms: Callable[[], int] | None = None,
-        lock_wait_s: float = 120.0,
-    ) -> None:
-        self.db = db
-        self.cfg = cfg
-        self.lake = lake
-        self.clients = clients
-        self.status = status if status is not None else ChainStatus()
-        self.seal_hour = seal_hour
-        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        self.lock_wait_s = lock_wait_s
-        self.schedule = cfg.chain.schedule
-        next_cron_ms(self.schedule, 0)  # a bad expression fails at construction
-        self._busy = anyio.Lock()
-        self.last_report: ChainReport | None = None
-        self.runs = 0
-
-    @property
-    def next_run_ms(self) -> int | None:
-        return self.status.next_run_ms
-
-    @property
-    def current_step(self) -> str:
-        return self.status.current_step
-
-    @property
-    def running(self) -> bool:
-        return self._busy.locked()
-
-    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """Catch up now, then run at every cron time until cancelled."""
-        self.status.next_run_ms = self.clock_ms()
-        task_status.started()
-        await self.run_once("catchup")
-        while True:
-            nxt = next_cron_ms(self.schedule, self.clock_ms())
-            self.status.next_run_ms = nxt
-            await self._sleep_until(nxt)
-            await self.run_once("schedule")
-
-    async def _sleep_until(self, target_ms: int) -> None:
-        # short naps, re-reading the wall clock, so a suspended machine or a clock step does
-        # not make us miss (or double) a run
-        while True:
-            delay = (target_ms - self.clock_ms()) / 1000
-            if delay <= 0:
-                return
-            await anyio.sleep(min(delay, 30.0))
-
-    async def run_once(self, trigger: str = "manual") -> ChainReport | None:
-        """One chain run over :func:`select_hours`; ``None`` if one is already running here."""
-        if self._busy.locked():
-            logger.info("chain ({}) not started: a run is already in progress", trigger)
-            return None
-        async with self._busy:
-            self.runs += 1
-            try:
-                now = self.clock_ms()
-                hours = await select_hours(self.db, self.cfg, now)
-                report = await run_chain(
-                    self.db, self.cfg, hours, trigger=trigger, lake=self.lake,
-                    clients=self.clients, status=self.status, lock_wait_s=self.lock_wait_s,
-                    seal_hour=self.seal_hour, now_ms=now,
-                )  # fmt: skip
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:
-                logger.opt(exception=exc).error("chain ({}) failed: {}", trigger, exc)
-                self.status.last_run_ms = self.clock_ms()
-                self.status.last_result = f"error: {type(exc).__name__}: {exc}"[:300]
-                return None
-            self.last_report = report
-            return report

@@ -49,6 +49,13 @@ WRITE_TIMEOUT_S = 30.0
 NO_PREVIOUS_CLOSE = "no previous close"
 NOT_YET = "not yet available at the exchange"
 LOOKBACK_FAILED = "previous close unknown (lookback failed)"
+UNREACHABLE = "exchange unreachable"
+#: Reasons that mean a request failed (not that the exchange has no data): minutes missing for
+#: them make a chain's gap-fill ``incomplete`` and ``chain`` / ``backfill`` exit 1; a later run
+#: may fill them.
+REQUEST_FAILED = frozenset(
+    {"rate limited", "exchange error", "exchange ban (418)", UNREACHABLE, LOOKBACK_FAILED}
+)
 #: A trade is assumed visible on the Trades endpoint this long after it happened.
 PUBLISH_LAG_MS = 2_000
 
@@ -226,8 +233,9 @@ class PairFetcher:
             self._buffer = []
         through = min(self._wanted) if self._wanted else self._end
         if through > self.report.through:
-            self.report.through = through
+            # the checkpoint first: what the report says is done is what a resumed run skips
             await self.sink.progress(through)
+            self.report.through = through
 
     async def _give_up(
         self, start: int, end: int, reason: str, outcome: str | None = None, detail: str = ""
@@ -394,7 +402,7 @@ class PairFetcher:
             reason, outcome = "pair not listed", "error"
             self._stopped, self._stop_outcome = reason, outcome
         elif isinstance(exc, ExchangeUnreachable):
-            reason, outcome = "exchange unreachable", "error"
+            reason, outcome = UNREACHABLE, "error"
         else:
             reason, outcome = "exchange error", "error"
         n = await self._give_up(start, end, reason, outcome, str(exc)[:500])

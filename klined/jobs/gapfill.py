@@ -6,11 +6,11 @@ row is a partial WS candle is missing too (REST replaces it; it never replaces a
 candle). With ``refetch``, REST-derived rows are fetched again and re-verified (only rows that
 differ from what silver holds are written, so a refetch of an unchanged range writes nothing).
 
-Rows go to bronze through :func:`klined.jobs.bronze.insert_candles` (which marks their hours
-dirty); silver is never written here. Unfetchable minutes stay missing, are recorded in
-``ops.gapfill_attempts`` and are tried again by later runs; minutes the exchange proved it has
-no data for at all (no candle and no close before them) are recorded ``unavailable`` and not
-asked for again unless ``refetch``.
+Rows enter the lake first and bronze through the ledger (:class:`klined.jobs.ingest.LakeIngest`,
+which marks their hours dirty); silver is never written here. Unfetchable minutes stay
+missing, are recorded in ``ops.gapfill_attempts`` and are tried again by later runs; minutes
+the exchange proved it has no data for at all (no candle and no close before them) are
+recorded ``unavailable`` and not asked for again unless ``refetch``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from loguru import logger
 
 from klined.config import Config
-from klined.jobs import bronze
 from klined.jobs.fetcher import PairFetcher, PairReport
 from klined.jobs.gapplan import SETTLED, SETTLED_REFETCH, closed_range
+from klined.jobs.ingest import LakeIngest, ingest_for
 from klined.jobs.ops import StepResult
 from klined.model import (
     HOUR_MS,
@@ -240,18 +241,20 @@ def _values(c: Candle) -> tuple[str, ...]:
 
 
 class DbSink:
-    """Rows to bronze, attempts to ``ops.gapfill_attempts`` (batched with the rows)."""
+    """Rows to the lake and bronze, attempts to ``ops.gapfill_attempts`` (batched)."""
 
     def __init__(
         self,
         db: Database,
         exchange: str,
         *,
+        ingest: LakeIngest,
         reason: str,
         known: Mapping[int, tuple[str, ...]] | None = None,
         on_progress: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.db = db
+        self.ingest = ingest
         self.exchange = exchange
         self.reason = reason
         self.known = known  # refetch: silver's current values, to skip unchanged rows
@@ -266,7 +269,7 @@ class DbSink:
         if self.known is not None:
             candles = [c for c in candles if self.known.get(c.interval_start) != _values(c)]
         if candles:
-            self.written += await bronze.insert_candles(self.db, candles, reason=self.reason)
+            self.written += await self.ingest.rows(candles, reason=self.reason)
 
     async def attempt(
         self, pair: Pair, start_ms: int, end_ms: int, outcome: str, rows: int, detail: str
@@ -340,6 +343,7 @@ async def fill_pair_range(
     start_ms: int,
     end_ms: int,
     *,
+    ingest: LakeIngest,
     now_ms: int,
     refetch: bool = False,
     bronze_hours: Iterable[int] = (),
@@ -359,12 +363,12 @@ async def fill_pair_range(
         db, exchange, pair, start_ms, end_ms, now_ms, refetch=refetch, bronze_hours=bronze_hours
     )
     if not wanted:
-        report.through = max(report.through, end_ms)
         if on_progress is not None:
             await on_progress(end_ms)
+        report.through = max(report.through, end_ms)
         return report
     known = await silver_rows(db, exchange, pair, wanted) if refetch else None
-    sink = DbSink(db, exchange, reason=reason, known=known, on_progress=on_progress)
+    sink = DbSink(db, exchange, ingest=ingest, reason=reason, known=known, on_progress=on_progress)
 
     async def prev_close(minute: int) -> str | None:
         return await settled_close_before(db, exchange, pair, minute)
@@ -392,14 +396,17 @@ async def fill_range(
     reason: str = "gapfill",
     concurrency: int = PAIR_CONCURRENCY,
     reports: list[PairReport] | None = None,
+    lake: Any = None,
 ) -> GapfillResult:
     """Gap-fill ``[start_ms, end_ms)`` for every pair of every exchange with a client.
 
     ``bronze_hours``: hours whose unmerged bronze must be consulted; default: the dirty hours
     of the range. Pairs of one exchange run concurrently (``concurrency``) and share its
-    limiter; exchanges run side by side.
+    limiter; exchanges run side by side. ``lake``: where the rows enter (a
+    :class:`~klined.lake.LakeStore`; default: the configured lake).
     """
     now = now_ms if now_ms is not None else int(time.time() * 1000)
+    ingest = ingest_for(db, cfg, lake)
     by_exchange = await configured_pairs(db, cfg, clients, pairs)
     result = GapfillResult(start_ms, end_ms, reports if reports is not None else [])
     dirty = await dirty_hours(db, start_ms, end_ms) if bronze_hours is None else None
@@ -422,7 +429,7 @@ async def fill_range(
     ) -> None:
         async with gate:
             await fill_pair_range(
-                db, client, pair, start_ms, end_ms, now_ms=now, refetch=refetch,
+                db, client, pair, start_ms, end_ms, ingest=ingest, now_ms=now, refetch=refetch,
                 bronze_hours=hours, reason=reason, report=rep,
             )  # fmt: skip
 
@@ -455,10 +462,11 @@ async def fill_hour(
     *,
     now_ms: int | None = None,
     refetch: bool = False,
+    lake: Any = None,
 ) -> GapfillResult:
     """The chain's gap-fill step for one hour (its bronze is always consulted)."""
     hour = floor_hour(hour_ms)
     return await fill_range(
         db, cfg, hour, hour + HOUR_MS, clients, pairs,
-        refetch=refetch, now_ms=now_ms, bronze_hours=[hour], reason="gapfill",
+        refetch=refetch, now_ms=now_ms, bronze_hours=[hour], reason="gapfill", lake=lake,
     )  # fmt: skip

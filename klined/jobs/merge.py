@@ -20,7 +20,7 @@ import anyio
 
 from klined.config import Config
 from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
-from klined.jobs.progress import ImportProgress, Progress
+from klined.jobs.progress import Display
 from klined.warehouse.database import Database
 
 #: Hours merged per chain-lock hold (the lock is released between batches).
@@ -50,6 +50,7 @@ class Merger:
         trigger: str = "backfill",
         on_merged: Callable[[int], None] | None = None,
         keep_ok_reports: bool = True,
+        progress: Display | None = None,
     ) -> None:
         self.db = db
         self.cfg = cfg
@@ -64,6 +65,12 @@ class Merger:
         #: a year merges in 365 batches: an import keeps only the reports of failed ones
         self.keep_ok_reports = keep_ok_reports
         self.seconds = 0.0  # spent merging
+        #: says for whom a merge waits while another run holds the chain lock
+        self.progress = progress
+
+    def _waiting(self, holder: str) -> None:
+        if self.progress is not None:
+            self.progress.waiting_for = holder
 
     def todo(self, exchange: str) -> set[int]:
         """Hours of ``exchange`` written or known dirty and not merged yet."""
@@ -86,7 +93,9 @@ class Merger:
                 report = await run_chain(
                     self.db, self.cfg, batch, trigger=self.trigger, steps=MERGE_STEPS,
                     exchange=ex, lock_wait_s=None, maintain_partitions=False,
+                    on_wait=self._waiting,
                 )  # fmt: skip
+                self._waiting("")
                 self.seconds += report.duration_s
                 if self.keep_ok_reports or not report.ok:
                     self.reports.append(report)
@@ -107,7 +116,7 @@ class Merger:
 async def load_and_merge(
     load: Callable[[], Awaitable[None]],
     merger: Merger,
-    progress: Progress | ImportProgress | None = None,
+    progress: Display | None = None,
 ) -> None:
     """Run ``load()`` with ``merger`` beside it (what becomes ready while it runs, everything
     left once it is done) and the progress display; return when both are done."""

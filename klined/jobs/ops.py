@@ -1,14 +1,17 @@
 """The ``ops`` ledgers the chain steps share: step results, the job-run log and dirty hours.
 
 Every step returns a :class:`StepResult`. :func:`record_step` writes ``ops.job_runs``
-(``running`` -> ``ok`` / ``failed`` / ``skipped``) around a step, so the TUI and Looker can see
-what ran, how long it took and why it failed. Dirty hours are hours whose bronze changed (new
-lake parts, gap-fill or backfill rows) and which need silver, gold and completeness again;
-``seq`` makes clearing exact when new marks arrive while an hour is being processed.
+(``running`` -> ``ok`` / ``incomplete`` / ``failed`` / ``skipped``) around a step, so the TUI
+and Looker can see what ran, how long it took and why it failed. Dirty hours are hours whose
+bronze changed (new lake parts, gap-fill or backfill rows) and which need silver, gold and
+completeness again; ``seq`` makes clearing exact when new marks arrive while an hour is
+being processed.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -19,10 +22,13 @@ import asyncpg
 import msgspec
 from loguru import logger
 
+from klined.errors import describe_error
 from klined.model import floor_hour, from_datetime, to_datetime
 from klined.warehouse.database import Database
 
 _CLEANUP_TIMEOUT_S = 10.0
+#: this machine's name, recorded with every step run
+HOST = socket.gethostname()
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -44,6 +50,7 @@ class StepRun:
         self.rows: int = 0
         self.details: dict[str, Any] = {}
         self.skipped_reason: str | None = None
+        self.incomplete_reason: str | None = None
 
     def set_result(self, result: StepResult) -> StepResult:
         self.rows = result.rows
@@ -53,6 +60,11 @@ class StepRun:
     def skip(self, reason: str) -> None:
         """Finish as ``skipped`` (e.g. nothing to do, lock held elsewhere)."""
         self.skipped_reason = reason
+
+    def incomplete(self, reason: str) -> None:
+        """Finish as ``incomplete``: the step ran, but failed requests left work undone (the
+        reason is recorded as its error; later steps still run)."""
+        self.incomplete_reason = reason
 
 
 async def _finish(
@@ -83,16 +95,19 @@ async def record_step(
 ) -> AsyncIterator[StepRun]:
     """Record one run of ``step`` in ``ops.job_runs`` around the ``async with`` body.
 
-    The row is inserted as ``running`` before the body and finished (shielded from
-    cancellation) as ``ok``, ``skipped`` or ``failed`` with the error text; exceptions and
-    cancellation propagate unchanged.
+    The row is inserted as ``running`` (with this process's id and host) before the body and
+    finished (shielded from cancellation) as ``ok``, ``skipped``, ``incomplete`` (with its
+    reason) or ``failed`` with the underlying error's text; exceptions and cancellation
+    propagate unchanged.
     """
     run_id: int = await db.fetchval(
-        "INSERT INTO ops.job_runs (hour_start, step, status, trigger)"
-        " VALUES ($1, $2, 'running', $3) RETURNING run_id",
+        "INSERT INTO ops.job_runs (hour_start, step, status, trigger, pid, host)"
+        " VALUES ($1, $2, 'running', $3, $4, $5) RETURNING run_id",
         to_datetime(hour_ms) if hour_ms is not None else None,
         step,
         trigger,
+        os.getpid(),
+        HOST,
     )
     run = StepRun(run_id, step, hour_ms)
     started = time.monotonic()
@@ -102,11 +117,13 @@ async def record_step(
         await _finish(db, run, "failed", started, "cancelled")
         raise
     except BaseException as exc:
-        await _finish(db, run, "failed", started, f"{type(exc).__name__}: {exc}"[:4000])
+        await _finish(db, run, "failed", started, describe_error(exc)[:4000])
         raise
     if run.skipped_reason is not None:
         run.details.setdefault("skipped", run.skipped_reason)
         await _finish(db, run, "skipped", started, None)
+    elif run.incomplete_reason is not None:
+        await _finish(db, run, "incomplete", started, run.incomplete_reason[:4000])
     else:
         await _finish(db, run, "ok", started, None)
 
@@ -123,6 +140,53 @@ async def run_step(
     """Call ``func(db, *args, **kwargs)`` recorded as ``step`` (see :func:`record_step`)."""
     async with record_step(db, step, hour_ms, trigger=trigger) as run:
         return run.set_result(await func(db, *args, **kwargs))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+async def mark_abandoned(db: Database) -> int:
+    """Mark ``running`` rows whose process is gone as ``abandoned``; return how many.
+
+    Call it while holding the chain lock: every step run is recorded under that lock, so a
+    row still ``running`` then belongs to a chain that is over (killed, or its database
+    session lost). The error says which process ran it and, on this host, that it is gone.
+    """
+    rows = await db.fetch("SELECT run_id, pid, host FROM ops.job_runs WHERE status = 'running'")
+    if not rows:
+        return 0
+    me = os.getpid()
+    notes: dict[int, str] = {}
+    for r in rows:
+        pid, host = r["pid"], r["host"]
+        if pid == me and host == HOST:
+            # an earlier chain of this process whose end could not be recorded (the
+            # database went away mid-step); this process runs one chain at a time
+            notes[r["run_id"]] = "abandoned: its end could not be recorded (database lost)"
+        elif pid is None:
+            notes[r["run_id"]] = "abandoned: left running by an earlier chain"
+        elif host == HOST:
+            state = "still running" if _pid_alive(pid) else "gone"
+            notes[r["run_id"]] = f"abandoned: process {pid} on {host} is {state} without the lock"
+        else:
+            notes[r["run_id"]] = f"abandoned: process {pid} on {host} no longer holds the lock"
+    await db.execute(
+        "UPDATE ops.job_runs j SET status = 'abandoned', error = t.note,"
+        "   finished_at = coalesce(j.finished_at, clock_timestamp())"
+        " FROM unnest($1::bigint[], $2::text[]) AS t(id, note)"
+        " WHERE j.run_id = t.id AND j.status = 'running'",
+        list(notes),
+        list(notes.values()),
+    )
+    logger.warning("marked {} step run(s) left running by a gone process as abandoned", len(notes))
+    return len(notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,3 +246,80 @@ async def clear_dirty_hour(db: Database, dirty: DirtyHour) -> bool:
         dirty.seq,
     )
     return status.endswith(" 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# minutes the daemon had to drop (the lake's disk refused them)
+
+
+class DroppedRange(msgspec.Struct, frozen=True):
+    """Minutes ``[start_ms, end_ms)`` of one pair whose events were dropped."""
+
+    exchange: str
+    symbol: str
+    start_ms: int
+    end_ms: int
+    events: int
+    detail: str = ""
+
+
+async def record_lake_drops(db: Database, ranges: Iterable[DroppedRange]) -> int:
+    """Record dropped minutes as ``lake_dropped`` stream incidents (the chain repairs them)."""
+    items = list(ranges)
+    if not items:
+        return 0
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO monitoring.stream_incidents"
+            " (exchange, symbol, started_at, ended_at, kind, detail)"
+            " SELECT e, s, a, b, 'lake_dropped', d FROM unnest($1::text[], $2::text[],"
+            "   $3::timestamptz[], $4::timestamptz[], $5::text[]) AS t(e, s, a, b, d)",
+            [r.exchange for r in items],
+            [r.symbol for r in items],
+            [to_datetime(r.start_ms) for r in items],
+            [to_datetime(r.end_ms) for r in items],
+            [
+                r.detail or f"{r.events} event(s) dropped: the lake could not write them"
+                for r in items
+            ],
+        )
+        await mark_dirty_hours(
+            conn,
+            {
+                (r.exchange, h)
+                for r in items
+                for h in range(floor_hour(r.start_ms), r.end_ms, 3_600_000)
+            },
+            "lake_dropped",
+        )
+    return len(items)
+
+
+async def has_lake_drops(db: Database, hour_ms: int) -> bool:
+    """Whether minutes of the hour were dropped and are not repaired yet."""
+    found = await db.fetchval(
+        "SELECT 1 FROM monitoring.stream_incidents WHERE kind = 'lake_dropped'"
+        " AND repaired_at IS NULL AND started_at < $2 AND ended_at > $1 LIMIT 1",
+        to_datetime(hour_ms),
+        to_datetime(hour_ms + 3_600_000),
+    )
+    return found is not None
+
+
+async def settle_lake_drops(db: Database, hour_ms: int) -> int:
+    """Mark dropped ranges touching the hour repaired once every minute of them has a silver
+    candle better than a partial one; return how many were settled."""
+    status = await db.execute(
+        "UPDATE monitoring.stream_incidents i SET repaired_at = now()"
+        " WHERE kind = 'lake_dropped' AND repaired_at IS NULL"
+        "   AND started_at < $2 AND ended_at > $1"
+        "   AND NOT EXISTS ("
+        "     SELECT 1 FROM generate_series(i.started_at, i.ended_at - interval '1 minute',"
+        "                                   interval '1 minute') m"
+        "     WHERE NOT EXISTS (SELECT 1 FROM silver.fact_ohlcv s"
+        "       WHERE s.exchange = i.exchange AND s.symbol = i.symbol AND s.interval_start = m"
+        "         AND s.source <> 'ws_partial'))",
+        to_datetime(hour_ms),
+        to_datetime(hour_ms + 3_600_000),
+    )
+    return int(status.split()[-1])

@@ -25,7 +25,7 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class _Display:
+class Display:
     """Redraws :meth:`lines` on a terminal; logs all but the last line now and then otherwise."""
 
     #: the log lines' first word
@@ -46,9 +46,27 @@ class _Display:
         self.log_every_s = log_every_s
         self._lines = 0
         self.stage = "fetching"
+        #: who holds the chain lock while the merge waits for it ("" when it does not wait)
+        self.waiting_for = ""
+        self._said = ""
 
     def lines(self) -> list[str]:
         raise NotImplementedError
+
+    @property
+    def settled(self) -> bool:
+        """Whether the figures no longer move (only the stage line is worth logging)."""
+        return False
+
+    def stage_line(self) -> str:
+        """What the work is doing now, e.g. waiting for the chain lock and for whom."""
+        elapsed = fmt_duration(self.clock() - self.started)
+        if self.waiting_for:
+            return (
+                f"{self.stage}: waiting for the chain lock, held by {self.waiting_for}"
+                f" ... {elapsed} elapsed"
+            )
+        return f"{self.stage} ... {elapsed} elapsed"
 
     def draw(self) -> None:
         lines = self.lines()
@@ -58,6 +76,12 @@ class _Display:
             self.stream.write(text)
             self.stream.flush()
             self._lines = len(lines)
+        elif self.waiting_for or self.settled:
+            # the figures no longer move: say what the work waits for, once per change
+            line = lines[-1].rsplit(" ... ", 1)[0]
+            if line != self._said:
+                logger.info("{} {}", self.what, line)
+                self._said = line
         else:
             for line in lines[:-1]:
                 logger.info("{} {}", self.what, " ".join(line.split()))
@@ -74,7 +98,7 @@ class _Display:
                 self.draw()
 
 
-class Progress(_Display):
+class Progress(Display):
     """Live view of a backfill: what each exchange has done, how fast, and how long is left."""
 
     what = "backfill"
@@ -92,6 +116,10 @@ class Progress(_Display):
         super().__init__(stream=stream, tty=tty, clock=clock, log_every_s=log_every_s)
         self.reports = reports
         self.limiters = limiters
+
+    @property
+    def settled(self) -> bool:
+        return bool(self.reports) and all(r.done >= r.wanted for r in self.reports)
 
     # ------------------------------------------------------------------------------- numbers
 
@@ -136,8 +164,7 @@ class Progress(_Display):
                 f"{t['rate']:,.0f} candles/s  ETA {fmt_duration(t['eta'])}  "
                 f"req {int(t['requests']):,}{throttle}"
             )
-        elapsed = fmt_duration(self.clock() - self.started)
-        out.append(f"{self.stage} ... {elapsed} elapsed")
+        out.append(self.stage_line())
         return out
 
 
@@ -186,7 +213,7 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
 
 
-class ImportProgress(_Display):
+class ImportProgress(Display):
     """Live view of an archive import: files fetched and loaded, rows, hours merged."""
 
     what = "import"
@@ -231,5 +258,5 @@ class ImportProgress(_Display):
             f"{failed}  {_size(self.bytes)} read  ETA {fmt_duration(eta if left else 0.0)}",
             f"{'':<8} rows {self.rows:,} ({self.rows / elapsed:,.0f}/s)  hours merged "
             f"{self.hours_merged:,}",
-            f"{self.stage} ... {fmt_duration(elapsed)} elapsed",
+            self.stage_line(),
         ]

@@ -3,10 +3,15 @@
 A key is the part's path relative to the lake root (and, in S3, relative to the prefix)::
 
     exchange=binance/symbol=BTC-USD/interval_minutes=1/year=2026/month=11/day=26/
-        hour=13/part-<first-event-ms>-<writer-id>-<counter>.jsonl
+        hour=13/part-<first-event-ms>-<writer-id>-<counter>.jsonl.gz
+
+A part is ``<key>.open`` (plain JSONL) while it is written and ``.jsonl.gz`` once sealed
+(:mod:`klined.lake.compress`); lakes written before compression hold plain sealed
+``.jsonl`` parts, which every reader still reads.
 
 The hour is the candle's ``interval_start`` hour (UTC), never the arrival time. The writer id
-is random per writer instance, so keys never collide across processes, restarts or daemons
+is 64 random bits per writer instance after a tag naming the writer (``s1of2_`` for a capture
+shard, ``fill_`` for gap-fill rows), so keys never collide across processes, restarts or hosts
 sharing one bucket.
 """
 
@@ -21,8 +26,10 @@ import msgspec
 from klined.errors import LakeError
 from klined.model import HOUR_MS
 
-PART_SUFFIX = ".jsonl"
-OPEN_SUFFIX = ".open"  # an open part is ``<key>.open`` until it is sealed
+PART_SUFFIX = ".jsonl"  # a part's base name; sealed plain by writers before compression
+GZ_SUFFIX = ".gz"  # a sealed part is ``<base>.gz``
+SEALED_SUFFIXES = (PART_SUFFIX + GZ_SUFFIX, PART_SUFFIX)
+OPEN_SUFFIX = ".open"  # an open part is ``<base>.open`` until it is sealed
 UPLOADED_SUFFIX = ".uploaded"  # sidecar marker written after a verified upload
 
 _EXCHANGE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
@@ -31,7 +38,7 @@ _KEY_RE = re.compile(
     r"^exchange=(?P<exchange>[a-z0-9_]{1,32})"
     r"/symbol=(?P<base>[A-Z0-9]{1,20})-(?P<quote>[A-Z0-9]{1,20})"
     r"/interval_minutes=1/year=(?P<y>\d{4})/month=(?P<m>\d{2})/day=(?P<d>\d{2})/hour=(?P<h>\d{2})"
-    r"/part-(?P<first>\d+)-(?P<seq>[A-Za-z0-9_-]+)\.jsonl$"
+    r"/part-(?P<first>\d+)-(?P<seq>[A-Za-z0-9_-]+)\.jsonl(?:\.gz)?$"
 )
 
 
@@ -75,6 +82,8 @@ def hour_dir(exchange: str, symbol: str, hour_ms: int) -> str:
 
 
 def part_key(exchange: str, symbol: str, hour_ms: int, first_event_ms: int, seq: str) -> str:
+    """A part's base key (``.jsonl``): its open file is ``<base>.open``, its sealed one
+    ``<base>.gz``."""
     return f"{hour_dir(exchange, symbol, hour_ms)}/part-{first_event_ms}-{seq}{PART_SUFFIX}"
 
 

@@ -2,7 +2,9 @@
 
 A part written by a process that was killed may end in a torn line, and a disk can hand back
 garbage: readers skip such lines, count them and report a sample of their line numbers, and
-never raise on bad content.
+never raise on bad content. Sealed parts are gzip (``.jsonl.gz``) or, in lakes written before
+compression, plain (``.jsonl``); :func:`read_part` reads both, telling them apart by content.
+A damaged gzip part yields the lines before the damage, and the damage counts as one bad line.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pathlib import Path
 
 import msgspec
 
+from klined.lake.compress import plain_bytes
 from klined.lake.layout import (
+    GZ_SUFFIX,
     OPEN_SUFFIX,
     PART_SUFFIX,
+    SEALED_SUFFIXES,
     hour_from_parts,
     hour_path,
 )
@@ -37,11 +42,24 @@ class PartContents(msgspec.Struct, kw_only=True):
 
 
 def read_part(data: bytes) -> PartContents:
-    """Decode a part's bytes; malformed or torn lines are skipped and reported, never raised."""
+    """Decode a part's bytes (plain or gzip); malformed or torn lines are skipped and
+    reported, never raised."""
+    data, complete = plain_bytes(data)
+    if not complete:
+        data = data[: data.rfind(b"\n") + 1]  # a line cut by the damage is part of it
+        contents = _read_lines(data)
+        contents.bad_lines += 1  # the damaged rest of a gzip part
+        if len(contents.bad_line_numbers) < BAD_LINE_SAMPLE:
+            contents.bad_line_numbers.append(data.count(b"\n") + 1)
+        return contents
     try:
         return PartContents(records=_DECODER.decode_lines(data))
     except msgspec.DecodeError:
         pass  # some line is bad: fall back to line by line to keep every good one
+    return _read_lines(data)
+
+
+def _read_lines(data: bytes) -> PartContents:
     decode = _DECODER.decode
     records: list[CandleRecord] = []
     bad = 0
@@ -65,7 +83,8 @@ def read_part_file(path: str | os.PathLike[str]) -> PartContents:
 
 @dataclass(frozen=True, slots=True)
 class LocalPart:
-    """A part file under the local root. ``key`` is always the closed key (no ``.open``)."""
+    """A part file under the local root. ``key`` is the sealed key (``.jsonl.gz``, or
+    ``.jsonl`` for a plain part); an open part's is its base key (``.jsonl``, no ``.open``)."""
 
     key: str
     path: Path
@@ -111,15 +130,18 @@ def _parts_in(folder: Path, root: Path, closed_only: bool) -> Iterator[LocalPart
     except (FileNotFoundError, NotADirectoryError):
         return
     rel = folder.relative_to(root).as_posix()
+    names = {entry.name for entry in entries}
     for entry in entries:
         name = entry.name
         if not name.startswith("part-"):
             continue
-        if name.endswith(PART_SUFFIX):
+        if name.endswith(SEALED_SUFFIXES):
             closed = True
         elif not closed_only and name.endswith(PART_SUFFIX + OPEN_SUFFIX):
             closed = False
             name = name[: -len(OPEN_SUFFIX)]
+            if name + GZ_SUFFIX in names:
+                continue  # sealed a moment ago: its .gz is listed, the .open is going
         else:
             continue
         try:

@@ -24,7 +24,8 @@ from loguru import logger
 from klined.config import S3Config
 from klined.errors import LakeError
 from klined.lake.layout import hour_path, parse_key, s3_key, strip_prefix
-from klined.lake.reader import iter_local_parts
+from klined.lake.reader import LocalPart, iter_local_parts
+from klined.model import HOUR_MS, hours_between
 
 T = TypeVar("T")
 
@@ -165,15 +166,31 @@ class LakeStore:
             out.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
         return out
 
-    async def _objects(self, s3: Any, prefix: str) -> list[dict[str, Any]]:
+    async def _objects(
+        self, s3: Any, prefix: str, after: str = "", before: str = ""
+    ) -> list[dict[str, Any]]:
+        """Objects under ``prefix``; with ``after``/``before``, only keys strictly between
+        them (S3 lists in key order: it starts after ``after`` and stops at ``before``)."""
         out: list[dict[str, Any]] = []
         paginator = s3.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.s3.bucket, Prefix=prefix):
-            out.extend(page.get("Contents", []))
+        extra = {"StartAfter": after} if after else {}
+        async for page in paginator.paginate(Bucket=self.s3.bucket, Prefix=prefix, **extra):
+            for obj in page.get("Contents", []):
+                if before and obj["Key"] >= before:
+                    return out
+                out.append(obj)
         return out
 
-    async def _list_hour_s3(self, hour_ms: int, exchange: str | None) -> list[PartRef]:
-        """The hour's parts in S3: exchange and symbol folders first, then each hour folder."""
+    async def _list_s3(
+        self,
+        tails: list[str],
+        exchange: str | None,
+        keep: Callable[[int], bool],
+        between: tuple[str, str] = ("", ""),
+    ) -> list[PartRef]:
+        """Parts in S3 under every symbol folder + each of ``tails`` (hour folders), whose
+        hour ``keep`` accepts: exchange and symbol folders first, then the folders. With
+        ``between`` (two hour folders), one listing per symbol of the keys between them."""
         base = self.object_key("")
         refs: list[PartRef] = []
         async with self.client() as s3:
@@ -189,15 +206,15 @@ class LakeStore:
                     "S3 listing", functools.partial(self._prefixes, s3, ex_prefix + "symbol=")
                 )
             limiter = anyio.CapacityLimiter(CONCURRENCY)
-            tail = f"interval_minutes=1/{hour_path(hour_ms)}/"
-
             errors: list[LakeError] = []
 
-            async def one(sym_prefix: str) -> None:
+            async def one(prefix: str) -> None:
+                after = prefix + between[0] if between[0] else ""
+                before = prefix + between[1] if between[1] else ""
                 async with limiter:
                     try:
                         objects = await self.retrying(
-                            "S3 listing", lambda: self._objects(s3, sym_prefix + tail)
+                            "S3 listing", lambda: self._objects(s3, prefix, after, before)
                         )
                     except LakeError as exc:
                         errors.append(exc)
@@ -207,6 +224,8 @@ class LakeStore:
                     try:
                         pk = parse_key(key or "")
                     except ValueError:
+                        continue
+                    if not keep(pk.hour_ms):
                         continue
                     refs.append(
                         PartRef(
@@ -222,24 +241,26 @@ class LakeStore:
 
             async with anyio.create_task_group() as tg:
                 for sym_prefix in symbol_prefixes:
-                    tg.start_soon(one, sym_prefix)
+                    for tail in tails:
+                        tg.start_soon(one, sym_prefix + tail)
         if errors:
             raise errors[0]
         return refs
 
-    async def list_parts(self, hour_ms: int, exchange: str | None = None) -> list[PartRef]:
-        """Every closed part of the hour (local spool united with S3), sorted by key.
+    async def _list_hour_s3(self, hour_ms: int, exchange: str | None) -> list[PartRef]:
+        tail = f"interval_minutes=1/{hour_path(hour_ms)}/"
+        return await self._list_s3([tail], exchange, lambda h: h == hour_ms)
 
-        Raises :class:`LakeError` if S3 is configured but cannot be listed: a partial listing
-        would make the loader miss parts silently.
-        """
-        local = await anyio.to_thread.run_sync(
-            lambda: list(iter_local_parts(self.root, hour_ms=hour_ms, exchange=exchange))
-        )
+    async def _list(
+        self,
+        local: list[LocalPart],
+        remote: Callable[[], Awaitable[list[PartRef]]],
+    ) -> list[PartRef]:
+        """Local parts united with S3's (when configured), sorted by key."""
         refs: dict[str, PartRef] = {}
         if self.enabled:
             try:
-                listed = await self._list_hour_s3(hour_ms, exchange)
+                listed = await remote()
             except LakeError:
                 raise
             except Exception as exc:
@@ -251,7 +272,7 @@ class LakeStore:
                 pk = parse_key(part.key)
             except ValueError:
                 continue
-            remote = refs.get(part.key)
+            found = refs.get(part.key)
             refs[part.key] = PartRef(
                 key=part.key,
                 exchange=pk.exchange,
@@ -259,22 +280,68 @@ class LakeStore:
                 hour_ms=pk.hour_ms,
                 size=part.size,
                 local_path=str(part.path),
-                s3_key=remote.s3_key if remote else None,
-                etag=remote.etag if remote else None,
+                s3_key=found.s3_key if found else None,
+                etag=found.etag if found else None,
             )
         return [refs[k] for k in sorted(refs)]
+
+    async def list_parts(self, hour_ms: int, exchange: str | None = None) -> list[PartRef]:
+        """Every closed part of the hour (local spool united with S3), sorted by key.
+
+        Raises :class:`LakeError` if S3 is configured but cannot be listed: a partial listing
+        would make the loader miss parts silently.
+        """
+        local = await anyio.to_thread.run_sync(
+            lambda: list(iter_local_parts(self.root, hour_ms=hour_ms, exchange=exchange))
+        )
+        return await self._list(local, lambda: self._list_hour_s3(hour_ms, exchange))
+
+    async def list_range(
+        self, start_ms: int, end_ms: int, exchange: str | None = None
+    ) -> list[PartRef]:
+        """Every closed part of the hours in ``[start_ms, end_ms)`` (local united with S3),
+        sorted by key. In S3 one listing per pair, from the first hour's folder to the end's
+        (keys sort by time: a day of one pair is a few dozen keys), not one per hour."""
+        hours = hours_between(start_ms, end_ms)
+        if not hours:
+            return []
+        lo, hi = hours[0], hours[-1] + HOUR_MS
+
+        def keep(hour: int) -> bool:
+            return lo <= hour < hi
+
+        def scan() -> list[LocalPart]:
+            found = []
+            for part in iter_local_parts(self.root, exchange=exchange):
+                try:
+                    if keep(parse_key(part.key).hour_ms):
+                        found.append(part)
+                except ValueError:
+                    continue  # not one of ours
+            return found
+
+        between = (hour_path(lo), hour_path(hi))
+        local = await anyio.to_thread.run_sync(scan)
+        return await self._list(
+            local, lambda: self._list_s3(["interval_minutes=1/"], exchange, keep, between)
+        )
 
     # -- reading --------------------------------------------------------------------------------
 
     async def read_part_bytes(self, ref: PartRef) -> bytes:
-        """A part's bytes: the local file if it is (still) there, else an S3 GET (verified)."""
+        """A part's bytes: the local file if it is (still) there and readable, else an S3 GET
+        (verified); :class:`LakeError` when neither works."""
         local = self.root / ref.key
         try:
             return await anyio.Path(local).read_bytes()
         except FileNotFoundError:
-            pass
+            problem = "is not in the local lake"
+        except OSError as exc:  # unreadable here (permissions, I/O error): S3 may have it
+            problem = f"cannot be read locally ({exc.strerror or exc})"
+            if not (self.enabled and ref.s3_key):
+                raise LakeError(f"part {ref.key} {problem}") from exc
         if not self.enabled:
-            raise LakeError(f"part {ref.key} is not in the local lake and S3 is not configured")
+            raise LakeError(f"part {ref.key} {problem} and S3 is not configured")
         object_key = ref.s3_key or self.object_key(ref.key)
 
         async def get() -> bytes:

@@ -1,5 +1,11 @@
 """Mirroring sealed parts to S3: idempotent, verified, patient through outages.
 
+Verification: every ``lake.verify_interval_s`` (and on ``klined check --lake``) the parts still
+on disk that are marked uploaded are compared with S3, by size and MD5 (the listing's ETag of a
+single-part upload; HEAD's SHA-256 otherwise), a day folder at a time. A part missing there
+(deleted, lost by the store) is uploaded again; one with different content is reported and
+never overwritten.
+
 Each sealed part is uploaded once to ``s3://<bucket>/<prefix>/<key>`` and verified (size, and
 the ETag as MD5 and/or the stored SHA-256 checksum); then a sidecar ``<key>.uploaded`` records
 the verified upload so a restart does not upload it again. A key that already holds identical
@@ -12,6 +18,7 @@ their verified upload, never before, and never in local-only mode.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import time
@@ -26,7 +33,7 @@ from loguru import logger
 
 from klined.config import LakeConfig, S3Config
 from klined.errors import LakeError
-from klined.lake.layout import UPLOADED_SUFFIX, parse_key
+from klined.lake.layout import GZ_SUFFIX, UPLOADED_SUFFIX, parse_key
 from klined.lake.reader import iter_local_parts
 from klined.lake.s3 import LakeStore, backoff_delay, describe, is_not_found, plain_md5
 from klined.lake.writer import wall_ms
@@ -58,6 +65,15 @@ class UploadMarker(msgspec.Struct, kw_only=True):
     sha256: str
     etag: str = ""
     uploaded_ms: int
+
+
+class VerifyReport(msgspec.Struct, kw_only=True):
+    """What a verification found: parts compared, and the keys missing or different in S3."""
+
+    checked: int = 0
+    missing: list[str] = msgspec.field(default_factory=list)  # uploaded again
+    different: list[str] = msgspec.field(default_factory=list)  # never overwritten
+    error: str = ""
 
 
 class _Pending(msgspec.Struct):
@@ -117,6 +133,8 @@ class LakeUploader(LakeStore):
         self._rescan_interval_s = rescan_interval_s
         self._pending: dict[str, _Pending] = {}
         self._uploaded: dict[str, int] = {}  # key -> uploaded_ms (parts still on disk)
+        self._markers_missing: dict[str, UploadMarker] = {}  # uploaded, marker not written
+        self._marker_logged_at = -ERROR_LOG_INTERVAL_S
         self._lock = anyio.Lock()
         self._nudge = anyio.Event()
         self.uploaded_count = 0
@@ -230,29 +248,7 @@ class LakeUploader(LakeStore):
         except FileNotFoundError:
             return "gone", 0
         object_key = self.object_key(key)
-        head = await self._head(s3, object_key)
-        if head is not None:
-            if not _same_object(head, len(data), md5_hex, sha_b64):
-                raise LakeError(
-                    f"s3://{self.s3.bucket}/{object_key} exists with different content; "
-                    "not overwritten"
-                )
-            outcome = "already"
-        else:
-            with anyio.fail_after(self.op_timeout_s):
-                await s3.put_object(
-                    Bucket=self.s3.bucket,
-                    Key=object_key,
-                    Body=data,
-                    ContentMD5=md5_b64,
-                    ChecksumSHA256=sha_b64,
-                    ChecksumAlgorithm="SHA256",
-                    ContentType="application/x-ndjson",
-                )
-            head = await self._head(s3, object_key)
-            if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
-                raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
-            outcome = "uploaded"
+        outcome, head = await self._put_verified(s3, object_key, data, md5_hex, md5_b64, sha_b64)
         marker = UploadMarker(
             bucket=self.s3.bucket,
             object_key=object_key,
@@ -262,15 +258,102 @@ class LakeUploader(LakeStore):
             etag=str(head.get("ETag", "")).strip('"'),
             uploaded_ms=self._clock(),
         )
-        await anyio.to_thread.run_sync(self._write_marker, path, marker)
+        try:
+            await anyio.to_thread.run_sync(self._write_marker, path, marker)
+        except OSError as exc:
+            # the upload is done and verified; the marker only spares a HEAD after a restart.
+            # A full disk must not stop uploads: remember it and write it when the disk lets us
+            self._note_marker_failure(key, exc)
+            self._markers_missing[key] = marker
+        else:
+            self._markers_missing.pop(key, None)
         return outcome, len(data)
+
+    async def _put_verified(
+        self, s3: Any, object_key: str, data: bytes, md5_hex: str, md5_b64: str, sha_b64: str
+    ) -> tuple[str, dict[str, Any]]:
+        """PUT unless identical content is there already, then verify; ``("uploaded" |
+        "already", head)``. Different content under the key is never overwritten."""
+        head = await self._head(s3, object_key)
+        if head is not None:
+            if not _same_object(head, len(data), md5_hex, sha_b64):
+                raise LakeError(
+                    f"s3://{self.s3.bucket}/{object_key} exists with different content; "
+                    "not overwritten"
+                )
+            return "already", head
+        with anyio.fail_after(self.op_timeout_s):
+            await s3.put_object(
+                Bucket=self.s3.bucket,
+                Key=object_key,
+                Body=data,
+                ContentMD5=md5_b64,
+                ChecksumSHA256=sha_b64,
+                ChecksumAlgorithm="SHA256",
+                # the object is the part as stored: no Content-Encoding, so no client unzips
+                # it on the way and every checksum is of these very bytes
+                ContentType="application/gzip"
+                if object_key.endswith(GZ_SUFFIX)
+                else "application/x-ndjson",
+            )
+        head = await self._head(s3, object_key)
+        if head is None or not _same_object(head, len(data), md5_hex, sha_b64):
+            raise LakeError(f"s3://{self.s3.bucket}/{object_key} failed verification")
+        return "uploaded", head
+
+    async def upload_from_memory(self, key: str, data: bytes) -> None:
+        """Upload a part that exists only in memory (the disk refused it), verified, with a
+        few quick retries; :class:`LakeError` when it cannot be done."""
+        if not self.enabled:
+            raise LakeError("no S3 bucket configured")
+        md5 = hashlib.md5(data, usedforsecurity=False)
+        md5_b64 = base64.b64encode(md5.digest()).decode()
+        sha_b64 = base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+        async def put() -> None:
+            async with self.client() as s3:
+                await self._put_verified(
+                    s3, self.object_key(key), data, md5.hexdigest(), md5_b64, sha_b64
+                )
+
+        await self.retrying(f"upload of {key} from memory", put)
+
+    def _note_marker_failure(self, key: str, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._marker_logged_at >= ERROR_LOG_INTERVAL_S:
+            self._marker_logged_at = now
+            logger.warning(
+                "lake: uploaded {} but cannot write its marker ({}); uploads go on, the "
+                "markers are written once the disk allows ({} waiting)",
+                key,
+                exc,
+                len(self._markers_missing) + 1,
+            )
+
+    async def write_missing_markers(self) -> int:
+        """Write the markers a full disk refused earlier; return how many are still missing."""
+        for key, marker in list(self._markers_missing.items()):
+            path = self.root / key
+            if not path.exists():
+                self._markers_missing.pop(key, None)
+                continue
+            try:
+                await anyio.to_thread.run_sync(self._write_marker, path, marker)
+            except OSError:
+                break
+            self._markers_missing.pop(key, None)
+        return len(self._markers_missing)
 
     @staticmethod
     def _write_marker(path: Path, marker: UploadMarker) -> None:
         final = path.with_name(path.name + UPLOADED_SUFFIX)
         tmp = final.with_name(final.name + ".tmp")
-        tmp.write_bytes(msgspec.json.encode(marker))
-        os.replace(tmp, final)
+        try:
+            tmp.write_bytes(msgspec.json.encode(marker))
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     async def _upload_keys(self, keys: list[str], *, stop_on_error: bool) -> UploadReport:
         """Upload ``keys`` with bounded concurrency; failures are reported, not raised."""
@@ -340,8 +423,23 @@ class LakeUploader(LakeStore):
         """
         if not self.enabled:
             return UploadReport(enabled=False)
+        await self.write_missing_markers()
         await self.rescan(hour_ms)
         keys = [k for k, p in self._pending.items() if hour_ms is None or p.hour_ms == hour_ms]
+        what = "all hours" if hour_ms is None else f"hour {iso(hour_ms)}"
+        return await self._upload_with_retries(keys, what)
+
+    async def upload(self, parts: list[tuple[str, int]]) -> UploadReport:
+        """Upload these sealed local parts (``(key, size)``) now, verified, with retries;
+        :class:`LakeError` if one still fails (it stays queued for the upload loop). Without a
+        bucket it does nothing."""
+        if not self.enabled:
+            return UploadReport(enabled=False)
+        for key, size in parts:
+            self.part_closed(key, size)
+        return await self._upload_with_retries([k for k, _ in parts], f"{len(parts)} part(s)")
+
+    async def _upload_with_retries(self, keys: list[str], what: str) -> UploadReport:
         total = UploadReport(parts=len(keys))
         for attempt in range(self.attempts):
             async with self._lock:
@@ -361,13 +459,100 @@ class LakeUploader(LakeStore):
                 )
         total.failed = sorted(k for k in keys if k in self._pending)
         if total.failed:
-            what = "all hours" if hour_ms is None else f"hour {iso(hour_ms)}"
             self._record_error(total.error)
             raise LakeError(
                 f"{len(total.failed)} of {total.parts} part(s) of {what} could not be uploaded "
                 f"to s3://{self.s3.bucket}: {total.error}"
             )
         return total
+
+    # -- verification ---------------------------------------------------------------------------
+
+    def _markers(self) -> dict[str, UploadMarker]:
+        """Local parts marked uploaded to this bucket, with what their marker says."""
+        decoder = msgspec.json.Decoder(UploadMarker)
+        found: dict[str, UploadMarker] = {}
+        for part in iter_local_parts(self.root):
+            marker_path = part.path.with_name(part.path.name + UPLOADED_SUFFIX)
+            try:
+                marker = decoder.decode(marker_path.read_bytes())
+            except (OSError, msgspec.DecodeError):
+                continue
+            if marker.bucket == self.s3.bucket and marker.size == part.size:
+                found[part.key] = marker
+        return found
+
+    async def verify(self) -> VerifyReport:
+        """Compare the local parts marked uploaded with S3; upload the missing ones again.
+
+        Never raises for S3 trouble: the report's ``error`` says what went wrong.
+        """
+        report = VerifyReport()
+        if not self.enabled:
+            return report
+        markers = await anyio.to_thread.run_sync(self._markers)
+        report.checked = len(markers)
+        folders: dict[str, list[str]] = {}
+        for key in markers:
+            folders.setdefault(key.rsplit("/hour=", 1)[0] + "/", []).append(key)
+        missing: list[str] = []
+        try:
+            async with self.client() as s3:
+                for folder, keys in sorted(folders.items()):
+                    prefix = self.object_key(folder)
+                    objects = await self.retrying(
+                        "S3 listing", functools.partial(self._objects, s3, prefix)
+                    )
+                    listed = {o["Key"]: o for o in objects}
+                    for key in keys:
+                        marker = markers[key]
+                        obj = listed.get(self.object_key(key))
+                        if obj is None:
+                            missing.append(key)
+                        elif not await self._matches(s3, obj, marker):
+                            report.different.append(key)
+        except Exception as exc:
+            report.error = describe(exc)
+            logger.warning("lake: S3 verification failed: {}", report.error)
+        for key in report.different:
+            logger.error(
+                "lake: s3://{}/{} differs from the local part (size or checksum); not "
+                "overwritten: look at it by hand",
+                self.s3.bucket,
+                self.object_key(key),
+            )
+        if missing:
+            await anyio.to_thread.run_sync(self._forget_markers, missing)
+            for key in missing:
+                self._uploaded.pop(key, None)
+                try:
+                    size = (self.root / key).stat().st_size
+                except OSError:
+                    continue
+                self._pending[key] = _Pending(size, parse_key(key).hour_ms)
+                report.missing.append(key)
+            logger.error(
+                "lake: {} part(s) marked uploaded are missing in s3://{}; uploading them again",
+                len(report.missing),
+                self.s3.bucket,
+            )
+            self._nudge.set()
+            self._update_status()
+        return report
+
+    async def _matches(self, s3: Any, obj: dict[str, Any], marker: UploadMarker) -> bool:
+        if int(obj.get("Size", -1)) != marker.size:
+            return False
+        md5 = plain_md5(obj.get("ETag"))
+        if md5 is not None:
+            return md5 == marker.md5
+        head = await self._head(s3, obj["Key"])
+        return head is not None and _same_object(head, marker.size, marker.md5, marker.sha256)
+
+    def _forget_markers(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self.root / key
+            path.with_name(path.name + UPLOADED_SUFFIX).unlink(missing_ok=True)
 
     # -- retention ------------------------------------------------------------------------------
 
@@ -421,12 +606,18 @@ class LakeUploader(LakeStore):
         await self._guarded(self.rescan())
         task_status.started()
         failures = 0
-        last_rescan = time.monotonic()
+        last_rescan = last_verify = time.monotonic()
         while True:
             if time.monotonic() - last_rescan >= self._rescan_interval_s:
                 await self._guarded(self.rescan())
                 last_rescan = time.monotonic()
+            every = self.lake.verify_interval_s
+            if every and time.monotonic() - last_verify >= every:
+                await self._guarded(self.verify())
+                last_verify = time.monotonic()
             ok = await self._guarded(self._pass())
+            if self._markers_missing:
+                await self._guarded(self.write_missing_markers())
             await self._guarded(self.apply_retention())
             if ok:
                 failures = 0

@@ -146,6 +146,7 @@ class StreamConnection:
         sink: Sink,
         pair_status: dict[str, PairStatus] | None = None,
         req_ids: ReqIds | None = None,
+        on_refused: Callable[[StreamConnection, list[Pair], str], None] | None = None,
     ) -> None:
         self.adapter = adapter
         self.conn_id = conn_id
@@ -169,12 +170,21 @@ class StreamConnection:
         self._error_log = _LogLimiter()
         self._last_fatal = ""
         self._counts: dict[str, int] = {}
+        self._on_refused = on_refused
+        self.finished = False  # run() returned (no pair left); add_pairs needs a new run()
         self._log = logger.bind(exchange=adapter.name, conn=conn_id)
 
     # -- supervision -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run sessions until cancelled, or until no pair is left to stream."""
+        self.finished = False
+        try:
+            await self._run()
+        finally:
+            self.finished = True
+
+    async def _run(self) -> None:
         async with anyio.create_task_group() as tg:
             while self.pairs:
                 session = Session(self)
@@ -280,6 +290,26 @@ class StreamConnection:
                 ps.state = StreamState.UNLISTED
                 ps.last_error = message
         self.status.pairs = len(self.pairs)
+        if self._on_refused is not None:
+            self._on_refused(self, pairs, message)
+
+    def add_pairs(self, pairs: list[Pair]) -> None:
+        """Stream ``pairs`` too (listed again, or a refused subscription asked for again);
+        the connection resubscribes: a successor opens first, as on rotation."""
+        new = [p for p in pairs if p not in self.pairs]
+        if not new:
+            return
+        self.pairs.extend(new)
+        self.status.pairs = len(self.pairs)
+        for pair in new:
+            ps = self.pair_status.setdefault(
+                str(pair), PairStatus(exchange=self.adapter.name, symbol=str(pair))
+            )
+            ps.state = StreamState.CONNECTING
+        current = self.current
+        if current is not None and not current.ended.is_set():
+            current.rotate_due.set()
+            self.wake.set()
 
     def drop_pairs(self, pairs: list[Pair]) -> None:
         """Stop streaming ``pairs`` (found unlisted later; their status says why).
@@ -373,13 +403,20 @@ class StreamConnection:
         st.messages_per_s = self._rate(st.conn_id, st.messages, st.messages_per_s, elapsed_s)
         since = st.connected_since_ms or wall_ms
         limit_ms = self.settings.pair_stale_after_s * 1000
+        no_data_ms = min(self.settings.stale_after_s * 1000, limit_ms)
         for pair in self.pairs:
             ps = self.pair_status.get(str(pair))
             if ps is None:
                 continue
             ps.messages_per_s = self._rate(ps.symbol, ps.messages, ps.messages_per_s, elapsed_s)
             if st.state == StreamState.CONNECTED:
-                last = max(ps.last_message_ms or since, since)
+                if ps.last_message_ms is None:
+                    # subscribed, yet nothing ever came: a name the exchange accepts but does
+                    # not trade (or a pair with no trades yet) is not "connected"
+                    quiet = wall_ms - since > no_data_ms
+                    ps.state = StreamState.NO_DATA if quiet else StreamState.CONNECTED
+                    continue
+                last = max(ps.last_message_ms, since)
                 ps.state = StreamState.STALE if wall_ms - last > limit_ms else StreamState.CONNECTED
 
     def _rate(self, key: str, count: int, previous: float, elapsed_s: float) -> float:

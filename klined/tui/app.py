@@ -18,12 +18,13 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker
 
 from klined.config import Config
 from klined.errors import DatabaseError, StatusError
-from klined.status import StatusSnapshot
+from klined.status import LiveStatus, StatusSnapshot
 from klined.tui.present import fmt_hms, fmt_when
 from klined.tui.sources import (
     ChainRunner,
@@ -39,12 +40,27 @@ from klined.tui.views.jobs import JobsView, last_closed_hour, manual_finished, m
 from klined.tui.views.streams import StreamsView
 from klined.tui.widgets.banner import ProblemBanner
 from klined.tui.widgets.confirm import ConfirmScreen
+from klined.tui.widgets.so_far import SoFarLine
 
 VIEWS = ("streams", "completeness", "jobs")
+#: columns of the header that its icon and the matching right margin take
+HEADER_MARGIN = 16
 
 
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
+
+
+def live_mark(live: LiveStatus | None) -> str:
+    """`` · live p50/p99 0.4/1.3s`` for the header: the live path's lag (final's event time
+    to commit), or why there is none."""
+    if live is None or not live.enabled:
+        return ""
+    if live.state == "failing":
+        return " · live DOWN"
+    if live.lag_p50_s is None or live.lag_p99_s is None:
+        return " · live -"
+    return f" · live p50/p99 {live.lag_p50_s:.1f}/{live.lag_p99_s:.1f}s"
 
 
 class KlinedApp(App[None]):
@@ -82,6 +98,7 @@ class KlinedApp(App[None]):
         self.hours = hours
         self.daemon_ok: bool | None = None
         self.db_ok: bool | None = None
+        self.live: LiveStatus | None = None
         self._status_worker: Worker[None] | None = None
         self._db_worker: Worker[None] | None = None
         self._chain_worker: Worker[None] | None = None
@@ -150,9 +167,12 @@ class KlinedApp(App[None]):
         def mark(ok: bool | None) -> str:
             return "…" if ok is None else "ok" if ok else "DOWN"
 
-        self.sub_title = (
-            f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)} · {fmt_hms(self.clock())} UTC"
-        )
+        text = f"daemon {mark(self.daemon_ok)} · db {mark(self.db_ok)}{live_mark(self.live)}"
+        clock = f" · {fmt_hms(self.clock())}Z"
+        # the header centres "title — subtitle" between its icon and an equal margin: the clock
+        # gives way when it would be cut (a long title at 80 columns)
+        room = (self.size.width or 80) - HEADER_MARGIN - len(self.title) - len(" — ")
+        self.sub_title = text + clock if len(text) + len(clock) <= room else text
 
     # -- polling --------------------------------------------------------------------------------
 
@@ -184,6 +204,7 @@ class KlinedApp(App[None]):
             logger.opt(exception=exc).warning("reading the daemon status failed")
             problem = f"cannot read the daemon's status: {exc}"
         now = self.clock()
+        self.live = snapshot.live if snapshot is not None else None
         if snapshot is None:
             self.daemon_ok = False
             self.banner.set_problem("daemon", problem)
@@ -212,6 +233,12 @@ class KlinedApp(App[None]):
             self.completeness.show_failed(now)
         else:
             self.completeness.show(rows, now)
+        so_far = self.completeness.query_one(SoFarLine)
+        try:
+            so_far.show(await self.warehouse.hour_so_far())
+        except Exception as exc:
+            logger.opt(exception=exc).debug("reading the hour in progress failed")
+            so_far.show_failed()
         try:
             runs = await self.warehouse.job_runs()
         except DatabaseError as exc:
@@ -231,10 +258,10 @@ class KlinedApp(App[None]):
 
     def action_run_chain(self) -> None:
         if self.chain_runner is None:
-            self.notify("running the chain is not available here", severity="warning")
+            self.jobs.show_manual(Text("running the chain is not available here", "#d29922"))
             return
         if self._chain_worker is not None and not self._chain_worker.is_finished:
-            self.notify("a manual chain run is already in progress", severity="warning")
+            self.jobs.show_manual(Text("a manual chain run is already in progress", "#d29922"))
             return
         hour = last_closed_hour(self.clock())
         question = (
@@ -259,15 +286,19 @@ class KlinedApp(App[None]):
             logger.opt(exception=exc).warning("manual chain run failed to start")
             text = Text(f"manual chain for {fmt_when(hour_ms)} could not run: {exc}", "#f85149")
             self.jobs.show_manual(text)
-            self.notify(str(text), severity="error")
+            self.tell(text.plain, severity="error")
             return
         self.jobs.show_manual(manual_finished(result))
-        self.notify(
-            manual_finished(result).plain,
-            severity="information" if result.ok else "error",
-            timeout=8,
-        )
+        self.tell(manual_finished(result).plain, severity="information" if result.ok else "error")
         self._tick_warehouse()
+
+    def tell(self, message: str, *, severity: SeverityLevel = "information") -> None:
+        """One notification at a time, and none while the Jobs view shows the same news on
+        its own line (a toast there covered that line and the table)."""
+        if self.query_one(TabbedContent).active == "jobs":
+            return
+        self.clear_notifications()
+        self.notify(message, severity=severity, timeout=8)
 
 
 # -- wiring ---------------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ from klined.status import (
     ChainStatus,
     ConnectionStatus,
     LakeStatus,
+    LiveStatus,
     PairStatus,
     StatusSnapshot,
     StreamState,
 )
 from klined.tui.present import STEPS
-from klined.tui.sources import ChainResult, HourCompleteness, JobRun
+from klined.tui.sources import ChainResult, HourCompleteness, HourSoFar, JobRun
 
 #: the frozen "now" of every demo picture: 13:47:12 UTC, so the last closed hour is 12:00
 DEMO_NOW_MS = parse_time("2026-11-26T13:47:12Z")
@@ -55,9 +56,15 @@ class FakeStatusSource:
 class FakeWarehouseSource:
     """Serves the given rows and runs, or raises ``error`` when it is set."""
 
-    def __init__(self, rows: Iterable[HourCompleteness] = (), runs: Iterable[JobRun] = ()) -> None:
+    def __init__(
+        self,
+        rows: Iterable[HourCompleteness] = (),
+        runs: Iterable[JobRun] = (),
+        so_far: Iterable[HourSoFar] = (),
+    ) -> None:
         self.rows = list(rows)
         self.runs = list(runs)
+        self.so_far = list(so_far)
         self.error: Exception | None = None
         self.ranges: list[tuple[int, int]] = []
 
@@ -73,6 +80,12 @@ class FakeWarehouseSource:
         if self.error is not None:
             raise self.error
         return sorted(self.runs, key=lambda r: r.run_id, reverse=True)[:limit]
+
+    async def hour_so_far(self) -> list[HourSoFar]:
+        await anyio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        return list(self.so_far)
 
     async def aclose(self) -> None:
         return None
@@ -197,13 +210,58 @@ def demo_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
             last_result="ok",
             next_run_ms=now_ms - now_ms % HOUR_MS + HOUR_MS + 5 * MINUTE_MS,
         ),
+        live=LiveStatus(
+            enabled=True,
+            state="ok",
+            finals=372_611,
+            written=372_540,
+            committed_batches=41_220,
+            lag_window_s=300.0,
+            lag_samples=4_870,
+            lag_p50_s=0.43,
+            lag_p99_s=1.27,
+            lag_max_s=1.88,
+            last_commit_ms=now_ms - 12_000,
+            gold_refreshed_ms=now_ms - 9_000,
+        ),
     )
+
+
+def demo_so_far(now_ms: int = DEMO_NOW_MS) -> list[HourSoFar]:
+    """The hour in progress: live finals for nearly every minute so far."""
+    hour = now_ms - now_ms % HOUR_MS
+    elapsed = (now_ms - 10_000 - hour) // MINUTE_MS
+    binance = len(DEFAULT_PAIRS) - 2
+    kraken = len(_KRAKEN_PAIRS)
+    return [
+        HourSoFar("binance", hour, elapsed, binance, final=binance * elapsed - 2, missing=2),
+        HourSoFar(
+            "kraken", hour, elapsed, kraken, final=kraken * elapsed - 31, ws_partial=3, missing=28
+        ),
+    ]
 
 
 def hour_row(exchange: str, symbol: str, hour_ms: int, **counts: int) -> HourCompleteness:
     """An hour whose counts add up to 60: ``ws_final`` takes what the others leave."""
     rest = sum(counts.values())
-    return HourCompleteness(exchange, symbol, hour_ms, 60, ws_final=60 - rest, **counts)
+    return HourCompleteness(
+        exchange,
+        symbol,
+        hour_ms,
+        60,
+        ws_final=60 - rest,
+        rest=counts.get("rest", 0),
+        archive=counts.get("archive", 0),
+        trades=counts.get("trades", 0),
+        no_trades=counts.get("no_trades", 0),
+        ws_partial=counts.get("ws_partial", 0),
+        missing=counts.get("missing", 0),
+    )
+
+
+def pending_row(exchange: str, symbol: str, hour_ms: int) -> HourCompleteness:
+    """An hour the chain has not processed yet: all 60 minutes missing."""
+    return HourCompleteness(exchange, symbol, hour_ms, 60, missing=60, pending=True)
 
 
 def demo_completeness(
@@ -283,4 +341,87 @@ def demo_job_runs(now_ms: int = DEMO_NOW_MS, hours: int = 30) -> list[JobRun]:
                 t2 = hour + 2 * HOUR_MS + 5 * MINUTE_MS
                 runs.append(JobRun(run_id, hour, step, "ok", 240, t2, t2 + 800, 800, "", "dirty"))
                 run_id += 1
+    return runs
+
+
+# -- trouble ------------------------------------------------------------------------------------
+
+#: errors as the streams report them, long ones included (the table must still fit 80 columns)
+_ERRORS = (
+    "ConnectionClosedError: no close frame received or sent",
+    "StaleConnection: no message for 15 s; reconnecting",
+    "ConnectionClosedOK: received 1000 (OK); then sent 1000 (OK)",
+    "connection reset by peer",
+    "TimeoutError: subscribe not acknowledged within 10 s",
+    "InvalidStatus: server rejected WebSocket connection: HTTP 503",
+)
+
+
+def error_heavy_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
+    """The demo's simulator after a bad few minutes: every pair has an error, most of them
+    long, some pairs down or backing off; the errors are simulated (injected faults)."""
+    snap = demo_snapshot(now_ms)
+    states = (StreamState.CONNECTED, StreamState.BACKOFF, StreamState.STALE, StreamState.DOWN)
+    for i, p in enumerate(snap.pairs):
+        if p.state == StreamState.UNLISTED:
+            continue
+        p.last_error = _ERRORS[i % len(_ERRORS)]
+        p.reconnects = 3 + i % 7
+        if i % 4:
+            p.state = states[i % len(states)]
+    for i, c in enumerate(snap.connections):
+        c.last_error = _ERRORS[(i + 1) % len(_ERRORS)]
+        c.reconnects += 4
+    snap.simulated = True
+    return snap
+
+
+def catching_up_completeness(
+    now_ms: int = DEMO_NOW_MS, hours: int = 72, pending: int = 6
+) -> list[HourCompleteness]:
+    """The demo's hours, but the daemon was down: the newest ``pending`` closed hours are not
+    processed yet, except the newest one, which the catch-up did first."""
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    owed = {last - i * HOUR_MS for i in range(1, pending)}
+    return [
+        pending_row(r.exchange, r.symbol, r.hour_ms) if r.hour_ms in owed else r
+        for r in demo_completeness(now_ms, hours)
+    ]
+
+
+def catching_up_snapshot(now_ms: int = DEMO_NOW_MS) -> StatusSnapshot:
+    """The daemon's status during that catch-up: the second of six hours waits for the lock,
+    held by a backfill's merge, and the 13:05 run is due (its time has passed)."""
+    snap = demo_snapshot(now_ms)
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    snap.chain = ChainStatus(
+        running=True,
+        trigger="catchup",
+        run_done=1,
+        run_total=6,
+        current_hour_ms=last - HOUR_MS,
+        waiting_for="a backfill's merge of 2026-11-20T04:00Z (PostgreSQL backend pid 48213)",
+        last_run_ms=now_ms - 3 * HOUR_MS,
+        last_result="6 hour(s), 2.1s",
+        next_run_ms=now_ms - now_ms % HOUR_MS + 5 * MINUTE_MS,
+    )
+    return snap
+
+
+def catching_up_job_runs(now_ms: int = DEMO_NOW_MS) -> list[JobRun]:
+    """The demo's runs, then the catch-up's newest hour, whose gap-fill was incomplete."""
+    runs = demo_job_runs(now_ms, hours=30)
+    last = now_ms - now_ms % HOUR_MS - HOUR_MS
+    gap = set(range(last - 5 * HOUR_MS, last + HOUR_MS, HOUR_MS))
+    runs = [r for r in runs if r.hour_ms not in gap]
+    run_id = max(r.run_id for r in runs) + 1
+    t = now_ms - 40_000
+    for step in STEPS:
+        status, error = "ok", ""
+        if step == "gapfill":
+            status = "incomplete"
+            error = "95 minutes left missing, requests failed: exchange unreachable (95)"
+        runs.append(JobRun(run_id, last, step, status, 60, t, t + 900, 900, error, "catchup"))
+        run_id += 1
+        t += 900
     return runs

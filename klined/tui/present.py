@@ -20,6 +20,7 @@ STATE_SEVERITY: dict[str, int] = {
     StreamState.STALE: 1,
     StreamState.BACKOFF: 2,
     StreamState.UNLISTED: 3,
+    StreamState.NO_DATA: 3,
     StreamState.CONNECTING: 4,
     StreamState.CONNECTED: 5,
 }
@@ -203,10 +204,13 @@ def allocate(counts: Sequence[int], slots: int, keep: Iterable[int] = ()) -> lis
 
 
 def heat_level(h: HourCompleteness | None) -> str:
-    """``none`` (not computed) / ``complete`` / ``partial`` (all there, some provisional) /
-    ``gaps`` (up to 10% missing) / ``bad``."""
+    """``none`` (no row: the pair was not covered then) / ``pending`` (not processed yet, all
+    missing) / ``complete`` / ``partial`` (all there, some provisional) / ``gaps`` (up to 10%
+    missing) / ``bad``."""
     if h is None or h.expected <= 0:
         return "none"
+    if h.pending:
+        return "pending"
     if h.complete >= h.expected:
         return "complete"
     if h.missing == 0:
@@ -233,12 +237,21 @@ class PairHours:
         for h in self.hours.values():
             for i, v in enumerate((h.expected, *h.counts())):
                 sums[i] += v
-        return HourCompleteness(self.exchange, self.symbol, 0, *sums)
+        expected, ws_final, rest, archive, trades, no_trades, ws_partial, missing = sums
+        return HourCompleteness(
+            self.exchange, self.symbol, 0, expected, ws_final, rest, archive, trades, no_trades,
+            ws_partial, missing,
+        )  # fmt: skip
 
     @property
     def rate(self) -> float | None:
         t = self.totals()
         return t.rate if t.expected else None
+
+    @property
+    def pending(self) -> int:
+        """Hours the chain has not processed yet."""
+        return sum(1 for h in self.hours.values() if h.pending)
 
 
 def window_hours(now_ms: int, hours: int) -> list[int]:
@@ -263,12 +276,35 @@ def group_pairs(rows: Iterable[HourCompleteness], worst_first: bool = True) -> l
 
 
 def exchange_rates(rows: Iterable[HourCompleteness]) -> dict[str, tuple[int, int]]:
-    """exchange -> (complete minutes, expected minutes) over the rows given."""
+    """exchange -> (complete minutes, expected minutes) over the rows given; a pending hour's
+    minutes are expected and not complete."""
     sums: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in rows:
         sums[r.exchange][0] += r.complete
         sums[r.exchange][1] += r.expected
     return {ex: (v[0], v[1]) for ex, v in sorted(sums.items())}
+
+
+def pending_hours(rows: Iterable[HourCompleteness]) -> int:
+    """Distinct hours with at least one pending row (the chain has not caught up on them)."""
+    return len({r.hour_ms for r in rows if r.pending})
+
+
+def short_error(text: str) -> str:
+    """An error for a narrow cell: one line, without a leading exception class name when a
+    message follows it ("ConnectionClosedError: no close frame" -> "no close frame")."""
+    flat = " ".join(text.split())
+    head, sep, rest = flat.partition(": ")
+    if sep and rest and head.isidentifier() and head[:1].isupper():
+        return rest
+    return flat
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class HourCompleteness:
     no_trades: int = 0
     ws_partial: int = 0
     missing: int = 0
+    pending: bool = False  # the chain has not processed the hour yet: all of it is missing
 
     @property
     def complete(self) -> int:
@@ -69,6 +70,28 @@ class HourCompleteness:
             self.ws_partial,
             self.missing,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HourSoFar:
+    """The hour in progress for one exchange (``monitoring.current_hour_completeness``, summed
+    over its pairs): minutes with a final answer out of the minutes elapsed so far."""
+
+    exchange: str
+    hour_ms: int
+    minutes_elapsed: int
+    pairs: int
+    final: int = 0
+    ws_partial: int = 0
+    missing: int = 0
+
+    @property
+    def expected(self) -> int:
+        return self.pairs * self.minutes_elapsed
+
+    @property
+    def rate(self) -> float | None:
+        return self.final / self.expected if self.expected else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +143,10 @@ class WarehouseSource(Protocol):
 
     async def job_runs(self, limit: int = 500) -> list[JobRun]:
         """The most recent runs, newest first."""
+        ...
+
+    async def hour_so_far(self) -> list[HourSoFar]:
+        """The hour in progress, per exchange."""
         ...
 
     async def aclose(self) -> None: ...
@@ -190,9 +217,17 @@ def _ms(value: datetime | None) -> int | None:
 
 _COMPLETENESS_SQL = """
 SELECT exchange, symbol, hour_start, expected, ws_final, rest, archive, trades, no_trades,
-       ws_partial, missing
+       ws_partial, missing, pending
 FROM monitoring.hourly_completeness
 WHERE hour_start >= $1 AND hour_start < $2
+"""
+
+_SO_FAR_SQL = """
+SELECT exchange, min(hour_start) AS hour_start, max(minutes_elapsed) AS minutes_elapsed,
+       count(*) AS pairs, sum(ws_final + rest + trades + no_trades) AS final,
+       sum(ws_partial) AS ws_partial, sum(missing) AS missing
+FROM monitoring.current_hour_completeness
+GROUP BY exchange ORDER BY exchange
 """
 
 _JOB_RUNS_SQL = """
@@ -298,6 +333,7 @@ class PgWarehouseSource:
                 no_trades=int(r["no_trades"] or 0),
                 ws_partial=int(r["ws_partial"] or 0),
                 missing=int(r["missing"] or 0),
+                pending=bool(r["pending"]),
             )
             for r in rows
         ]
@@ -320,6 +356,21 @@ class PgWarehouseSource:
             for r in rows
         ]
 
+    async def hour_so_far(self) -> list[HourSoFar]:
+        rows = await self._fetch(_SO_FAR_SQL)
+        return [
+            HourSoFar(
+                exchange=r["exchange"],
+                hour_ms=from_datetime(r["hour_start"]),
+                minutes_elapsed=int(r["minutes_elapsed"] or 0),
+                pairs=int(r["pairs"] or 0),
+                final=int(r["final"] or 0),
+                ws_partial=int(r["ws_partial"] or 0),
+                missing=int(r["missing"] or 0),
+            )
+            for r in rows
+        ]
+
     async def aclose(self) -> None:
         await self._drop()
 
@@ -332,6 +383,11 @@ def warehouse_dsn(cfg: Config) -> str:
     """
     if cfg.dsn:
         return cfg.dsn
+    if cfg.daemon.role == "capture":
+        raise DatabaseError(
+            "this is a capture host: the warehouse is the chain host's - set database.dsn to"
+            " it (or run `klined tui` there) to see completeness and jobs"
+        )
     return embedded_dsn(cfg.data_dir / "pgdata")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,14 @@ import anyio
 import asyncpg
 from loguru import logger
 
-from klined.config import Config, DatabaseConfig
+from klined.config import Config, DatabaseConfig, redact_dsn
 from klined.errors import DatabaseError
-from klined.model import DAY_MS, HOUR_MS, Pair, floor_hour, from_datetime, to_datetime
+from klined.model import DAY_MS, HOUR_MS, floor_hour, from_datetime, to_datetime
 from klined.warehouse import embedded as embedded_pg
+
+# ops.pairs (the configured pairs, their listing and coverage) lives in coverage.py
+from klined.warehouse.coverage import set_pair_listing as set_pair_listing
+from klined.warehouse.coverage import sync_pairs as sync_pairs
 
 #: The schema version this code writes and understands (schema.sql records it).
 SCHEMA_VERSION = 2
@@ -48,18 +52,6 @@ EMBEDDED_DATABASE = "klined"
 _SCHEMA_LOCK_KEY = 0x6B6C696E  # "klin": serializes concurrent schema applications
 _CONNECT_TIMEOUT_S = 10.0
 _EMBEDDED_START_TIMEOUT_S = 120.0
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and error messages."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -146,7 +138,8 @@ class Database:
     # -- schema --------------------------------------------------------------------------------
 
     async def apply_schema(self) -> int:
-        """Apply ``schema.sql`` (idempotent) and grant the read-only role; return the version.
+        """Apply ``schema.sql`` (idempotent) and grant the read-only roles (Looker's,
+        monitoring only; the reader's, silver, gold and monitoring); return the version.
 
         One transaction under an advisory lock, so two daemons starting together do not trip
         over each other. Refuses a database whose schema is newer than this code.
@@ -163,17 +156,22 @@ class Database:
                     f"({SCHEMA_VERSION}); upgrade klined"
                 )
             await conn.execute(sql)
-            role = self.config.readonly_role
-            if role:
+            for role, grant in (
+                (self.config.readonly_role, "ops.grant_readonly"),
+                (self.config.reader_role, "ops.grant_reader"),
+            ):
+                if not role:
+                    continue
                 try:
                     async with conn.transaction():
-                        await conn.execute("SELECT ops.grant_readonly($1)", role)
+                        await conn.execute(f"SELECT {grant}($1)", role)
                 except asyncpg.InsufficientPrivilegeError as exc:
                     logger.warning(
                         "cannot create/grant read-only role {!r}: {} (ask a superuser to run "
-                        "SELECT ops.grant_readonly('{}'))",
+                        "SELECT {}('{}'))",
                         role,
                         exc,
+                        grant,
                         role,
                     )
             version: int = await conn.fetchval("SELECT max(version) FROM ops.schema_version")
@@ -290,73 +288,6 @@ async def analyze_partition(db: Database, table: str, hour_ms: int) -> None:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.strip('"').replace('"', '""') + '"'
-
-
-# ---------------------------------------------------------------------------------------------
-# pairs
-
-
-async def sync_pairs(
-    db: Database, pairs_by_exchange: Mapping[str, Sequence[tuple[Pair, str]]]
-) -> int:
-    """Make ``ops.pairs`` match the configuration; return the number of rows changed.
-
-    Every listed ``(Pair, native_symbol)`` becomes active; pairs of these exchanges that are no
-    longer configured become inactive (their history stays). Exchanges absent from the mapping
-    are deactivated entirely: the mapping is the whole configuration.
-    """
-    exchanges: list[str] = []
-    symbols: list[str] = []
-    quotes: list[str] = []
-    natives: list[str] = []
-    for exchange, pairs in pairs_by_exchange.items():
-        for pair, native in pairs:
-            exchanges.append(exchange)
-            symbols.append(str(pair))
-            quotes.append(pair.quote)
-            natives.append(native)
-    async with db.transaction() as conn:
-        upserted = await conn.fetch(
-            "INSERT INTO ops.pairs AS p (exchange, symbol, quote_asset, native_symbol, active)"
-            " SELECT e, s, q, n, true FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
-            "   AS t(e, s, q, n)"
-            " ON CONFLICT (exchange, symbol) DO UPDATE"
-            "   SET native_symbol = EXCLUDED.native_symbol, quote_asset = EXCLUDED.quote_asset,"
-            "       active = true, updated_at = now()"
-            "   WHERE (p.native_symbol, p.quote_asset, p.active)"
-            "         IS DISTINCT FROM (EXCLUDED.native_symbol, EXCLUDED.quote_asset, true)"
-            " RETURNING 1",
-            exchanges,
-            symbols,
-            quotes,
-            natives,
-        )
-        deactivated = await conn.fetch(
-            "UPDATE ops.pairs p SET active = false, updated_at = now()"
-            " WHERE p.active AND NOT EXISTS ("
-            "   SELECT 1 FROM unnest($1::text[], $2::text[]) AS t(e, s)"
-            "   WHERE t.e = p.exchange AND t.s = p.symbol)"
-            " RETURNING 1",
-            exchanges,
-            symbols,
-        )
-    return len(upserted) + len(deactivated)
-
-
-async def set_pair_listing(
-    db: Database, exchange: str, pair: Pair, listed: bool | None, note: str = ""
-) -> None:
-    """Record the exchange listing check for a configured pair (``listed=False`` pairs are not
-    expected in completeness)."""
-    await db.execute(
-        "UPDATE ops.pairs SET listed = $3, note = $4, updated_at = now()"
-        " WHERE exchange = $1 AND symbol = $2"
-        "   AND (listed, note) IS DISTINCT FROM ($3, $4)",
-        exchange,
-        str(pair),
-        listed,
-        note,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,29 +409,10 @@ async def open_database(
     ``session_settings`` overrides per-session settings (tests use it to prove that the
     session time zone does not matter).
     """
-    dsn = cfg.dsn
-    server: Any = None
-    if not dsn:
-        pgdata = cfg.data_dir / "pgdata"
-        logger.info("starting embedded PostgreSQL under {}", pgdata)
-        try:
-            with anyio.fail_after(_EMBEDDED_START_TIMEOUT_S):
-                server = await anyio.to_thread.run_sync(embedded_pg.start_server_sync, pgdata)
-                dsn = await _ensure_embedded_database(_embedded_dsn(server))
-        except anyio.get_cancelled_exc_class():
-            # the worker thread is never abandoned, so a server that came up is known here:
-            # an interrupted start-up must not leave it running
-            if server is not None:
-                await embedded_pg.stop_server(server)
-            raise
-        except Exception as exc:
-            if server is not None:
-                await embedded_pg.stop_server(server)
-            raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
-    try:
+    async with warehouse_server(cfg) as dsn:
         pool = await _create_pool(dsn, cfg.database, session_settings)
         try:
-            db = Database(pool, cfg.database, dsn, embedded=server is not None)
+            db = Database(pool, cfg.database, dsn, embedded=not cfg.dsn)
             if apply_schema:
                 await db.apply_schema()
                 await db.ensure_partitions_ahead(int(time.time() * 1000))
@@ -509,6 +421,34 @@ async def open_database(
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CONNECT_TIMEOUT_S):
                 await pool.close()
             pool.terminate()
-    finally:
+
+
+@asynccontextmanager
+async def warehouse_server(cfg: Config) -> AsyncIterator[str]:
+    """The warehouse's DSN for the ``async with`` body: the configured one, or the embedded
+    server under ``<data_dir>/pgdata``, started (with its ``klined`` database) for the body and
+    released after it (it stops when no other process, e.g. the daemon, still uses it)."""
+    if cfg.dsn:
+        yield cfg.dsn
+        return
+    pgdata = cfg.data_dir / "pgdata"
+    logger.info("starting embedded PostgreSQL under {}", pgdata)
+    server: Any = None
+    try:
+        with anyio.fail_after(_EMBEDDED_START_TIMEOUT_S):
+            server = await anyio.to_thread.run_sync(embedded_pg.start_server_sync, pgdata)
+            dsn = await _ensure_embedded_database(_embedded_dsn(server))
+    except anyio.get_cancelled_exc_class():
+        # the worker thread is never abandoned, so a server that came up is known here: an
+        # interrupted start-up must not leave it running
         if server is not None:
             await embedded_pg.stop_server(server)
+        raise
+    except Exception as exc:
+        if server is not None:
+            await embedded_pg.stop_server(server)
+        raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
+    try:
+        yield dsn
+    finally:
+        await embedded_pg.stop_server(server)

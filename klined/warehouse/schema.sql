@@ -5,8 +5,9 @@
 -- TimeZone setting (partition bounds and day boundaries are computed AT TIME ZONE 'UTC').
 --
 -- Layers: bronze (raw events, append-only, duplicates allowed) -> silver (one row per
--- exchange/symbol/minute, chosen by source precedence) -> gold (5m/15m/30m/1h derived from silver)
--- -> monitoring (completeness, what Looker Studio and the TUI read). ops holds the ledgers.
+-- exchange/symbol/minute, chosen by source precedence) -> gold (5m/15m/30m/1h/4h/1d derived from
+-- silver) -> monitoring (completeness, what Looker Studio and the TUI read). ops holds the
+-- ledgers.
 --
 -- Partitions: bronze and silver are RANGE partitioned by hour on interval_start. Partitions are
 -- created by ops.ensure_hour_partition() ahead of time and before every insert; there is
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS ops.schema_version (
 );
 
 -- The configured pairs, synced from the config at start (klined.db.sync_pairs). Completeness
--- expects 60 rows per hour for every pair that is active and not known to be unlisted.
+-- expects 60 minutes for every closed hour of a pair's coverage, [coverage_start,
+-- coverage_end), unless the pair is known to be unlisted (klined.warehouse.coverage).
 CREATE TABLE IF NOT EXISTS ops.pairs (
     exchange      text NOT NULL,
     symbol        text NOT NULL,              -- canonical BASE/QUOTE
@@ -65,6 +67,15 @@ CREATE TABLE IF NOT EXISTS ops.pairs (
     listed        boolean,                    -- exchange listing check: NULL = not checked yet
     note          text NOT NULL DEFAULT '',
     updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- the first hour klined tracked the pair: captured by the daemon (its start, or a lake part
+    -- loaded into bronze) or asked for by a backfill; NULL = never tracked
+    coverage_start timestamptz,
+    -- set when the pair leaves the configuration: the hour its coverage ended (exclusive)
+    coverage_end  timestamptz,
+    -- hours [completeness_from, completeness_to) have a monitoring.hourly_completeness row
+    -- (processed or pending), so new pending rows are only ever added outside that span
+    completeness_from timestamptz,
+    completeness_to   timestamptz,
     PRIMARY KEY (exchange, symbol)
 );
 
@@ -82,18 +93,23 @@ CREATE TABLE IF NOT EXISTS ops.lake_parts (
 );
 CREATE INDEX IF NOT EXISTS lake_parts_hour_idx ON ops.lake_parts (hour_start, exchange);
 
--- Every run of every chain step: running -> ok | failed | skipped.
+-- Every run of every chain step: running -> ok | failed | skipped, or abandoned (the process
+-- that ran it is gone; marked by the next chain).
 CREATE TABLE IF NOT EXISTS ops.job_runs (
     run_id      bigserial PRIMARY KEY,
     hour_start  timestamptz,                   -- NULL for steps not tied to one hour
     step        text NOT NULL,
-    status      text NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'skipped')),
+    -- incomplete: the step ran, but requests failed and left minutes missing (gap-fill)
+    -- abandoned: the process recording it is gone (a later chain marks it)
+    status      text NOT NULL
+                CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped',
+                                  'abandoned')),
     rows        bigint,
     started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at timestamptz,
     duration_ms bigint,
     error       text,
-    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | dirty | manual | backfill
+    trigger     text NOT NULL DEFAULT 'schedule',  -- schedule | catchup | dirty | manual | backfill | rebuild
     details     jsonb
 );
 CREATE INDEX IF NOT EXISTS job_runs_hour_step_idx ON ops.job_runs (hour_start, step);
@@ -113,16 +129,36 @@ CREATE TABLE IF NOT EXISTS ops.dirty_hours (
 );
 
 -- 5-minute buckets whose silver minutes changed and whose gold rows (5m and the 15m/30m/1h
--- buckets containing them) must be recomputed. Written by the silver merge in the same
--- transaction as the silver change, consumed (deleted) by the gold refresh in the same
--- transaction as the gold change.
+-- buckets containing them) must be recomputed. Written by every silver writer (the hourly
+-- merge, the live writer) in the same transaction as the silver change, consumed by the gold
+-- refresh in the same transaction as the gold change. An append-only queue: a mark is a new
+-- row (the same bucket may be marked several times), and a refresh deletes exactly the rows
+-- (seq) it read, so writers never wait for a refresh nor a refresh for a writer
+-- (klined.jobs.gold). Databases created before the queue had a primary key on the bucket; the
+-- guarded ALTERs below turn such a table into the queue, idempotently.
+CREATE SEQUENCE IF NOT EXISTS ops.gold_dirty_seq;
 CREATE TABLE IF NOT EXISTS ops.gold_dirty (
     exchange     text NOT NULL,
     symbol       text NOT NULL,
     bucket_start timestamptz NOT NULL,         -- 5-minute aligned, UTC
     marked_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (exchange, symbol, bucket_start)
+    seq          bigint NOT NULL DEFAULT nextval('ops.gold_dirty_seq')
 );
+DO $$
+BEGIN
+    -- guarded, so a start with the queue in place takes no table lock
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'ops.gold_dirty'::regclass
+                   AND attname = 'seq' AND NOT attisdropped) THEN
+        ALTER TABLE ops.gold_dirty
+            ADD COLUMN seq bigint NOT NULL DEFAULT nextval('ops.gold_dirty_seq');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'ops.gold_dirty'::regclass
+               AND conname = 'gold_dirty_pkey') THEN
+        ALTER TABLE ops.gold_dirty DROP CONSTRAINT gold_dirty_pkey;
+    END IF;
+END
+$$;
+CREATE UNIQUE INDEX IF NOT EXISTS gold_dirty_seq_idx ON ops.gold_dirty (seq);
 CREATE INDEX IF NOT EXISTS gold_dirty_bucket_idx ON ops.gold_dirty (bucket_start);
 
 -- Gap-fill attempts (REST / trades), one row per request covering [range_start, range_end).
@@ -181,7 +217,10 @@ CREATE TABLE IF NOT EXISTS bronze.bronze_ohlcv_native (
     session_id       text,
     event_ts         timestamptz NOT NULL,
     ingestion_ts     timestamptz NOT NULL,
-    lake_key         text,                     -- NULL for gap-fill rows; archive rows: the file
+    lake_key         text,                     -- the lake part it came from (every producer,
+                                               -- gap-fill and archive imports too, writes the
+                                               -- lake first; NULL only for rows a test or
+                                               -- tool inserted)
     -- no NaN or infinities (PostgreSQL sorts NaN above Infinity)
     CONSTRAINT bronze_finite CHECK (
         greatest(open, high, low, close, volume, quote_volume, vwap) < 'Infinity'
@@ -247,6 +286,18 @@ CREATE TABLE IF NOT EXISTS gold.ohlcv_5m (
 CREATE TABLE IF NOT EXISTS gold.ohlcv_15m (LIKE gold.ohlcv_5m INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS gold.ohlcv_30m (LIKE gold.ohlcv_5m INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS gold.ohlcv_1h (LIKE gold.ohlcv_5m INCLUDING ALL);
+-- notional: quote value traded, exact: the sum over minutes with volume of quote_volume, or of
+-- vwap * volume where the exchange gives no quote volume (Kraken); NULL when such a minute has
+-- neither. vwap = ops.vwap(notional, volume): volume-weighted from silver, 18 decimal places.
+-- vwap * volume is the way to estimate a Kraken bucket's quote volume.
+ALTER TABLE gold.ohlcv_5m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_5m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_15m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_15m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_30m ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_30m ADD COLUMN IF NOT EXISTS vwap numeric;
+ALTER TABLE gold.ohlcv_1h ADD COLUMN IF NOT EXISTS notional numeric;
+ALTER TABLE gold.ohlcv_1h ADD COLUMN IF NOT EXISTS vwap numeric;
 
 -- ---------------------------------------------------------------------------------------------
 -- monitoring: what Looker Studio and the TUI read (the read-only role sees only this schema)
@@ -264,7 +315,10 @@ CREATE TABLE IF NOT EXISTS monitoring.hourly_completeness (
     missing         integer NOT NULL,
     completion_rate numeric NOT NULL,  -- (ws_final+rest+archive+trades+no_trades)/expected
     refreshed_at    timestamptz NOT NULL DEFAULT now(),  -- when the counts last changed
-    -- last, so that a table created before it (ADD COLUMN, below) has the same column order
+    -- true: a closed hour of the pair's coverage the chain has not processed yet; its minutes
+    -- count as missing until it does
+    pending         boolean NOT NULL DEFAULT false,
+    -- after pending, as on a table created before either (ADD COLUMN, below)
     archive         integer NOT NULL DEFAULT 0,
     PRIMARY KEY (exchange, symbol, hour_start),
     CONSTRAINT hourly_completeness_check
@@ -273,7 +327,10 @@ CREATE TABLE IF NOT EXISTS monitoring.hourly_completeness (
 );
 CREATE INDEX IF NOT EXISTS hourly_completeness_hour_idx
     ON monitoring.hourly_completeness (hour_start);
--- Tables created before the archive source (issue 18): the column, and the sum check with it.
+-- Tables created before pending hours (issue 14) and the archive source (issue 18): the
+-- columns in the order a new table has them (the views below read both), and the sum check.
+ALTER TABLE monitoring.hourly_completeness
+    ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT false;
 ALTER TABLE monitoring.hourly_completeness ADD COLUMN IF NOT EXISTS archive integer NOT NULL DEFAULT 0;
 SELECT ops.replace_check(
     'monitoring.hourly_completeness', 'hourly_completeness_check', 'archive',
@@ -292,7 +349,9 @@ CREATE TABLE IF NOT EXISTS monitoring.stream_incidents (
 CREATE INDEX IF NOT EXISTS stream_incidents_started_idx
     ON monitoring.stream_incidents (started_at);
 
--- Days are UTC days, whatever the session's TimeZone. expected sums the hours refreshed so far.
+-- Days are UTC days, whatever the session's TimeZone. Every closed hour of a pair's coverage
+-- has a row (pending ones count 60 missing), so a covered day expects 1,440 minutes per pair;
+-- the first day counts from the coverage start, the current day its closed hours so far.
 CREATE OR REPLACE VIEW monitoring.daily_completeness AS
 SELECT exchange,
        symbol,
@@ -306,6 +365,8 @@ SELECT exchange,
        sum(missing)::integer    AS missing,
        round(sum(ws_final + rest + archive + trades + no_trades)::numeric
              / nullif(sum(expected), 0), 4) AS completion_rate,
+       count(*)::integer        AS hours,
+       (count(*) FILTER (WHERE pending))::integer AS pending_hours,
        sum(archive)::integer    AS archive  -- last: CREATE OR REPLACE VIEW only appends
 FROM monitoring.hourly_completeness
 GROUP BY exchange, symbol, (hour_start AT TIME ZONE 'UTC')::date;
@@ -323,6 +384,7 @@ SELECT exchange,
        sum(missing)::integer    AS missing,
        round(sum(ws_final + rest + archive + trades + no_trades)::numeric
              / nullif(sum(expected), 0), 4) AS completion_rate,
+       (count(*) FILTER (WHERE pending))::integer AS pending_pairs,
        sum(archive)::integer    AS archive  -- last: CREATE OR REPLACE VIEW only appends
 FROM monitoring.hourly_completeness
 GROUP BY exchange, hour_start;
@@ -425,10 +487,256 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- completeness coverage and pending hours (issue 14)
+--
+-- Warehouses created before these columns existed get them here. Once, when coverage_start
+-- is added, each pair's coverage starts at the earliest hour the chain counted for it (what
+-- the warehouse itself proves was tracked); from then on capture and backfill record it.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'ops.pairs'::regclass AND attname = 'coverage_start'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE ops.pairs ADD COLUMN coverage_start timestamptz;
+        UPDATE ops.pairs p SET coverage_start = h.first_hour
+        FROM (SELECT exchange, symbol, min(hour_start) AS first_hour
+              FROM monitoring.hourly_completeness GROUP BY exchange, symbol) h
+        WHERE h.exchange = p.exchange AND h.symbol = p.symbol;
+    END IF;
+END
+$$;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS coverage_end timestamptz;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_from timestamptz;
+ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_to timestamptz;
+CREATE INDEX IF NOT EXISTS hourly_completeness_pending_idx
+    ON monitoring.hourly_completeness (hour_start) WHERE pending;
+
+-- A pending row (60 minutes missing) for every closed hour of every pair's coverage that has
+-- no monitoring.hourly_completeness row yet, up to p_closed_end (exclusive): completeness
+-- never hides an hour the chain has not processed. Returns the rows added. Only hours outside
+-- the span already done ([completeness_from, completeness_to)) are looked at, so calling it
+-- every minute costs next to nothing; rows the chain wrote are never touched.
+CREATE OR REPLACE FUNCTION ops.mark_pending_hours(p_closed_end timestamptz)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_added integer;
+BEGIN
+    WITH p AS (
+        SELECT exchange, symbol, coverage_start AS cs,
+               least(coalesce(coverage_end, p_closed_end), p_closed_end) AS ce,
+               completeness_from AS mf, completeness_to AS mt
+        FROM ops.pairs
+        WHERE coverage_start IS NOT NULL AND listed IS DISTINCT FROM false
+    ),
+    spans AS (
+        SELECT exchange, symbol, cs AS a,
+               CASE WHEN mf IS NULL OR mt IS NULL THEN ce ELSE least(mf, ce) END AS b
+        FROM p
+        UNION ALL
+        SELECT exchange, symbol, greatest(mt, cs), ce
+        FROM p WHERE mf IS NOT NULL AND mt IS NOT NULL
+    ),
+    added AS (
+        INSERT INTO monitoring.hourly_completeness
+            (exchange, symbol, hour_start, expected, ws_final, rest, trades, no_trades,
+             ws_partial, missing, completion_rate, pending)
+        SELECT s.exchange, s.symbol, g.hour, 60, 0, 0, 0, 0, 0, 60, 0, true
+        FROM spans s
+        CROSS JOIN LATERAL generate_series(s.a, s.b - interval '1 hour', interval '1 hour')
+            AS g(hour)
+        WHERE s.a < s.b
+        ON CONFLICT (exchange, symbol, hour_start) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_added FROM added;
+    UPDATE ops.pairs
+    SET completeness_from = coverage_start,
+        completeness_to = greatest(completeness_to,
+                                   least(coalesce(coverage_end, p_closed_end), p_closed_end))
+    WHERE coverage_start IS NOT NULL AND listed IS DISTINCT FROM false
+      AND (completeness_from IS DISTINCT FROM coverage_start
+           OR completeness_to IS DISTINCT FROM
+              greatest(completeness_to, least(coalesce(coverage_end, p_closed_end), p_closed_end)));
+    RETURN v_added;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- robustness: quarantined lake parts, abandoned job runs, events the lake had to drop (issue 15)
+
+-- A part that cannot be read is quarantined (status, reason) instead of failing its hour; the
+-- loader claims it again on every later run and loads it exactly once when it reads.
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'loaded';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT '';
+ALTER TABLE ops.lake_parts ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = 'ops.lake_parts'::regclass
+                     AND conname = 'lake_parts_status_check') THEN
+        ALTER TABLE ops.lake_parts ADD CONSTRAINT lake_parts_status_check
+            CHECK (status IN ('loaded', 'quarantined'));
+    END IF;
+END
+$$;
+CREATE INDEX IF NOT EXISTS lake_parts_quarantined_idx
+    ON ops.lake_parts (hour_start) WHERE status = 'quarantined';
+
+-- Who ran a step (process id and host), so a run left 'running' by a killed process can be
+-- told apart and marked 'abandoned' by the next chain. Databases made before the statuses
+-- 'incomplete' (a gap-fill whose requests failed) and 'abandoned' existed get the wider status
+-- check here (idempotent: replaced only while it lacks one of them).
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS pid integer;
+ALTER TABLE ops.job_runs ADD COLUMN IF NOT EXISTS host text;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint
+               WHERE conrelid = 'ops.job_runs'::regclass AND conname = 'job_runs_status_check'
+                 AND (pg_get_constraintdef(oid) NOT LIKE '%abandoned%'
+                      OR pg_get_constraintdef(oid) NOT LIKE '%incomplete%')) THEN
+        ALTER TABLE ops.job_runs DROP CONSTRAINT job_runs_status_check;
+        ALTER TABLE ops.job_runs ADD CONSTRAINT job_runs_status_check
+            CHECK (status IN ('running', 'ok', 'incomplete', 'failed', 'skipped', 'abandoned'));
+    END IF;
+END
+$$;
+CREATE INDEX IF NOT EXISTS job_runs_running_idx ON ops.job_runs (run_id) WHERE status = 'running';
+
+-- kind 'lake_dropped': minutes [started_at, ended_at) of one pair whose events the daemon
+-- had to drop (the lake's disk refused them past lake.max_held_bytes). The chain gap-fills
+-- those hours over REST and sets repaired_at once nothing in the range is missing.
+ALTER TABLE monitoring.stream_incidents ADD COLUMN IF NOT EXISTS repaired_at timestamptz;
+CREATE INDEX IF NOT EXISTS stream_incidents_unrepaired_idx
+    ON monitoring.stream_incidents (started_at) WHERE kind = 'lake_dropped' AND repaired_at IS NULL;
+-- live warehouse (issue 16)
+
+-- The hour in progress, so far: for every configured pair, how many of the minutes that have
+-- closed already have a final answer in silver (with the live path on, finals land within
+-- seconds; without it, only after the hourly chain). A minute counts as elapsed once it
+-- closed 10 seconds ago (its final needs a moment to arrive and be committed), so the view
+-- moves to a new hour 10 s after the hour turns. Closed hours keep their own semantics in
+-- monitoring.hourly_completeness; completion_rate is NULL before the first minute elapsed.
+CREATE OR REPLACE VIEW monitoring.current_hour_completeness AS
+WITH t AS (
+    SELECT date_bin('1 hour', now() - interval '10 seconds', timestamptz 'epoch') AS hour_start,
+           date_bin('1 minute', now() - interval '10 seconds', timestamptz 'epoch') AS as_of
+),
+c AS (
+    SELECT p.exchange, p.symbol, t.hour_start, t.as_of,
+           (extract(epoch FROM t.as_of - t.hour_start) / 60)::integer AS minutes_elapsed,
+           count(s.interval_start) FILTER (WHERE s.source = 'ws_final')::integer AS ws_final,
+           count(s.interval_start) FILTER (WHERE s.source = 'rest')::integer AS rest,
+           count(s.interval_start) FILTER (WHERE s.source = 'trades')::integer AS trades,
+           count(s.interval_start) FILTER (WHERE s.source = 'no_trades')::integer AS no_trades,
+           count(s.interval_start) FILTER (WHERE s.source = 'ws_partial')::integer AS ws_partial
+    FROM ops.pairs p
+    CROSS JOIN t
+    LEFT JOIN silver.fact_ohlcv s
+           ON s.exchange = p.exchange AND s.symbol = p.symbol
+          AND s.interval_start >= t.hour_start AND s.interval_start < t.as_of
+    WHERE p.active AND p.listed IS DISTINCT FROM false
+    GROUP BY p.exchange, p.symbol, t.hour_start, t.as_of
+)
+SELECT exchange, symbol, hour_start, as_of, minutes_elapsed,
+       ws_final, rest, trades, no_trades, ws_partial,
+       minutes_elapsed - (ws_final + rest + trades + no_trades + ws_partial) AS missing,
+       round((ws_final + rest + trades + no_trades)::numeric / nullif(minutes_elapsed, 0), 4)
+           AS completion_rate
+FROM c;
+
+-- ---------------------------------------------------------------------------------------------
 
 INSERT INTO ops.schema_version (version, description)
 VALUES (1, 'bronze, silver, gold, ops, monitoring; hourly partitions')
 ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------------------------
+-- candles out: gold 4h and 1d, vwap, published datasets, the reader role (issue 17)
+
+-- 4h and 1d buckets (UTC-aligned), built from the exact 1h rows (klined.jobs.gold).
+CREATE TABLE IF NOT EXISTS gold.ohlcv_4h (LIKE gold.ohlcv_5m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS gold.ohlcv_1d (LIKE gold.ohlcv_5m INCLUDING ALL);
+
+-- notional / volume rounded half up to 18 decimal places, exactly (an integer division, so no
+-- intermediate rounding); NULL without volume or notional. Prices and volumes are positive.
+CREATE OR REPLACE FUNCTION ops.vwap(p_notional numeric, p_volume numeric)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN p_volume > 0 AND p_notional IS NOT NULL
+                THEN trim_scale(div(p_notional * 2000000000000000000 + p_volume, p_volume * 2)
+                                * 0.000000000000000001) END
+$$;
+
+-- Days of the Parquet datasets (klined.datasets.publish) to write again: marked by the gold
+-- refresh in the transaction that changed their rows, cleared by the publish step once the
+-- day's file is written (and mirrored to S3); seq makes clearing exact, as for dirty hours.
+CREATE SEQUENCE IF NOT EXISTS ops.publish_seq;
+CREATE TABLE IF NOT EXISTS ops.publish_dirty (
+    dataset    text NOT NULL,                  -- ohlcv_1m, ohlcv_5m, ... ohlcv_1d
+    exchange   text NOT NULL,
+    day        date NOT NULL,                  -- UTC day of the candles' interval_start
+    marked_at  timestamptz NOT NULL DEFAULT now(),
+    seq        bigint NOT NULL DEFAULT nextval('ops.publish_seq'),
+    PRIMARY KEY (dataset, exchange, day)
+);
+
+-- The files the publish step wrote: one per dataset, exchange and day.
+CREATE TABLE IF NOT EXISTS ops.published (
+    dataset      text NOT NULL,
+    exchange     text NOT NULL,
+    day          date NOT NULL,
+    path         text NOT NULL,                -- relative to the datasets root (and S3 prefix)
+    rows         bigint NOT NULL,
+    bytes        bigint NOT NULL,
+    sha256       text NOT NULL,                -- hex, of the file as written
+    s3_key       text,                         -- NULL while S3 is not configured
+    published_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dataset, exchange, day)
+);
+
+-- The reader role (NOLOGIN, like the Looker role; give it a login by hand): SELECT on silver,
+-- gold and monitoring, also on tables created there later (silver's hourly partitions). It
+-- never sees bronze or ops. The Looker role keeps monitoring only (ops.grant_readonly).
+CREATE OR REPLACE FUNCTION ops.grant_reader(p_role text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_schema text;
+BEGIN
+    PERFORM ops.grant_readonly(p_role);  -- the role, NOLOGIN, and the monitoring schema
+    FOREACH v_schema IN ARRAY ARRAY['silver', 'gold'] LOOP
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, p_role);
+        EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', v_schema, p_role);
+        EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO %I',
+                       v_schema, p_role);
+    END LOOP;
+END
+$$;
+
+-- One-time data migrations, each recorded here once done.
+CREATE TABLE IF NOT EXISTS ops.data_migrations (
+    name       text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Gold rows written before notional/vwap and 4h/1d existed: queue every 5-minute bucket for
+-- the gold refresh, which fills the new columns, builds 4h and 1d, and marks the days for
+-- publishing (idempotent: done once, under the schema lock).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ops.data_migrations WHERE name = 'gold_vwap_4h_1d') THEN
+        INSERT INTO ops.gold_dirty (exchange, symbol, bucket_start)
+        SELECT exchange, symbol, interval_start FROM gold.ohlcv_5m
+        ON CONFLICT DO NOTHING;
+        INSERT INTO ops.data_migrations (name) VALUES ('gold_vwap_4h_1d');
+    END IF;
+END
+$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- archive imports (issue 18): the exchanges' published history files

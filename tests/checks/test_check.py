@@ -126,8 +126,8 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
         m = re.match(
-            r"^  (config|postgresql|schema|read-only role|s3|exchange \w+|archive \w+|status socket"
-            r"|lake)"
+            r"^  (config|postgresql|schema|read-only role|reader role|lake parts|s3|exchange \w+"
+            r"|archive \w+|status socket|lake in s3|lake)"
             r"\s+(OK|WARN|FAIL|SKIP)\s+(.*)$",
             line,
         )
@@ -145,6 +145,8 @@ ALL_OK = {
     "postgresql": "OK",
     "schema": "OK",
     "read-only role": "OK",
+    "reader role": "OK",
+    "lake parts": "OK",
     "s3": "OK",
     "exchange binance": "OK",
     "exchange kraken": "OK",
@@ -174,6 +176,7 @@ async def test_working_setup_passes(
     assert table["config"][1].startswith(f"{config} (2 exchange(s), 8 pair(s), database.dsn")
     assert "version 2 (matches this klined)" in table["schema"][1]
     assert table["read-only role"][1] == "klined_looker can read the monitoring views"
+    assert table["reader role"][1] == "klined_reader can read silver, gold and monitoring"
     assert table["s3"][1].startswith(f"s3://{s3_bucket}/raw/: write, list, read, delete OK")
     assert table["exchange binance"][1] == f"all 4 pair(s) listed ({sim.binance_rest_url})"
     assert table["status socket"][1].startswith("klined pid 4242 answers on")
@@ -236,8 +239,9 @@ async def test_wrong_dsn_fails_without_showing_the_password(
         code2, out2 = await klined("check", "-c", str(config))
 
     assert code == 1
-    assert outcomes(out) == {**ALL_OK, "postgresql": "FAIL", "schema": "SKIP",
-                             "read-only role": "SKIP", "s3": "SKIP"}  # fmt: skip
+    skipped = {"schema": "SKIP", "read-only role": "SKIP", "reader role": "SKIP",
+               "lake parts": "SKIP", "s3": "SKIP"}  # fmt: skip
+    assert outcomes(out) == {**ALL_OK, "postgresql": "FAIL", **skipped}
     reason = rows(out)["postgresql"][1]
     assert reason.startswith("cannot connect to PostgreSQL at postgresql://klined:***@127.0.0.1:")
     assert "cannot reach the server" in reason
@@ -260,6 +264,7 @@ async def test_schema_not_applied_is_a_warning(
     assert table["schema"] == ("WARN", "not applied yet; `klined run` applies version 2")
     # the read-only role is cluster-wide: another test's schema may have created it already
     assert table["read-only role"][0] in ("OK", "WARN")
+    assert table["reader role"][0] in ("OK", "WARN")
     conn = await asyncpg.connect(pg_dsn)  # check itself changed nothing
     try:
         assert await conn.fetchval("SELECT to_regclass('ops.schema_version')") is None
@@ -501,6 +506,96 @@ async def test_lake_root_that_is_a_file_fails(
     assert code == 1
     assert rows(out)["lake"] == ("FAIL", f"{lake} is not a directory")
     assert out.rstrip().endswith("1 failed: lake; 3 warning(s): config, postgresql, status socket")
+
+
+async def test_a_mistyped_native_name_is_reported(tmp_path: Path, sim_factory: SimFactory) -> None:
+    async with running(tmp_path, sim_factory) as sim:
+        config = write_config(tmp_path, sim, pairs={"binance": ["BTC/USD", "ETH/USD"]})
+        config.write_text(
+            config.read_text() + '[exchanges.binance.symbols."BTC/USD"]\nnative = "BTCUSDX"\n'
+        )
+        code, out = await klined("check", "-c", str(config))
+    assert code == 1
+    assert rows(out)["exchange binance"][0] == "FAIL"
+    assert (
+        "- BTC/USD: the configured native name 'BTCUSDX' is not listed on binance; it lists "
+        "BTC/USD as 'BTCUSD'"
+    ) in out
+    assert "all 2 pair(s) listed" not in out
+
+
+async def test_quarantined_lake_parts_are_listed(
+    tmp_path: Path, sim_factory: SimFactory, pg_dsn: str
+) -> None:
+    import asyncpg
+
+    await apply_schema(pg_dsn, tmp_path)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO ops.lake_parts (lake_key, hour_start, exchange, size, rows, status,"
+            " reason, attempts) VALUES ('exchange=binance/x/part-1.jsonl', now(), 'binance', 0, 0,"
+            " 'quarantined', 'LakeError: part cannot be read locally (Permission denied)', 3)"
+        )
+    finally:
+        await conn.close()
+    async with running(tmp_path, sim_factory) as sim:
+        config = write_config(tmp_path, sim, dsn=pg_dsn, pairs={})
+        _code, out = await klined("check", "-c", str(config))
+    assert rows(out)["lake parts"] == (
+        "WARN",
+        "1 part(s) quarantined (unreadable; fix them and the next chain loads them):",
+    )
+    assert (
+        "- exchange=binance/x/part-1.jsonl: LakeError: part cannot be read locally "
+        "(Permission denied) (3 tries)"
+    ) in out
+
+
+async def test_check_lake_uploads_again_what_s3_lost(
+    tmp_path: Path, sim_factory: SimFactory, s3_endpoint: str, s3_bucket: str
+) -> None:
+    from klined.lake import LakeUploader, LakeWriter
+    from tests.lake.test_writer import HOUR, FakeClock, candle
+    from tests.lake.test_writer import config as lake_config
+
+    async with running(tmp_path, sim_factory) as sim:
+        path = write_config(tmp_path, sim, s3=(s3_endpoint, s3_bucket), pairs={})
+        cfg = load_config(path)
+        writer = LakeWriter(cfg.lake_root, lake_config(), clock=FakeClock(HOUR + 600_000))
+        for i, symbol in enumerate(["BTC/USD", "ETH/USD"]):
+            writer.append(candle(i, HOUR, symbol=symbol))
+        await writer.flush(close_all=True)
+        await LakeUploader(cfg.lake_root, cfg.lake, cfg.s3).upload_pending()
+        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        [first, _second] = sorted(
+            o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+        )
+        client.delete_object(Bucket=s3_bucket, Key=first)
+
+        _code, out = await klined("check", "-c", str(path))
+        assert "lake in s3" not in rows(out)
+        _code, out = await klined("check", "--lake", "-c", str(path))
+        assert rows(out)["lake in s3"] == (
+            "WARN",
+            "1 of 2 part(s) were missing in S3 and are uploaded again:",
+        ), out
+        assert f"- uploaded again: {first.removeprefix('raw/')}" in out
+        _code, out = await klined("check", "--lake", "-c", str(path))
+        assert rows(out)["lake in s3"] == (
+            "OK",
+            "2 local part(s) match their S3 copy (size, MD5)",
+        ), out
+    assert first in {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+
+
+async def test_a_capture_host_needs_no_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path, None, pairs={})
+    config.write_text(config.read_text().replace("[daemon]\n", '[daemon]\nrole = "capture"\n'))
+    code, out = await klined("check", "-c", str(config))
+    assert code == 0, out
+    outcome, reason = rows(out)["postgresql"]
+    assert outcome == "SKIP" and "role is capture" in reason
 
 
 async def test_archives_reachable_missing_or_unset(tmp_path: Path, sim_factory: SimFactory) -> None:

@@ -16,6 +16,7 @@ from klined.status import (
     ChainStatus,
     ConnectionStatus,
     LakeStatus,
+    LiveStatus,
     PairStatus,
     StatusSnapshot,
     StreamState,
@@ -208,3 +209,26 @@ async def test_port_in_use_is_a_clear_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(KlinedError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             await MetricsServer(port, snapshot).serve()
+
+
+def test_live_lag_and_drops_are_exported() -> None:
+    snap = snapshot()
+    assert "klined_live" not in render_metrics(snap)  # the live path is off
+    snap.live = LiveStatus(
+        enabled=True, state="ok", finals=4000, written=3990, dropped_batches=2,
+        dropped_finals=70, queued_batches=1, lag_window_s=300.0, lag_samples=3990,
+        lag_p50_s=0.41, lag_p99_s=0.93, lag_max_s=1.2, last_commit_ms=NOW - 2000,
+    )  # fmt: skip
+    m = parse(render_metrics(snap))
+    assert m['klined_live_lag_seconds{quantile="0.5"}'] == 0.41
+    assert m['klined_live_lag_seconds{quantile="0.99"}'] == 0.93
+    assert m['klined_live_lag_seconds{quantile="1"}'] == 1.2
+    assert m["klined_live_up"] == 1 and m["klined_live_queued_batches"] == 1
+    assert m["klined_live_finals_total"] == 4000 and m["klined_live_written_total"] == 3990
+    assert m["klined_live_dropped_batches_total"] == 2
+    assert m["klined_live_dropped_finals_total"] == 70
+    assert m["klined_live_last_commit_timestamp_seconds"] == (NOW - 2000) / 1000
+    # no commit in the window: no quantiles, the rest stays
+    snap.live = LiveStatus(enabled=True, state="failing")
+    m = parse(render_metrics(snap))
+    assert m["klined_live_up"] == 0 and not any(k.startswith("klined_live_lag") for k in m)

@@ -34,6 +34,7 @@ from klined.sim import SimClock, Simulator
 from klined.status import StreamState
 from tests.fixtures.s3 import free_port
 from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.support.process import command, postgres_for
 from tests.support.streams import (
     assert_exactly_once,
     assert_kraken_finality,
@@ -246,6 +247,82 @@ async def test_sigterm_mid_hour_exits_0_with_everything_sealed_and_uploaded(
     assert not cfg.status_socket.exists()
 
 
+async def test_sighup_stops_like_sigterm_sealing_every_part_and_stopping_postgres(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """An SSH session closing on a foreground ``klined run`` sends SIGHUP: the daemon stops
+    gracefully (it was killed on the spot, parts left open, the embedded PostgreSQL running)."""
+    start = floor_hour(int(time.time() * 1000)) + 30 * MINUTE_MS
+    async with sim_factory(clock=SimClock(start, 60.0)) as sim:
+        cfg_path = write_config(tmp_path, sim, chain=True)  # no DSN: the embedded PostgreSQL
+        cfg = load_config(cfg_path)
+        pgdata = cfg.data_dir / "pgdata"
+        env = {k: v for k, v in os.environ.items() if k != "KLINED_DSN"}
+        async with await anyio.open_process(
+            [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)],
+            stdout=None,
+            stderr=None,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        ) as proc:
+            try:
+                await wait_streaming(cfg.status_socket, min_messages=60, limit_s=120)
+                with anyio.fail_after(120):  # the chain has its database (initdb included)
+                    while not (await fetch_status(cfg.status_socket)).chain.last_run_ms:  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+                assert postgres_for(pgdata)
+                snap = await fetch_status(cfg.status_socket)
+                assert snap.lake.open_parts > 0
+                proc.send_signal(signal.SIGHUP)
+                with anyio.fail_after(60):
+                    code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 0
+    assert not list(cfg.lake_root.rglob("*.open")), "every part is sealed"
+    assert local_parts(cfg.lake_root)
+    records = lake_records(cfg.lake_root)
+    assert not Counter(lake_key(r) for r in records if not is_derived_final(r)) - Counter(
+        sent_key(e) for e in sim.log
+    )
+    assert not postgres_for(pgdata), "the embedded PostgreSQL is stopped"
+    assert not (pgdata / "postmaster.pid").exists()
+    assert not cfg.status_socket.exists()
+
+
+async def test_a_first_start_asks_systemd_for_more_time_while_initdb_runs(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """Under systemd, a first start's slow steps (initdb, listing checks) extend the start
+    timeout with EXTEND_TIMEOUT_USEC and say what they wait for, before READY=1."""
+    import socket
+
+    from klined.daemon.systemd import Notifier
+
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    messages: list[str] = []
+    try:
+        async with sim_factory() as sim:
+            cfg = load_config(write_config(tmp_path, sim, chain=True))  # a fresh embedded pgdata
+            async with running(cfg, notifier=Notifier(str(path))):
+                while True:
+                    try:
+                        messages.append(listener.recv(4096).decode())
+                    except BlockingIOError:
+                        break
+    finally:
+        listener.close()
+    ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    before = messages[:ready]
+    assert "EXTEND_TIMEOUT_USEC=60000000" in before
+    assert any(m.startswith("STATUS=starting: ") and "initdb" in m for m in before), before
+    assert any(m.startswith("STATUS=starting: ") and "listing check" in m for m in before)
+    assert not [m for m in messages[ready:] if m.startswith("EXTEND_TIMEOUT_USEC")]
+
+
 async def wait_streaming(sock: Path, *, min_messages: int, limit_s: float = 30.0) -> None:
     """Until the daemon's status shows every connection up and data flowing."""
     with anyio.fail_after(limit_s):
@@ -440,6 +517,17 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return found
 
 
+async def covered_since(cfg: Config, hour_ms: int) -> None:
+    """A daemon ran before: the configured pairs are covered from ``hour_ms``."""
+    from klined.jobs.gapfill import sync_configured_pairs
+    from klined.warehouse.coverage import record_capture_start
+    from klined.warehouse.database import open_database
+
+    async with open_database(cfg, apply_schema=True) as db:
+        await sync_configured_pairs(db, cfg)
+        await record_capture_start(db, hour_ms)
+
+
 async def test_metrics_serve_chain_step_durations_and_completeness(
     sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
 ) -> None:
@@ -453,6 +541,7 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
         text = path.read_text().replace("catchup_hours = 0", "catchup_hours = 2")
         path.write_text(text.replace("[daemon]\n", f"[daemon]\nmetrics_port = {port}\n"))
         cfg = load_config(path)
+        await covered_since(cfg, floor_hour(int(time.time() * 1000)) - 2 * HOUR_MS)
         async with running(cfg) as daemon, httpx.AsyncClient(timeout=5) as client:
             figures = daemon.chain_figures
             await until(lambda: set(figures.completeness) == {"binance", "kraken"}, 60)
@@ -466,7 +555,8 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
                     hour,
                 )
                 steps = await conn.fetch(
-                    "SELECT DISTINCT step FROM ops.job_runs WHERE hour_start IS NOT NULL"
+                    "SELECT DISTINCT step FROM ops.job_runs"
+                    " WHERE hour_start IS NOT NULL OR step = 'publish'"
                 )
             finally:
                 await conn.close()
@@ -476,7 +566,7 @@ async def test_metrics_serve_chain_step_durations_and_completeness(
     assert ratios["binance"] == 1.0  # the simulator's REST history filled the hour
     durations = metric_samples(body, "klined_chain_step_seconds")
     assert set(durations) == {r["step"] for r in steps} == {
-        "flush", "bronze", "gapfill", "silver", "gold", "completeness"
+        "flush", "bronze", "gapfill", "silver", "gold", "completeness", "publish"
     }  # fmt: skip
     assert all(v >= 0 for v in durations.values()) and durations["gapfill"] > 0
 
@@ -545,3 +635,167 @@ async def test_a_later_listing_check_updates_ops_pairs(
         tg.cancel_scope.cancel()
     assert after["BTC/USD"] == (True, "")
     assert after["ETH/USD"][0] is False and "not listed" in after["ETH/USD"][1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "[lake]\nflush_interval_s = nan\n",
+        "[lake]\npart_max_age_s = inf\n",
+        "[database]\npool_size = 100000000\n",
+        '[chain]\nschedule = "99 99 * * *"\n',
+        "[chain]\ncatchup_hours = 10000000000\n",
+    ],
+)
+async def test_hostile_config_values_exit_2_without_a_traceback(tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text(f'[daemon]\ndata_dir = "{tmp_path / "data"}"\n' + extra)
+    result = await anyio.run_process(
+        [sys.executable, "-m", "klined.cli", "run", "-c", str(path)], check=False
+    )
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr
+    key = extra.splitlines()[1].split(" =")[0]
+    assert f".{key}: ".encode() in result.stderr
+
+
+def s3_records(endpoint: str, bucket: str, skip: set[str]) -> list[Any]:
+    """Records of every S3 part whose lake key is not in ``skip``."""
+    from klined.lake import read_part
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    out = []
+    for key in s3_objects(endpoint, bucket):
+        lake = key.removeprefix("raw/")
+        if lake in skip:
+            continue
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        contents = read_part(body)
+        assert contents.bad_lines == 0, key
+        out.extend(contents.records)
+    return out
+
+
+async def _run_until_disk_full_then_sigterm(
+    sim: Simulator, tmp_path: Path, root: Path, s3: tuple[str, str]
+) -> tuple[int, str, int]:
+    """``klined run`` with its lake on ``root``; fill the disk while it streams, wait until
+    it holds events in memory, SIGTERM it. Returns exit code, stderr, signal time (ms)."""
+    from tests.support.disk import fill
+
+    cfg_path = write_config(tmp_path, sim, s3=s3)
+    cfg_path.write_text(cfg_path.read_text().replace("[lake]\n", f'[lake]\nroot = "{root}"\n'))
+    cfg = load_config(cfg_path)
+    argv = [sys.executable, "-m", "klined.cli", "run", "-c", str(cfg_path)]
+    async with command(argv, {**os.environ, "PYTHONUNBUFFERED": "1"}) as (proc, log):
+        await wait_streaming(cfg.status_socket, min_messages=60)
+        fill(root)
+        with anyio.fail_after(30):
+            while (await fetch_status(cfg.status_socket)).lake.held_bytes < 20_000:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+        snap = await fetch_status(cfg.status_socket)
+        assert snap.lake.write_failing_since_ms is not None
+        assert "No space left" in snap.lake.last_write_error
+        signalled = int(time.time() * 1000)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await proc.wait()
+    return code, log.decode(), signalled
+
+
+async def test_sigterm_on_a_full_disk_uploads_the_held_events_from_memory(
+    sim_factory: SimFactory, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    from klined.lake import seal_open_parts
+    from tests.support.disk import free, tiny_filesystem
+
+    start = floor_hour(int(time.time() * 1000)) + 30 * MINUTE_MS
+    with tiny_filesystem(tmp_path / "lake") as root:
+        async with sim_factory(clock=SimClock(start, 60.0)) as sim:
+            code, log, signalled = await _run_until_disk_full_then_sigterm(
+                sim, tmp_path, root, (s3_endpoint, s3_bucket)
+            )
+        assert code == 0, log
+        assert "uploaded them to S3 from memory" in log
+        assert log.count("cannot write to") == 1, log
+        free(root)
+        seal_open_parts(root)  # what the next start does with the parts the disk cut short
+        local = local_parts(root)
+        records = lake_records(root) + s3_records(s3_endpoint, s3_bucket, set(local))
+    sent = Counter(sent_key(e) for e in sim.log)
+    captured = Counter(lake_key(r) for r in records if not is_derived_final(r))
+    assert not captured - sent, "nothing twice, nothing that was not sent"
+    early = [e for e in sim.log if e.sent_ms < signalled - 500]
+    assert len(early) > 20
+    assert not Counter(sent_key(e) for e in early) - captured, "nothing lost"
+
+
+async def test_sigterm_on_a_full_disk_without_s3_exits_1_naming_what_was_lost(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from tests.support.disk import tiny_filesystem
+
+    closed = f"http://127.0.0.1:{free_port()}"  # S3 down as well
+    with tiny_filesystem(tmp_path / "lake") as root:
+        async with sim_factory(pairs=["BTC/USD"]) as sim:
+            code, log, _ = await _run_until_disk_full_then_sigterm(
+                sim, tmp_path, root, (closed, "bucket")
+            )
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log
+    assert "could not be written to" in errors[0] and "S3 failed too" in errors[0]
+    assert "binance BTC/USD" in errors[0] and "kraken BTC/USD" in errors[0]
+    assert "Traceback" not in log
+
+
+async def test_a_listing_429_delays_neither_capture_nor_ready_and_the_cache_applies(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from klined.exchanges.base import ListedPair
+    from klined.model import Pair
+    from klined.sim import FaultPlan, FaultRule
+    from klined.streams.supervisor import ListingCache
+
+    slow_listing = FaultRule(
+        kind="http_429", exchange="binance", endpoint="exchangeInfo", retry_after_s=40, times=1
+    )
+    async with sim_factory(faults=FaultPlan(rules=[slow_listing])) as sim:
+        pairs = {"binance": ["BTC/USD", "ETH/USD"]}
+        cfg = load_config(write_config(tmp_path, sim, pairs=pairs))
+        # what an earlier run learned: ETH/USD is not listed on binance
+        cfg.data_dir.mkdir(parents=True)
+        btc = Pair("BTC", "USD")
+        ListingCache(cfg.data_dir, "binance").save(
+            {btc: ListedPair(btc, "BTCUSD", "BTCUSD", "BTCUSD")}
+        )
+        async with running(cfg) as daemon:
+            es = daemon.streams[0]
+            assert daemon.ready.is_set() and not es.listing_checked
+            by_pair = {p.symbol: p for p in es.pair_statuses()}
+            await until(lambda: by_pair["BTC/USD"].messages > 0)
+            assert not es.listing_checked, "capture runs while the listing is still refused"
+            assert by_pair["ETH/USD"].state == StreamState.UNLISTED
+            assert "as of the last listing" in by_pair["ETH/USD"].last_error
+    subscribed = [c.subscriptions for c in sim.stats.connections_of("binance")]
+    assert subscribed and all(s == ["BTC/USD"] for s in subscribed)
+
+
+async def test_a_refused_kraken_subscription_is_asked_again_once_the_listing_lists_it(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    from klined.sim import FaultPlan, FaultRule
+
+    refusal = FaultRule(kind="subscribe_error", exchange="kraken", pair="ETH/USD", times=1)
+    async with sim_factory(faults=FaultPlan(rules=[refusal])) as sim:
+        cfg = load_config(write_config(tmp_path, sim, pairs={"kraken": ["BTC/USD", "ETH/USD"]}))
+        async with running(cfg) as daemon:
+            es = daemon.streams[0]
+            by_pair = {p.symbol: p for p in es.pair_statuses()}
+            await until(lambda: "subscribe_error" in sim.faults.fired_kinds())
+            # refused once (a transient refusal), then asked again: the listing lists it
+            await until(lambda: by_pair["ETH/USD"].messages > 0, 30)
+            assert by_pair["ETH/USD"].state != StreamState.UNLISTED
+            assert not es.refused and not es.unlisted
+    subscribed = [s for c in sim.stats.connections_of("kraken") for s in c.subscriptions]
+    assert "ETH/USD" in subscribed

@@ -23,6 +23,7 @@ from klined.status import (
     ChainStatus,
     ConnectionStatus,
     LakeStatus,
+    LiveStatus,
     PairStatus,
     StatusSnapshot,
     StreamState,
@@ -105,6 +106,9 @@ def make_snapshot(pairs: int = 3) -> StatusSnapshot:
             last_run_ms=NOW - 3_300_000,
             last_result="ok",
             next_run_ms=NOW + 300_000,
+            trigger="schedule",
+            run_done=0,
+            run_total=1,
         ),
     )
 
@@ -372,9 +376,9 @@ def test_status_command_prints_the_table(served: Path, tmp_path: Path) -> None:
     assert "C0/USD" not in out  # healthy pairs are only counted
     assert "pending upload 4 parts (1.2 MB)" in out
     assert (
-        "CHAIN: last run 11:05:00Z (ok) · next 12:05:00Z · running silver for hour 11:00:00Z"
-        in (out)
-    )
+        "CHAIN: running silver for hour 11:00:00Z (hourly run)"
+        " · next scheduled run 12:05:00Z\n  last run 11:05:00Z (ok)"
+    ) in out
 
 
 def test_status_command_json(served: Path, tmp_path: Path) -> None:
@@ -418,4 +422,97 @@ def test_render_status_empty_daemon() -> None:
     text = render_status(StatusSnapshot(pid=1, now_ms=NOW))
     assert "CONNECTIONS (0)\n  none" in text
     assert "PAIRS (0)" in text
-    assert "CHAIN: last run - · next -" in text
+    assert "CHAIN: idle · next scheduled run not scheduled\n  last run -" in text
+
+
+def test_status_never_shows_a_next_run_in_the_past() -> None:
+    """The catch-up's 17th hour runs past the cron time: the status says what runs, how far
+    the catch-up is, and that the due run waits for it, not a "next" that has passed."""
+    snap = make_snapshot()
+    snap.chain = ChainStatus(
+        running=True,
+        trigger="catchup",
+        run_done=2,
+        run_total=17,
+        current_hour_ms=NOW - 4 * 3_600_000,
+        current_step="gapfill",
+        next_run_ms=NOW - 90_000,
+    )
+    text = render_status(snap)
+    assert (
+        "CHAIN: running gapfill for hour 08:00:00Z (catch-up, hour 3 of 17)"
+        " · next scheduled run due now, after the hour in progress"
+    ) in text
+    assert "11:58:30Z" not in text
+    snap.chain.waiting_for = "a backfill's merge of 2024-05-01T03:00Z (PostgreSQL backend pid 7)"
+    assert (
+        "CHAIN: waiting for the chain lock, held by a backfill's merge of 2024-05-01T03:00Z"
+        " (PostgreSQL backend pid 7) (catch-up, hour 3 of 17)"
+    ) in render_status(snap)
+    snap.chain = ChainStatus(running=False, next_run_ms=NOW - 1_000, last_run_ms=NOW - 60_000)
+    assert "CHAIN: idle · next scheduled run due now\n" in render_status(snap)
+
+
+def test_a_demo_daemon_says_its_errors_are_simulated() -> None:
+    snap = make_snapshot()
+    assert "SIMULATED" not in render_status(snap)
+    snap.simulated = True
+    assert render_status(snap).splitlines()[1] == (
+        "SIMULATED: the exchanges are klined's simulator; its errors are injected faults"
+    )
+
+
+def test_render_status_shows_no_data_pairs_and_quarantined_parts() -> None:
+    snap = make_snapshot(pairs=1)
+    snap.pairs = [
+        snap.pairs[0],
+        PairStatus(exchange="binance", symbol="BTC/USD", state=StreamState.NO_DATA),
+    ]
+    snap.chain.quarantined_parts = 2
+    snap.lake.write_failing_since_ms = NOW - 90_000
+    snap.lake.held_bytes = 3 * 1024 * 1024
+    snap.lake.last_write_error = "OSError: [Errno 28] No space left on device"
+    snap.lake.dropped_events = 1234
+    snap.chain.quarantined_sample = ["exchange=binance/a/part-1.jsonl: LakeError: unreadable"]
+    text = render_status(snap)
+    assert "all pairs connected" not in text
+    assert "no data 1" in text
+    assert "binance   BTC/USD  no data" in text
+    assert "2 lake part(s) quarantined" in text
+    assert "exchange=binance/a/part-1.jsonl: LakeError: unreadable" in text
+    assert "cannot write the lake since" in text and "3.0 MB held in memory" in text
+    assert "No space left on device" in text
+    assert "1,234 events dropped past lake.max_held_bytes" in text
+
+
+def test_render_status_reports_the_live_path() -> None:
+    text = render_status(StatusSnapshot(pid=1, now_ms=NOW))
+    assert "LIVE: off (needs [live] enabled and the chain's database)" in text
+    snap = StatusSnapshot(
+        pid=1,
+        now_ms=NOW,
+        live=LiveStatus(
+            enabled=True, state="failing", written=3990, dropped_batches=2, dropped_finals=70,
+            queued_batches=1, lag_window_s=300.0, lag_samples=3990, lag_p50_s=0.41,
+            lag_p99_s=0.93, lag_max_s=12.5, gold_refreshed_ms=NOW - 20_000,
+            last_error="writing silver: ConnectionRefusedError: no",
+        ),
+    )  # fmt: skip
+    text = render_status(snap)
+    assert (
+        "LIVE: failing · lag p50 0.41s p99 0.93s max 12s (last 5m00s, 3,990 finals)\n"
+        "  written 3,990 · queued 1 · dropped 2 batch(es) (70 finals) · gold 20s ago"
+    ) in text
+    assert "last live error: writing silver: ConnectionRefusedError: no" in text
+
+
+def test_render_status_says_the_role_and_shard() -> None:
+    one_vm = render_status(StatusSnapshot(pid=1, now_ms=NOW))
+    assert "ROLE all\n" in one_vm
+    capture = StatusSnapshot(
+        pid=1, now_ms=NOW, role="capture", shard="2/3", shard_pairs=10, configured_pairs=30
+    )
+    text = render_status(capture)
+    assert "ROLE capture, shard 2/3 (10 of 30 pairs) (no chain: another host" in text
+    chain = StatusSnapshot(pid=1, now_ms=NOW, role="chain", configured_pairs=30)
+    assert "ROLE chain (no streams; loads the lake for all 30 pairs)" in render_status(chain)

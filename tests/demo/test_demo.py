@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import boto3
-import psutil
 import pytest
 
 from klined.lake import parse_key
+from tests.support.process import postgres_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +29,6 @@ def demo_env() -> dict[str, str]:
     env.pop("KLINED_DSN", None)
     env.pop("KLINED_CONFIG", None)
     return env
-
-
-def postgres_for(pgdata: Path) -> list[int]:
-    """Live postgres processes whose command line names this data directory."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if "postgres" in (proc.info["name"] or "") and str(pgdata) in cmdline:
-            found.append(proc.pid)
-    return found
 
 
 def row(summary: str, name: str) -> list[str]:
@@ -98,12 +85,20 @@ def test_headless_demo_streams_uploads_and_computes_completeness(
     assert uploaded is not None, lake
     assert written > 0 and number(uploaded[1]) == written and uploaded[2] == s3_bucket
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
-    assert len(keys) == written
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    keys = [k for k in objects if not k.startswith("datasets/")]
+    # the daemon's parts, and the seeding backfill's REST rows (which enter the lake first)
+    assert len([k for k in keys if "-fill_" not in k]) == written
+    assert any("-fill_" in k for k in keys)
     parsed = [parse_key(k) for k in keys]  # every object is a lake key
     assert {p.exchange for p in parsed} == {"binance", "kraken"}
-    local = {p.relative_to(workdir / "lake").as_posix() for p in workdir.rglob("part-*.jsonl")}
+    local = {p.relative_to(workdir / "lake").as_posix() for p in workdir.rglob("part-*.jsonl.gz")}
     assert set(keys) == local
+
+    # the live path wrote finals into silver as they closed, and says how the minutes arrived
+    live = section(out, "live path")
+    assert "silver write(s) as candles closed" in live and "0 batch(es) dropped" in live, out
+    assert "arrived live" in live or "no whole minute in this run" in live, live
 
     # completeness of the seeded hours: every pair-hour, counts adding up to expected
     comp = section(out, "completeness")
@@ -116,7 +111,18 @@ def test_headless_demo_streams_uploads_and_computes_completeness(
         assert cells[9] == "100.00%", comp  # seeded by REST from the simulator's truth
     gold = section(out, "gold rows")
     for ex in ("binance", "kraken"):
-        assert [number(c) for c in row(gold, ex)[1:]] == [n * HOURS * PAIRS for n in (12, 4, 2, 1)]
+        counts = [number(c) for c in row(gold, ex)[1:]]
+        assert counts[:4] == [n * HOURS * PAIRS for n in (12, 4, 2, 1)], gold
+        # 4h and 1d: the buckets the seeded hours fall in (one or two, by the time of day)
+        assert all(PAIRS <= n <= 2 * PAIRS for n in counts[4:]), gold
+
+    # the chain published the seeded days as Parquet, mirrored to the bucket
+    datasets = section(out, "datasets")
+    published = re.search(r"datasets\s+([\d,]+) Parquet day file\(s\)", datasets)
+    mirrored = re.search(r"([\d,]+) mirrored to S3 under datasets/", datasets)
+    assert published is not None and mirrored is not None, datasets
+    files = [k for k in objects if k.startswith("datasets/")]
+    assert number(published[1]) == number(mirrored[1]) == len(files) >= 14  # 7 x 2 exchanges
     assert "OK: streams connected on binance and kraken" in out
 
     # the config it wrote is a real one, and nothing is left running

@@ -734,3 +734,23 @@ async def test_rest_and_ws_against_the_simulator(sim: Any) -> None:
                 assert not [c for c in frame.controls if isinstance(c, Malformed)]
                 seen += frame.candles
     assert {c.symbol for c in seen} <= {str(p) for p in pairs}
+
+
+def test_recorded_klines_parse_exactly() -> None:
+    usdt = Pair("BTC", "USDT")
+    a = Binance()
+    body = (PAYLOADS / "klines_rest_recorded.json").read_bytes()
+    rows = json.loads(body)
+    start = rows[0][0]
+    req = a.candles_request(usdt, start, start + len(rows) * MINUTE_MS)
+    page = a.parse_candles(req, 200, {}, body, now_ms=start + 60 * MINUTE_MS)
+    assert len(page.candles) == len(rows) == 10
+    first = page.candles[0]
+    assert (first.native_symbol, first.interval_start) == ("BTCUSDT", 1634943780000)
+    assert (first.open, first.high, first.low, first.close) == (
+        "60685.22", "60729.84", "60670.9", "60719.27",
+    )  # fmt: skip
+    assert (first.volume, first.quote_volume, first.trade_count) == (
+        "21.63272", "1313200.0134041", 617,
+    )  # fmt: skip
+    assert page.covered == (start, start + len(rows) * MINUTE_MS)

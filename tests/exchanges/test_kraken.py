@@ -835,3 +835,107 @@ async def test_rest_trades_and_ws_against_the_simulator(sim: Any) -> None:
                 controls += frame.controls
     assert {c.symbol for c in seen} <= {str(p) for p in pairs}
     assert {p for c in controls if isinstance(c, Subscribed) for p in c.pairs} == set(pairs)
+
+
+# -- frames recorded from the live API (tests/exchanges/payloads/README.md) ---------------------
+
+XBTUSDT = Pair("BTC", "USDT")
+
+
+def test_recorded_tokenized_asset_keeps_its_case_on_the_wire() -> None:
+    a = Kraken()
+    listing = a.parse_listing(
+        200, {}, (PAYLOADS / "asset_pairs_tokenized_recorded.json").read_bytes()
+    )
+    aapl = Pair("AAPLX", "USD")  # canonical pairs are upper-case
+    assert listing[aapl].ws_native == "AAPLx/USD"
+    assert listing[aapl].rest_native == "AAPLxUSD"
+    a.learn_listing(listing)
+    assert a.native(aapl) == "AAPLx/USD"
+    assert a.rest_native(aapl) == "AAPLxUSD"
+    [message] = a.subscribe_messages([aapl], 1)
+    assert json.loads(message)["params"]["symbol"] == ["AAPLx/USD"]
+    assert a.canonical("AAPLx/USD") == aapl
+    # a candle on the wire under Kraken's spelling is the canonical pair's, native name kept
+    frame = parse(
+        enc(
+            {
+                "channel": "ohlc",
+                "type": "update",
+                "timestamp": "2025-11-10T12:00:01.000000Z",
+                "data": [
+                    {
+                        "symbol": "AAPLx/USD", "open": 270.1, "high": 270.4, "low": 270.0,
+                        "close": 270.2, "trades": 3, "volume": 1.5, "vwap": 270.2,
+                        "interval_begin": "2025-11-10T12:00:00.000000000Z", "interval": 1,
+                        "timestamp": "2025-11-10T12:01:00.000000Z",
+                    }
+                ],
+            }
+        ),
+        a,
+    )  # fmt: skip
+    [candle] = frame.candles
+    assert (candle.symbol, candle.native_symbol) == ("AAPLX/USD", "AAPLx/USD")
+
+
+def test_a_native_override_keeps_its_case() -> None:
+    a = Kraken({Pair("AAPLX", "USD"): SymbolOverride(native="AAPLx/USD", rest_native="AAPLxUSD")})
+    assert a.native(Pair("AAPLX", "USD")) == "AAPLx/USD"
+    assert a.rest_native(Pair("AAPLX", "USD")) == "AAPLxUSD"
+
+
+def test_recorded_ohlc_parses_exactly() -> None:
+    a = Kraken({XBTUSDT: SymbolOverride(rest_native="XBTUSDT")})
+    body = (PAYLOADS / "ohlc_rest_recorded.json").read_bytes()
+    rows = json.loads(body)["result"]["XBTUSDT"]
+    start = rows[0][0] * 1000
+    req = a.candles_request(XBTUSDT, start, start + 19 * MINUTE_MS)
+    page = a.parse_candles(req, 200, {}, body, now_ms=rows[-1][0] * 1000 + 30_000)
+    assert len(page.candles) == 19  # the last row is the uncommitted current candle
+    first, fourth = page.candles[0], page.candles[3]
+    assert (first.open, first.volume, first.trade_count, first.origin) == (
+        "106038.2", "0", 0, "no_trades",
+    )  # fmt: skip
+    assert (fourth.open, fourth.high, fourth.low, fourth.close) == (
+        "106038.1", "106044.3", "106038.1", "106040.1",
+    )  # fmt: skip
+    assert (fourth.vwap, fourth.volume, fourth.trade_count) == ("106039.6", "0.08317981", 3)
+
+
+def test_ohlc_rows_an_hour_apart_are_refused_as_one_minute_candles() -> None:
+    a = Kraken({XBTUSDT: SymbolOverride(rest_native="XBTUSDT")})
+    body = (PAYLOADS / "ohlc_rest_recorded_hourly.json").read_bytes()
+    rows = json.loads(body)["result"]["XBTUSDT"]
+    start = rows[0][0] * 1000
+    req = a.candles_request(XBTUSDT, start, rows[-1][0] * 1000)
+    with pytest.raises(ParseError, match="3600 s apart"):
+        a.parse_candles(req, 200, {}, body, now_ms=rows[-1][0] * 1000 + 30_000)
+
+
+def test_recorded_trades_parse_and_extra_trailing_fields_are_ignored() -> None:
+    from loguru import logger
+
+    import klined.exchanges.kraken_rest as kraken_rest
+
+    a = Kraken({XBTUSDT: SymbolOverride(rest_native="XBTUSDT")})
+    body = (PAYLOADS / "trades_recorded.json").read_bytes()
+    req = a.trades_request(XBTUSDT, "0")
+    page = a.parse_trades(req, 200, {}, body)
+    assert len(page.trades) == 20
+    assert page.trades[0].price == "105433.6" and page.trades[0].volume == "0.00027625"
+    assert page.trades[0].ts_ms == 1762795433971 and page.trades[0].trade_id == 10218208
+    # Kraken appends a field to every row: the same trades, said once
+    doc = json.loads(body)
+    for row in doc["result"]["XBTUSDT"]:
+        row.append("new-field")
+    kraken_rest._extra_fields_noted = False
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        again = a.parse_trades(req, 200, {}, enc(doc))
+        a.parse_trades(req, 200, {}, enc(doc))
+    finally:
+        logger.remove(sink)
+    assert again.trades == page.trades
+    assert len([m for m in seen if "8 fields" in m]) == 1

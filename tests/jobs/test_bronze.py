@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,38 @@ async def test_loads_every_part_exactly_once(wdb: Database, tmp_path: Path) -> N
     late = await bronze.load_hour(wdb, H0, source)
     assert late.rows == 1 and late.details["parts_loaded"] == 1
     assert await _bronze_count(wdb) == lines + 1
+
+
+async def test_gzip_and_plain_parts_load_alike(wdb: Database, tmp_path: Path) -> None:
+    """A lake from before compression (plain parts) keeps working beside gzip parts; a
+    damaged gzip part loads what precedes the damage and reports the rest."""
+    minutes = [H0 + m * MINUTE_MS for m in range(10)]
+    plain = write_part(tmp_path, [candle(m, symbol="A/USD") for m in minutes], "w-1")
+    packed = write_part(
+        tmp_path, [candle(m, symbol="B/USD") for m in minutes], "w-2", compressed=True
+    )
+    damaged = write_part(
+        tmp_path, [candle(m, symbol="C/USD") for m in minutes], "w-3", compressed=True
+    )
+    data = (tmp_path / damaged).read_bytes()
+    (tmp_path / damaged).write_bytes(data[:-8] + bytes(8))  # a wrong checksum in the trailer
+    result = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    assert result.details["parts_loaded"] == 3 and result.details["bad_lines"] == 1
+    ledger = {
+        r["lake_key"]: (r["rows"], r["bad_lines"])
+        for r in await wdb.fetch("SELECT * FROM ops.lake_parts")
+    }
+    assert ledger == {plain: (10, 0), packed: (10, 0), damaged: (10, 1)}
+    assert plain.endswith(".jsonl") and packed.endswith(".jsonl.gz")
+    rows = await wdb.fetch(
+        "SELECT symbol, count(*) AS n, sum(close) AS s FROM bronze.bronze_ohlcv_native"
+        " GROUP BY symbol ORDER BY symbol"
+    )
+    assert [(r["symbol"], r["n"], str(r["s"])) for r in rows] == [
+        ("A/USD", 10, "1000"),
+        ("B/USD", 10, "1000"),
+        ("C/USD", 10, "1000"),
+    ]
 
 
 async def test_concurrent_loaders_do_not_double_load(wdb: Database, tmp_path: Path) -> None:
@@ -192,13 +226,109 @@ async def test_values_the_server_refuses_are_counted_not_fatal(
     assert numbers == [2, 3, 4]
 
 
-async def test_rows_outside_their_folder_hour_are_loaded(wdb: Database, tmp_path: Path) -> None:
-    stray = H0 + 30 * HOUR_MS  # no partition exists for it
-    write_part(tmp_path, [candle(H0), candle(stray + 5 * MINUTE_MS)], hour_ms=H0)
+async def test_lines_that_do_not_belong_to_their_part_are_bad_lines(
+    wdb: Database, tmp_path: Path
+) -> None:
+    good = [candle(H0 + m * MINUTE_MS) for m in range(3)]
+    hostile = [
+        candle(H0 + 3 * MINUTE_MS, exchange="../../../etc/passwd"),
+        candle(H0 + 4 * MINUTE_MS, exchange="kraken'; DROP TABLE silver.fact_ohlcv; --"),
+        candle(H0 + 5 * MINUTE_MS, symbol="ETH/USD"),  # another pair's folder
+        candle(H0 + 365 * 24 * HOUR_MS),  # a year away
+        candle(H0 + 7 * MINUTE_MS + 1234),  # off the minute grid
+        candle(H0 - MINUTE_MS),  # the hour before
+    ]
+    odd_interval = candle(H0 + 8 * MINUTE_MS)
+    odd_interval.interval_seconds = 3600
+    lines = [*good[:2], *hostile, odd_interval, good[2]]
+    write_part(tmp_path, lines, hour_ms=H0)
     result = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
-    assert result.rows == 2
-    hours = await list_dirty_hours(wdb)
-    assert [(d.exchange, d.hour_ms) for d in hours] == [("binance", H0), ("binance", stray)]
+    assert result.rows == 3 and result.details["bad_lines"] == 7
+    rows = await wdb.fetch(
+        "SELECT DISTINCT exchange, symbol, interval_start FROM bronze.bronze_ohlcv_native"
+    )
+    assert {(r["exchange"], r["symbol"]) for r in rows} == {("binance", "BTC/USD")}
+    assert len(rows) == 3
+    numbers = await wdb.fetchval("SELECT bad_line_numbers FROM ops.lake_parts")
+    assert numbers == [3, 4, 5, 6, 7, 8, 9]
+    assert [(d.exchange, d.hour_ms) for d in await list_dirty_hours(wdb)] == [("binance", H0)]
+
+
+async def test_a_value_postgresql_cannot_hold_is_a_bad_line_not_a_failed_hour(
+    wdb: Database, tmp_path: Path
+) -> None:
+    lines = [candle(H0 + m * MINUTE_MS) for m in range(4)]
+    lines[1].high = "1e999999"
+    lines[2].volume = "0." + "1" * 20_000  # more fractional digits than numeric keeps
+    write_part(tmp_path, lines)
+    write_part(tmp_path, [candle(H0, symbol="ETH/USD")], "e")
+    result = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    assert result.details["careful_batches"] == 1
+    assert result.rows == 3 and result.details["bad_lines"] == 2
+    assert await _bronze_count(wdb) == 3
+
+
+def _make_unreadable(path: Path) -> Callable[[], None]:
+    """Make a part unreadable for real; return how to fix it. Without root, mode 000; as
+    root (who reads any mode) a directory in its place, which ``open`` refuses (EISDIR)."""
+    data = path.read_bytes()
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return lambda: path.chmod(0o644)
+    path.unlink()
+    path.mkdir()
+
+    def fix() -> None:
+        path.rmdir()
+        path.write_bytes(data)
+
+    return fix
+
+
+async def test_an_unreadable_part_is_quarantined_and_loaded_once_when_fixed(
+    wdb: Database, tmp_path: Path
+) -> None:
+    lines = _lake(tmp_path, symbols=3)
+    [bad_key] = [k for k in _keys(tmp_path) if "C1-USD" in k]
+    fix = _make_unreadable(tmp_path / bad_key)
+    result = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    per_part = lines // 3
+    assert result.details["parts_quarantined"] == 1 and result.details["parts_loaded"] == 2
+    assert result.rows == 2 * per_part
+    [row] = await wdb.fetch(
+        "SELECT status, reason FROM ops.lake_parts WHERE lake_key = $1", bad_key
+    )
+    assert row["status"] == "quarantined" and "cannot be read" in row["reason"]
+    [q] = await bronze.quarantined_parts(wdb)
+    assert q["lake_key"] == bad_key and q["attempts"] == 1
+    # what the daemon's status (klined status, the TUI's Jobs view) shows
+    from klined.daemon.chain import refresh_quarantine
+    from klined.status import ChainStatus
+
+    status = ChainStatus()
+    await refresh_quarantine(wdb, status)
+    assert status.quarantined_parts == 1
+    assert status.quarantined_sample[0].startswith(f"{bad_key}: LakeError: part ")
+    # still unreadable: tried again, still quarantined, nothing loaded twice
+    again = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    assert again.rows == 0 and again.details["parts_quarantined"] == 1
+    assert (await bronze.quarantined_parts(wdb))[0]["attempts"] == 2
+    fix()
+    fixed = await bronze.load_hour(wdb, H0, LakeStore(tmp_path))
+    assert fixed.rows == per_part and fixed.details["parts_quarantined"] == 0
+    assert await bronze.quarantined_parts(wdb) == []
+    assert (await bronze.load_hour(wdb, H0, LakeStore(tmp_path))).rows == 0
+    assert await _bronze_count(wdb) == lines
+    assert (
+        await wdb.fetchval(
+            "SELECT count(*) FROM bronze.bronze_ohlcv_native WHERE lake_key = $1", bad_key
+        )
+        == per_part
+    )
+
+
+def _keys(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("part-*.jsonl"))
 
 
 async def test_new_parts_mark_their_hour_dirty(wdb: Database, tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ import anyio
 import pytest
 
 from klined.config import LakeConfig
-from klined.jobs.chain import ChainScheduler, chain_lock, run_chain, select_hours
+from klined.jobs.chain import chain_lock, run_chain
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.scheduler import ChainScheduler, select_hours
 from klined.lake import LakeStore, LakeWriter
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Origin, floor_hour
 from klined.rest.client import RetryPolicy, open_clients
 from klined.status import ChainStatus
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import open_database
 from tests.fixtures.sim import SIM_START
 from tests.support.truth import (
@@ -40,6 +42,7 @@ async def wait_for(condition: Any) -> None:
 PAIRS = ["BTC/USD", "REKT/USD"]
 FAST_RETRY = RetryPolicy(attempts=4, initial_s=0.02, max_s=0.2)
 H0 = floor_hour(SIM_START) - 2 * HOUR_MS  # two closed hours before the sim's start
+EVERY_PAIR = [(ex, p) for ex in ("binance", "kraken") for p in PAIRS]
 
 
 def ws_candle(sim: Any, exchange: str, pair: str, minute: int, *, final: bool) -> Candle | None:
@@ -127,6 +130,7 @@ async def test_chain_end_to_end_and_twice_changes_nothing(
                 assert await assert_gold_is_truth(db, sim, ex, PAIRS, start, end) > 0
                 await assert_completeness(db, ex, PAIRS, hours)
             assert not await db.fetch("SELECT 1 FROM ops.dirty_hours")
+            await assert_bronze_is_the_lake(db, cfg.lake_root)
             steps = await db.fetch(
                 "SELECT step, status FROM ops.job_runs WHERE hour_start IS NOT NULL"
             )
@@ -144,6 +148,38 @@ async def test_chain_end_to_end_and_twice_changes_nothing(
             assert all(o.rows == 0 for h in again.hours for o in h.steps), again.table()
             assert await table_hashes(db) == before
         assert sim.stats.http_418 == 0
+
+
+async def assert_bronze_is_the_lake(db: Any, root: Path) -> None:
+    """Every bronze row came from a lake part, every part was loaded exactly once, and the
+    gap-fill's rows are in parts of their own (``fill_`` writers) with their origin."""
+    from collections import Counter
+
+    from klined.lake import iter_local_parts, read_part_file
+
+    assert (
+        await db.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native WHERE lake_key IS NULL")
+        == 0
+    )
+    parts = {p.key: read_part_file(p.path).records for p in iter_local_parts(root)}
+    ledger = {
+        r["lake_key"]: r["rows"]
+        for r in await db.fetch("SELECT lake_key, rows FROM ops.lake_parts")
+    }
+    assert ledger == {k: len(v) for k, v in parts.items()}
+    in_bronze = Counter(
+        {
+            r["lake_key"]: r["n"]
+            for r in await db.fetch(
+                "SELECT lake_key, count(*) AS n FROM bronze.bronze_ohlcv_native GROUP BY 1"
+            )
+        }
+    )
+    assert in_bronze == Counter(ledger)
+    fill = {k: v for k, v in parts.items() if "-fill_" in k}
+    origins = {r.origin for rows in fill.values() for r in rows}
+    assert fill and origins <= {"rest", "trades", "no_trades"} and "rest" in origins
+    assert all(r.origin == "ws" for k, rows in parts.items() if k not in fill for r in rows)
 
 
 async def test_advisory_lock_keeps_two_chains_apart(sim_factory: Any, pg_dsn: str) -> None:
@@ -195,12 +231,17 @@ async def test_select_hours_and_scheduler_catch_up(sim_factory: Any, pg_dsn: str
         now = H0 + 2 * HOUR_MS + 5 * MINUTE_MS
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
-            assert await select_hours(db, cfg, now) == [H0 - HOUR_MS, H0, H0 + HOUR_MS]
+            # nothing captured or backfilled: nothing to catch up on
+            assert await select_hours(db, cfg, now) == []
+            await extend_coverage(db, EVERY_PAIR, H0 - 10 * HOUR_MS)
+            # newest first
+            assert await select_hours(db, cfg, now) == [H0 + HOUR_MS, H0, H0 - HOUR_MS]
             status = ChainStatus()
             sched = ChainScheduler(db, cfg, status=status, clock_ms=lambda: now, lock_wait_s=0)
             report = await sched.run_once("catchup")
             assert report is not None and report.ok
-            assert [h.hour_ms for h in report.hours] == [H0 - HOUR_MS, H0, H0 + HOUR_MS]
+            assert [h.hour_ms for h in report.hours] == [H0 + HOUR_MS, H0, H0 - HOUR_MS]
+            assert (status.run_done, status.run_total, status.running) == (3, 3, False)
             # completed hours are not selected again; a dirty one is
             assert await select_hours(db, cfg, now) == []
             await db.execute(
@@ -299,6 +340,7 @@ async def test_daemon_chain_and_backfill_share_one_warehouse(
             ) as clients,
         ):
             await sync_configured_pairs(db, cfg)
+            await extend_coverage(db, EVERY_PAIR, hours[0])  # the daemon captured them
             sched = ChainScheduler(
                 db, cfg, lake=lake, clients=clients, clock_ms=sim.clock.now_ms, lock_wait_s=60
             )
@@ -325,3 +367,54 @@ async def test_daemon_chain_and_backfill_share_one_warehouse(
                 await assert_gold_is_truth(db, sim, ex, PAIRS, req.start_ms, req.end_ms)
             failed = await db.fetch("SELECT step, error FROM ops.job_runs WHERE status = 'failed'")
             assert not failed, [dict(r) for r in failed]
+
+
+async def test_minutes_the_lake_dropped_are_gap_filled_even_outside_the_retry_window(
+    sim_factory: Any, pg_dsn: str, tmp_path: Path
+) -> None:
+    from klined.jobs.ops import DroppedRange, record_lake_drops
+    from klined.model import to_datetime
+
+    async with sim_factory(pairs=PAIRS, rate_limit_time_scale=60) as sim:
+        cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
+        cfg.chain.catchup_hours = 0
+        cfg.chain.rest_retry_hours = 0  # H0 is older: gap-fill would normally be skipped
+        await write_lake(sim, cfg.lake_root, [H0])
+        lake = LakeStore(cfg.lake_root)
+        now = sim.clock.now_ms()
+        async with (
+            open_database(cfg, apply_schema=True) as db,
+            open_clients(
+                cfg, limiters=sim_limiters(sim), clock_ms=sim.clock.now_ms, retry=FAST_RETRY
+            ) as clients,
+        ):
+            await sync_configured_pairs(db, cfg)
+            await db.execute(
+                "INSERT INTO ops.job_runs (hour_start, step, status) VALUES ($1, 'gapfill', 'ok')",
+                to_datetime(H0),
+            )
+            # what the daemon records when the disk stayed full past lake.max_held_bytes
+            await record_lake_drops(
+                db,
+                [
+                    DroppedRange(ex, pair, H0 + 30 * MINUTE_MS, H0 + HOUR_MS, 99)
+                    for ex in ("binance", "kraken")
+                    for pair in PAIRS
+                ],
+            )
+            assert await select_hours(db, cfg, now) == [H0]
+            report = await run_chain(
+                db, cfg, [H0], trigger="manual", lake=lake, clients=clients, now_ms=now
+            )
+            assert report.ok, report.table()
+            gapfill = next(o for o in report.hours[0].steps if o.step == "gapfill")
+            assert gapfill.status == "ok" and gapfill.rows > 0
+            for ex in ("binance", "kraken"):
+                counts = await assert_silver_is_truth(db, sim, ex, PAIRS, H0, H0 + HOUR_MS)
+                assert "ws_partial" not in counts
+            open_incidents = await db.fetchval(
+                "SELECT count(*) FROM monitoring.stream_incidents"
+                " WHERE kind = 'lake_dropped' AND repaired_at IS NULL"
+            )
+            assert open_incidents == 0
+            assert await select_hours(db, cfg, now) == []

@@ -15,6 +15,7 @@ from klined.jobs import bronze, completeness, gold, silver
 from klined.jobs.ops import record_step, run_step
 from klined.lake import LakeStore
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, to_datetime
+from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database, open_database, sync_pairs
 from tests.support.warehouse import (
     GOLD_TABLES,
@@ -80,6 +81,8 @@ async def _chain(db: Database, root: Path) -> None:
 
 async def test_completeness_counts_add_up(wdb: Database, tmp_path: Path) -> None:
     await sync_pairs(wdb, pairs_config(PAIRS))
+    # the daemon captured every configured pair from LATE on (SOL/USD sent nothing)
+    await extend_coverage(wdb, [(ex, p) for ex, ps in PAIRS.items() for p in ps], LATE)
     _lake(tmp_path)
     await _chain(wdb, tmp_path)
     rows = await wdb.fetch(
@@ -185,3 +188,42 @@ async def test_steps_are_recorded(wdb: Database, tmp_path: Path) -> None:
     assert all(r["finished_at"] >= r["started_at"] and r["duration_ms"] >= 0 for r in rows)
     assert rows[0]["details"] is not None and '"parts_loaded": 1' in rows[0]["details"]
     assert rows[0]["hour_start"].timestamp() * 1000 == H0 and rows[2]["hour_start"] is None
+
+
+async def test_a_failure_inside_a_task_group_is_recorded_as_its_cause(wdb: Database) -> None:
+    async def unreadable() -> None:
+        raise PermissionError(13, "Permission denied", "part-1.jsonl")
+
+    with pytest.raises(BaseExceptionGroup):
+        async with (
+            record_step(wdb, "bronze", H0, trigger="manual"),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(unreadable)
+    row = await wdb.fetchrow("SELECT status, error, pid, host FROM ops.job_runs")
+    assert row is not None and row["status"] == "failed"
+    assert row["error"].startswith("PermissionError: [Errno 13] Permission denied"), row["error"]
+    assert row["pid"] and row["host"]
+
+
+async def test_a_chain_marks_runs_of_gone_processes_abandoned(wdb: Database) -> None:
+    import sys
+
+    from klined.jobs.chain import run_chain
+    from klined.jobs.ops import HOST
+
+    gone = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead_pid = int(gone.stdout)
+    await wdb.execute(
+        "INSERT INTO ops.job_runs (hour_start, step, status, pid, host)"
+        " VALUES ($1, 'silver', 'running', $2, $3), ($1, 'gold', 'ok', $2, $3)",
+        to_datetime(H0),
+        dead_pid,
+        HOST,
+    )
+    await run_chain(wdb, Config(), [], trigger="manual")
+    rows = await wdb.fetch("SELECT step, status, error FROM ops.job_runs ORDER BY run_id")
+    by_step = {r["step"]: r for r in rows}
+    assert by_step["silver"]["status"] == "abandoned"
+    assert f"process {dead_pid} on {HOST} is gone" in by_step["silver"]["error"]
+    assert by_step["gold"]["status"] == "ok"

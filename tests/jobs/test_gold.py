@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 import anyio
@@ -35,7 +35,18 @@ INTERVALS = {
     "gold.ohlcv_15m": 900,
     "gold.ohlcv_30m": 1800,
     "gold.ohlcv_1h": 3600,
+    "gold.ohlcv_4h": 14400,
+    "gold.ohlcv_1d": 86400,
 }
+_EXACT = Context(prec=200)
+_PLACES = Decimal("1e-18")
+
+
+def reference_vwap(notional: Decimal | None, volume: Decimal) -> Decimal | None:
+    """notional / volume, rounded half up to 18 decimal places."""
+    if notional is None or volume <= 0:
+        return None
+    return _EXACT.divide(notional, volume).quantize(_PLACES, rounding=ROUND_HALF_UP)
 
 
 def _traded(m: dict[str, Any]) -> bool:
@@ -73,17 +84,29 @@ def reference_gold(silver_rows: list[dict[str, Any]], seconds: int) -> dict[tupl
                 if any(_traded(m) and m["trade_count"] is None for m in ms)
                 else sum((m["trade_count"] or 0) for m in ms)
             )
+            # quote value traded: quote volume, else vwap x volume, over minutes with volume
+            valued = [
+                m["quote_volume"]
+                if m["quote_volume"] is not None
+                else (m["vwap"] * m["volume"] if m["vwap"] is not None else None)
+                for m in ms
+                if m["volume"] > 0
+            ]
+            notional = None if None in valued else sum(valued, Decimal(0))
+            volume = sum(m["volume"] for m in ms)
             out[(*pair, start)] = (
                 start + step,
                 o,
                 h,
                 lo,
                 c,
-                sum(m["volume"] for m in ms),
+                volume,
                 qv,
                 tc,
                 len(ms),
                 len(traded),
+                notional,
+                reference_vwap(notional, volume),
             )
     return out
 
@@ -107,6 +130,8 @@ async def check_gold(db: Database) -> None:
                 r["trade_count"],
                 r["minutes"],
                 r["traded_minutes"],
+                r["notional"],
+                r["vwap"],
             )
             for r in await db.fetch(f"SELECT * FROM {table} WHERE source = 'derived'")
         }
@@ -118,7 +143,7 @@ async def check_gold(db: Database) -> None:
 # property: any silver history, merged and refreshed in any order, gives the reference gold
 
 KINDS = ("final", "zero_final", "rest", "partial", "no_trades", "trades")
-MINUTES = 180  # three hours
+MINUTES = 300  # five hours, across a 4h boundary (H0 is 10:00)
 
 
 def _make(symbol: str, minute_index: int, kind: str, prices: list[int], extra: int) -> Candle:
@@ -134,6 +159,8 @@ def _make(symbol: str, minute_index: int, kind: str, prices: list[int], extra: i
         "volume": f"{extra}.5",
         "trade_count": extra,
         "quote_volume": None if extra == 3 else f"{extra * 10}",
+        # Kraken-like minutes (no quote volume) carry the exchange's vwap, or not at all
+        "vwap": None if extra in (1, 3) and prices[2] % 2 else f"{prices[2]}.{extra}7",
         "event_ts": minute + MINUTE_MS + extra,
     }
     if kind in ("zero_final", "no_trades"):
@@ -263,6 +290,8 @@ async def test_only_changed_buckets_are_rewritten(wdb: Database) -> None:
         "gold.ohlcv_15m": [0],
         "gold.ohlcv_30m": [0],
         "gold.ohlcv_1h": [0],
+        "gold.ohlcv_4h": [-2 * HOUR_MS],  # 08:00-12:00 holds 10:07
+        "gold.ohlcv_1d": [-10 * HOUR_MS],
     }
 
 
@@ -273,7 +302,7 @@ async def test_refresh_by_exchange_and_concurrent_sessions(wdb: Database) -> Non
     )
     await silver.merge_hour(wdb, H0)
     result = await gold.refresh(wdb, H0, exchange="kraken")
-    assert result.rows == 4 and result.hour_ms == H0
+    assert result.rows == 6 and result.hour_ms == H0
     assert await wdb.fetchval("SELECT count(*) FROM ops.gold_dirty") == 1
 
     async def other() -> None:
@@ -284,3 +313,50 @@ async def test_refresh_by_exchange_and_concurrent_sessions(wdb: Database) -> Non
         tg.start_soon(other)
         tg.start_soon(other)
     await check_gold(wdb)
+
+
+@pytest.mark.anyio
+async def test_vwap_by_hand(wdb: Database) -> None:
+    """Kraken sends vwap but no quote volume: notional = sum of vwap x volume, exact; vwap is
+    rounded half up at the 18th decimal place; 4h and 1d carry the hours' sums on."""
+    k = "kraken"
+    minutes = [
+        candle(H0, exchange=k, price="10", volume="2", quote_volume=None, vwap="10"),
+        candle(H0 + MINUTE_MS, exchange=k, price="13", volume="1", quote_volume=None, vwap="13"),
+        # the next hour: 3 units at a vwap of 0.1, then a quiet minute
+        candle(H0 + HOUR_MS, exchange=k, price="1", volume="3", quote_volume=None, vwap="0.1"),
+        candle(
+            H0 + HOUR_MS + MINUTE_MS,
+            exchange=k,
+            price="1",
+            volume="0",
+            quote_volume=None,
+            vwap=None,
+            trade_count=0,
+            origin="no_trades",
+        ),
+    ]
+    await _fill(wdb, minutes, H0, H0 + HOUR_MS)
+    rows = {
+        (r["t"], round(r["interval_start"].timestamp() * 1000) - H0): (
+            str(r["notional"]),
+            str(r["vwap"]),
+            r["quote_volume"],
+        )
+        for t in ("5m", "1h", "4h", "1d")
+        for r in await wdb.fetch(
+            f"SELECT '{t}' AS t, * FROM gold.ohlcv_{t} ORDER BY interval_start"
+        )
+    }
+    assert rows == {
+        ("5m", 0): ("33", "11", None),
+        ("1h", 0): ("33", "11", None),
+        ("5m", HOUR_MS): ("0.3", "0.1", None),
+        ("1h", HOUR_MS): ("0.3", "0.1", None),
+        ("4h", -2 * HOUR_MS): ("33.3", "5.55", None),  # 33.3 / 6
+        ("1d", -10 * HOUR_MS): ("33.3", "5.55", None),
+    }
+    third = await wdb.fetchval("SELECT ops.vwap(2, 3)")
+    assert str(third) == "0.666666666666666667"
+    assert str(await wdb.fetchval("SELECT ops.vwap(1, 3)")) == "0.333333333333333333"
+    assert await wdb.fetchval("SELECT ops.vwap(1, 0)") is None

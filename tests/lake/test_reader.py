@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import msgspec
@@ -65,6 +66,40 @@ def test_reader_never_raises(junk: bytes, good: int) -> None:
     data = b"\n".join(line(i) for i in range(good)) + b"\n" + junk
     contents = read_part(data)
     assert [r.event_ts for r in contents.records][:good] == list(range(good))
+
+
+def test_gzip_and_plain_parts_read_alike() -> None:
+    data = b"\n".join(line(i) for i in range(50)) + b"\n"
+    for stored in (
+        data,
+        gzip.compress(data),
+        gzip.compress(data[:700]) + gzip.compress(data[700:]),
+    ):
+        contents = read_part(stored)
+        assert [r.event_ts for r in contents.records] == list(range(50))
+        assert contents.bad_lines == 0
+    # zero padding after the last member (some copy tools add it) is harmless
+    assert read_part(gzip.compress(data) + b"\0" * 16).bad_lines == 0
+
+
+def test_a_damaged_gzip_part_keeps_what_precedes_the_damage() -> None:
+    data = b"\n".join(line(i) for i in range(2000)) + b"\n"
+    packed = gzip.compress(data, compresslevel=1)
+    cut = read_part(packed[: len(packed) // 2])  # cut short (a torn copy)
+    assert 0 < len(cut.records) < 2000 and cut.bad_lines == 1
+    assert [r.event_ts for r in cut.records] == list(range(len(cut.records)))
+    assert cut.bad_line_numbers == [len(cut.records) + 1]
+    garbled = packed[:-8] + bytes(8)  # the trailer's checksum is wrong
+    contents = read_part(garbled)
+    assert contents.bad_lines == 1 and len(contents.records) >= 1999
+
+
+@given(st.binary(max_size=200))
+def test_reader_never_raises_on_damaged_gzip(junk: bytes) -> None:
+    data = b"\n".join(line(i) for i in range(20)) + b"\n"
+    packed = gzip.compress(data)
+    contents = read_part(packed[: len(packed) // 3] + junk)
+    assert [r.event_ts for r in contents.records] == list(range(len(contents.records)))
 
 
 def test_keys_round_trip() -> None:

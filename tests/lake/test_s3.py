@@ -97,9 +97,12 @@ async def test_upload_is_verified_and_idempotent(
     stored = objects(s3_endpoint, s3_bucket)
     local = {p.key: p.path.read_bytes() for p in iter_local_parts(tmp_path)}
     assert stored == {f"lake/v1/{k}": v for k, v in local.items()}
+    # sealed parts are gzip; the objects are those bytes, as stored, not unzipped on the way
+    assert all(k.endswith(".jsonl.gz") and v[:2] == b"\x1f\x8b" for k, v in stored.items())
     assert events_in(list(stored.values())) == sent
     first = next(iter(stored))
     head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=first, ChecksumMode="ENABLED")
+    assert head["ContentType"] == "application/gzip" and "ContentEncoding" not in head
     assert head["ETag"].strip('"') == hashlib.md5(stored[first]).hexdigest()
     sha = base64.b64encode(hashlib.sha256(stored[first]).digest()).decode()
     assert head["ChecksumSHA256"] == sha
@@ -322,3 +325,39 @@ async def test_listing_a_missing_bucket_is_a_lake_error(tmp_path: Path, s3_endpo
     for exchange in (None, "binance"):
         with pytest.raises(LakeError, match="S3 listing failed"):
             await store.list_parts(HOUR, exchange=exchange)
+
+
+@pytest.mark.anyio
+async def test_verification_finds_parts_s3_lost_and_uploads_them_again(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    writer = LakeWriter(tmp_path, config(), clock=FakeClock(HOUR + 10 * MINUTE_MS))
+    for i, symbol in enumerate(["BTC/USD", "ETH/USD", "SOL/USD"]):
+        for hour in (HOUR - HOUR_MS, HOUR):
+            writer.append(candle(i, hour + MINUTE_MS, symbol=symbol))
+    await writer.flush(close_all=True)
+    s3cfg = S3Config(bucket=s3_bucket, endpoint_url=s3_endpoint, prefix="raw")
+    uploader = LakeUploader(tmp_path, config(), s3cfg)
+    assert (await uploader.upload_pending()).uploaded == 6
+    assert (await uploader.verify()).checked == 6
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    lost = keys[1:3]
+    for key in lost:  # the store lost them after a verified upload
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    # another key, silently replaced by something else: reported, never overwritten
+    client.put_object(Bucket=s3_bucket, Key=keys[4], Body=b"not ours\n")
+
+    report = await uploader.verify()
+    assert report.checked == 6 and not report.error
+    assert sorted(f"raw/{k}" for k in report.missing) == lost
+    assert report.different == [keys[4].removeprefix("raw/")]
+    assert sorted(uploader.pending) == sorted(report.missing)
+    await uploader.upload_pending()
+    after = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    local = {f"raw/{p.key}": p.size for p in iter_local_parts(tmp_path)}
+    assert {k: v for k, v in after.items() if k != keys[4]} == {
+        k: v for k, v in local.items() if k != keys[4]
+    }
+    assert after[keys[4]] == len(b"not ours\n")
+    assert (await uploader.verify()).missing == []

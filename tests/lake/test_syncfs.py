@@ -13,7 +13,7 @@ import klined.lake.writer as writer_module
 from klined.lake import LakeWriter, iter_local_parts, read_part_file
 from klined.lake.writer import SYNC_EACH_MAX
 from klined.model import HOUR_MS, MINUTE_MS
-from tests.lake.test_writer import HOUR, FakeClock, candle, config, read_all
+from tests.lake.test_writer import HOUR, FakeClock, candle, config, leftovers, read_all
 
 PAIRS = [f"P{i:03d}/USD" for i in range(2 * SYNC_EACH_MAX)]  # more parts than one by one
 
@@ -64,8 +64,11 @@ async def test_many_parts_flush_with_one_syncfs_and_seal_once(
     clock.now = HOUR + HOUR_MS + 121_000  # the first hour is over, grace included
     ids += fill(writer, 1000, 100, hour=HOUR + HOUR_MS)  # the next hour opens new parts
     await writer.flush()
-    assert spy.calls == 4  # the data, then the renames of the sealed parts
-    assert len(list(iter_local_parts(tmp_path))) == len(PAIRS)
+    # the data, then the sealed parts' .gz, then their renames
+    assert spy.calls == 5
+    sealed = list(iter_local_parts(tmp_path))
+    assert len(sealed) == len(PAIRS) and all(p.key.endswith(".jsonl.gz") for p in sealed)
+    assert not [p for p in leftovers(tmp_path) if p.suffix == ".tmp"]
     await writer.aclose()
     seen, bad = read_all(tmp_path)
     assert bad == 0
@@ -86,7 +89,8 @@ async def test_a_failing_syncfs_falls_back_to_syncing_each_part(
     await writer.flush()
     ids += fill(writer, 300, 300)
     await writer.aclose()
-    assert spy.calls == 3  # tried every time (EIO is not "unsupported")
+    # tried every time (EIO is not "unsupported"): two flushes, the seal's .gz and renames
+    assert spy.calls == 4
     seen, bad = read_all(tmp_path)
     assert bad == 0 and sorted(k[3] for k in seen) == ids
     assert writer.events_written == 600

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from klined.config import LakeConfig
 from klined.errors import LakeError
 from klined.lake import (
     LakeWriter,
+    compress,
     iter_local_parts,
     parse_key,
     read_part,
@@ -112,6 +115,11 @@ async def wait_until(predicate: Callable[[], object], within_s: float = 10.0) ->
     with anyio.fail_after(within_s):
         while not predicate():  # noqa: ASYNC110 - the state lives on disk / in another loop
             await anyio.sleep(0.02)
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Open parts and half-built sealed ones."""
+    return [*root.rglob("*.open"), *root.rglob("*.tmp")]
 
 
 def append_bytes(path: Path, data: bytes) -> None:
@@ -251,6 +259,41 @@ async def test_run_flushes_periodically_and_seals_on_cancel(tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
+async def test_parts_are_sealed_gzip_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running writer's own flushes close a part (age bound) and its sealer compresses
+    it in a worker thread: the event loop's thread never runs zlib."""
+    threads: list[threading.Thread] = []
+    real = compress.compress_to_tmp
+
+    def spy(path: Path, level: int, *, sync: bool) -> int:
+        threads.append(threading.current_thread())
+        return real(path, level, sync=sync)
+
+    monkeypatch.setattr(compress, "compress_to_tmp", spy)
+    closed: list[tuple[str, int]] = []
+    writer = LakeWriter(
+        tmp_path,
+        config(flush_interval_s=0.05, part_max_age_s=0.2),
+        on_part_closed=lambda k, n: closed.append((k, n)),
+    )
+    now_hour = floor_hour(writer._clock())
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for i in range(50):
+            writer.append(candle(i, now_hour))
+        await wait_until(lambda: closed)
+        tg.cancel_scope.cancel()
+    ((key, size),) = closed
+    assert key.endswith(".jsonl.gz") and (tmp_path / key).stat().st_size == size
+    assert threads and threading.main_thread() not in threads
+    data = gzip.decompress((tmp_path / key).read_bytes())
+    assert data == b"".join(msgspec.json.encode(candle(i, now_hour)) + b"\n" for i in range(50))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.anyio
 async def test_run_flushes_early_every_so_many_events(tmp_path: Path) -> None:
     """Between timed flushes (an hour apart here), every ``flush_after_events`` buffered
     events wake the writer once, and the count starts over after each flush."""
@@ -288,10 +331,11 @@ async def test_torn_line_after_crash_is_sealed_skipped_and_reported(tmp_path: Pa
     closed: list[str] = []
     survivor = LakeWriter(tmp_path, config(), on_part_closed=lambda k, s: closed.append(k))
     async with anyio.create_task_group() as tg:
-        await tg.start(survivor.run)  # seals the leftover before it reports started
-        assert closed == [open_part.key]
+        await tg.start(survivor.run)  # capture can start: the leftover is sealed beside it
+        await wait_until(lambda: closed)
+        assert closed == [open_part.key + ".gz"]
         tg.cancel_scope.cancel()
-    contents = read_part_file(tmp_path / open_part.key)
+    contents = read_part_file(tmp_path / (open_part.key + ".gz"))
     assert [r.event_ts for r in contents.records] == list(range(10))
     assert contents.bad_lines == 1
     assert contents.bad_line_numbers == [11]
@@ -305,11 +349,40 @@ def test_sealing_removes_empty_leftovers(tmp_path: Path) -> None:
     (folder / "part-2-aaaaaaaa-000002.jsonl.open").write_bytes(b'{"x":1}\n')
     (folder / "part-3-bbbbbbbb-000001.jsonl.open").write_bytes(b'{"x":1}\n')
     sealed = seal_open_parts(tmp_path, keep_writer_id="bbbbbbbb")
-    assert [k.rsplit("/", 1)[1] for k, _ in sealed] == ["part-2-aaaaaaaa-000002.jsonl"]
+    assert [k.rsplit("/", 1)[1] for k, _ in sealed] == ["part-2-aaaaaaaa-000002.jsonl.gz"]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "part-2-aaaaaaaa-000002.jsonl",
+        "part-2-aaaaaaaa-000002.jsonl.gz",
         "part-3-bbbbbbbb-000001.jsonl.open",
     ]
+    assert gzip.decompress((folder / "part-2-aaaaaaaa-000002.jsonl.gz").read_bytes()) == (
+        b'{"x":1}\n'
+    )
+
+
+def test_a_crash_during_sealing_leaves_one_sealed_part(tmp_path: Path) -> None:
+    """Whichever step of a seal a crash interrupts, the next start ends with exactly the
+    sealed part: the .open is the truth until its .gz exists, complete."""
+    folder = tmp_path / "exchange=binance/symbol=BTC-USD/interval_minutes=1/year=2026/month=11"
+    folder = folder / "day=26/hour=13"
+    folder.mkdir(parents=True)
+    content = b"".join(msgspec.json.encode(candle(i, HOUR)) + b"\n" for i in range(50))
+    # 1: the crash came while the .gz was being built (a torn .tmp)
+    (folder / "part-1-aaaaaaaa-000001.jsonl.open").write_bytes(content)
+    (folder / "part-1-aaaaaaaa-000001.jsonl.gz.tmp").write_bytes(b"\x1f\x8b torn")
+    # 2: after the rename, before the .open was removed
+    (folder / "part-2-aaaaaaaa-000002.jsonl.open").write_bytes(content)
+    (folder / "part-2-aaaaaaaa-000002.jsonl.gz").write_bytes(gzip.compress(content, mtime=0))
+    # readers already see part 2 once, sealed
+    listed = [p.key.rsplit("/", 1)[1] for p in iter_local_parts(tmp_path, closed_only=False)]
+    assert listed == ["part-1-aaaaaaaa-000001.jsonl", "part-2-aaaaaaaa-000002.jsonl.gz"]
+    sealed = seal_open_parts(tmp_path)
+    assert [k.rsplit("/", 1)[1] for k, _ in sealed] == ["part-1-aaaaaaaa-000001.jsonl.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "part-1-aaaaaaaa-000001.jsonl.gz",
+        "part-2-aaaaaaaa-000002.jsonl.gz",
+    ]
+    for part in iter_local_parts(tmp_path):
+        assert [r.event_ts for r in read_part_file(part.path).records] == list(range(50))
 
 
 _CHILD = textwrap.dedent(

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.anyio
 
 T0 = 1_800_000_000_000 - 1_800_000_000_000 % 3_600_000
 BTC, ETH, BAD = Pair("BTC", "USD"), Pair("ETH", "USD"), Pair("NOPE", "USD")
+SOL = Pair("SOL", "USD")
 
 FAST = StreamSettings(
     stale_after_s=1.0,
@@ -358,6 +359,7 @@ async def test_application_pings_are_sent() -> None:
 async def test_a_quiet_pair_is_flagged_stale_without_a_reconnect() -> None:
     async def script(c: Conn) -> None:
         n = 0
+        await c.send(ohlc("ETH/USD", 0, "2.0", 0.1))  # then never again
         while True:
             n += 1
             await c.send(ohlc("BTC/USD", 0, f"1.{n}", 0.1))
@@ -365,14 +367,19 @@ async def test_a_quiet_pair_is_flagged_stale_without_a_reconnect() -> None:
 
     sink: list[Candle] = []
     async with fake_kraken(script) as fake, anyio.create_task_group() as tg:
-        conn = make_conn(fake.url, [BTC, ETH], sink, pair_stale_after_s=0.3)
+        conn = make_conn(fake.url, [BTC, ETH, SOL], sink, pair_stale_after_s=0.3)
         tg.start_soon(conn.run)
         await until(lambda: conn.status.state == StreamState.CONNECTED and len(sink) > 5)
         await anyio.sleep(0.5)
         conn.refresh(now_ms(), 0.5)
-        states = {s: conn.pair_status[s].state for s in ("BTC/USD", "ETH/USD")}
+        states = {s: conn.pair_status[s].state for s in ("BTC/USD", "ETH/USD", "SOL/USD")}
         tg.cancel_scope.cancel()
-    assert states == {"BTC/USD": StreamState.CONNECTED, "ETH/USD": StreamState.STALE}
+    # a pair that went quiet is stale; one that never sent anything is "no data"
+    assert states == {
+        "BTC/USD": StreamState.CONNECTED,
+        "ETH/USD": StreamState.STALE,
+        "SOL/USD": StreamState.NO_DATA,
+    }
     assert conn.status.state == StreamState.CONNECTED
     assert len(fake.opened) == 1
     assert conn.status.messages_per_s > 0 and conn.pair_status["BTC/USD"].messages_per_s > 0

@@ -3,6 +3,7 @@ scaled limiters, truth comparison and table hashes."""
 
 from __future__ import annotations
 
+import tempfile
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
@@ -28,7 +29,7 @@ def make_config(
     dsn: str,
     pairs: list[str],
     *,
-    data_dir: str = "/tmp/klined-test",
+    data_dir: str = "",
     exchanges: tuple[str, ...] = ("binance", "kraken"),
     fraction: float = 0.9,
     rest_timeout_s: float = 5.0,
@@ -57,7 +58,8 @@ def make_config(
     binance, kraken = section("binance"), section("kraken")
     assert isinstance(binance, BinanceConfig) and isinstance(kraken, KrakenConfig)
     return Config(
-        daemon=DaemonConfig(data_dir=data_dir),
+        # a folder of its own: gap-fill rows enter the lake, and no test may read another's
+        daemon=DaemonConfig(data_dir=data_dir or tempfile.mkdtemp(prefix="klined-test-")),
         database=DatabaseConfig(dsn=dsn, readonly_role=""),
         exchanges=ExchangesConfig(binance=binance, kraken=kraken),
     )

@@ -8,6 +8,7 @@ bronze directly or as lake parts; ``snapshot`` hashes tables so idempotency is a
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ DATA_TABLES = (
     "gold.ohlcv_15m",
     "gold.ohlcv_30m",
     "gold.ohlcv_1h",
+    "gold.ohlcv_4h",
+    "gold.ohlcv_1d",
     "ops.pairs",
     "ops.lake_parts",
     "ops.job_runs",
@@ -39,6 +42,8 @@ DATA_TABLES = (
     "ops.gold_dirty",
     "ops.gapfill_attempts",
     "ops.backfill_progress",
+    "ops.publish_dirty",
+    "ops.published",
     "monitoring.hourly_completeness",
     "monitoring.stream_incidents",
 )
@@ -50,13 +55,17 @@ WALL_CLOCK = {
     "gold.ohlcv_15m": ("ingestion_ts",),
     "gold.ohlcv_30m": ("ingestion_ts",),
     "gold.ohlcv_1h": ("ingestion_ts",),
+    "gold.ohlcv_4h": ("ingestion_ts",),
+    "gold.ohlcv_1d": ("ingestion_ts",),
+    "ops.publish_dirty": ("marked_at", "seq"),
+    "ops.published": ("published_at",),
     "monitoring.hourly_completeness": ("refreshed_at",),
     "ops.lake_parts": ("loaded_at",),
     "ops.pairs": ("updated_at",),
     "ops.dirty_hours": ("marked_at", "seq"),
 }
 
-GOLD_TABLES = ("gold.ohlcv_5m", "gold.ohlcv_15m", "gold.ohlcv_30m", "gold.ohlcv_1h")
+GOLD_TABLES = tuple(f"gold.ohlcv_{t}" for t in ("5m", "15m", "30m", "1h", "4h", "1d"))
 
 
 def config_for(dsn: str, **database: Any) -> Config:
@@ -121,6 +130,7 @@ def candle(
     event_ts: int | None = None,
     ingestion_ts: int | None = None,
     quote_volume: str | None = "150",
+    vwap: str | None = None,
 ) -> Candle:
     """A 1-minute candle starting at ``minute`` (ms); O=price, H/L/C default to it."""
     event = minute + MINUTE_MS if event_ts is None else event_ts
@@ -135,6 +145,7 @@ def candle(
         close=close or price,
         volume=volume,
         quote_volume=quote_volume,
+        vwap=vwap,
         trade_count=trade_count,
         is_final=final,
         origin=origin,
@@ -153,15 +164,27 @@ def part_bytes(candles: list[Candle]) -> bytes:
 
 
 def write_part(
-    root: Path, candles: list[Candle], seq: str = "t-0", *, hour_ms: int | None = None
+    root: Path,
+    candles: list[Candle],
+    seq: str = "t-0",
+    *,
+    hour_ms: int | None = None,
+    compressed: bool = False,
 ) -> str:
-    """Write a closed lake part (all candles of one exchange/symbol); return its key."""
+    """Write a sealed lake part (all candles of one exchange/symbol); return its key.
+
+    Plain ``.jsonl`` by default (what lakes written before compression hold), gzip
+    ``.jsonl.gz`` (what the writer seals today) with ``compressed``."""
     first = candles[0]
     hour = hour_ms if hour_ms is not None else first.interval_start - first.interval_start % HOUR_MS
     key = part_key(first.exchange, first.symbol, hour, first.event_ts, seq)
+    data = part_bytes(candles)
+    if compressed:
+        key += ".gz"
+        data = gzip.compress(data, mtime=0)
     path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(part_bytes(candles))
+    path.write_bytes(data)
     return key
 
 

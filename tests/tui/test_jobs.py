@@ -14,17 +14,22 @@ from textual.widgets import Static
 from klined.commands.tui import tui_command
 from klined.config import parse_config
 from klined.errors import StatusError
-from klined.model import parse_time
+from klined.model import HOUR_MS, parse_time
+from klined.status import ChainStatus
 from klined.tui.app import KlinedApp, build_app, config_file
 from klined.tui.fakes import (
     DEMO_NOW_MS,
     FakeChainRunner,
     FakeStatusSource,
     FakeWarehouseSource,
+    catching_up_completeness,
+    catching_up_job_runs,
+    catching_up_snapshot,
     demo_job_runs,
     demo_snapshot,
 )
 from klined.tui.sources import PgWarehouseSource, SocketStatusSource, SubprocessChainRunner
+from klined.tui.views.jobs import chain_line, result_ok
 from klined.tui.widgets.confirm import ConfirmScreen
 from klined.tui.widgets.live_table import LiveTable
 
@@ -58,8 +63,7 @@ async def test_schedule_and_recent_runs() -> None:
         await settle(app, pilot)
         await pilot.press("3")
         line = text_of(app, "#chain-line")
-        assert "chain idle · last 13:05 ok · next 14:05 UTC (in 17m48s)" in line
-        assert "r: run now for 12:00" in line
+        assert line == "chain idle · next 14:05 (in 17m48s) · last 13:05 ok"
         runs = app.query_one("#runs", LiveTable)
         assert runs.row_count == 30
         assert runs.cell_text(0, "hour") == "11-26 12:00"
@@ -72,7 +76,7 @@ async def test_schedule_and_recent_runs() -> None:
         detail = app.query_one("#run-detail", LiveTable)
         assert detail.column_texts("trigger")[:4] == ["dirty"] * 4
         failed = detail.column_texts("status").index("✗ failed")
-        assert "Too many requests" in detail.cell_text(failed, "error")
+        assert detail.cell_text(failed, "error").startswith("kraken REST")  # cut at 80 columns
         assert "1 step(s) failing" not in text_of(app, "#runs-title")
         skipped = runs.column_texts("hour").index("11-26 07:00")
         assert runs.cell_text(skipped, "s:flush") == "– skip"
@@ -183,3 +187,61 @@ def test_cli_help_and_bad_refresh() -> None:
     assert "--refresh" in result.output and "--config" in result.output
     result = runner.invoke(tui_command, ["--refresh", "0"])
     assert result.exit_code == 2
+
+
+def test_the_chain_line_never_shows_a_past_next_run() -> None:
+    now = DEMO_NOW_MS
+    busy = ChainStatus(
+        running=True, trigger="catchup", run_done=2, run_total=17, current_step="gapfill",
+        current_hour_ms=LAST - 3 * HOUR_MS, next_run_ms=now - 60_000,
+    )  # fmt: skip
+    line = chain_line(busy, now).plain
+    assert line == "chain gapfill 11-26 09:00 (catch-up 3/17) · next run due after this hour"
+    busy.waiting_for = "a backfill's merge of 2026-11-20T04:00Z (PostgreSQL backend pid 9)"
+    assert chain_line(busy, now).plain.startswith(
+        "chain catch-up 3/17 waits for a backfill's merge of 2026-11-20T04:00Z · next run due"
+    )
+    idle = ChainStatus(
+        next_run_ms=now - 1000,
+        last_run_ms=now - HOUR_MS,
+        last_result="1 hour(s), 1 incomplete, 3.1s",
+    )
+    assert chain_line(idle, now).plain == (
+        "chain idle · next run due · last 12:47 1 hour(s), 1 incomplete, 3.1s"
+    )
+    assert not result_ok(idle.last_result) and result_ok("nothing to do")
+
+
+async def test_catch_up_pending_hours_and_an_incomplete_gapfill() -> None:
+    app = KlinedApp(
+        FakeStatusSource(catching_up_snapshot()),
+        FakeWarehouseSource(catching_up_completeness(), catching_up_job_runs()),
+        FakeChainRunner(),
+        refresh=3600,
+        clock=lambda: DEMO_NOW_MS,
+    )
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        runs = app.query_one("#runs", LiveTable)
+        assert runs.cell_text(0, "s:gapfill").startswith("! ")
+        title = text_of(app, "#runs-title")
+        assert "gapfill: 95 minutes left missing, requests failed" in title
+        line = text_of(app, "#chain-line")
+        assert line.startswith("chain catch-up 2/6 waits for a backfill's merge of")
+
+
+async def test_quarantined_lake_parts_show_on_the_chain_line() -> None:
+    snapshot = demo_snapshot()
+    snapshot.chain.quarantined_parts = 2
+    app = KlinedApp(
+        FakeStatusSource(snapshot),
+        FakeWarehouseSource([], demo_job_runs()),
+        FakeChainRunner(),
+        refresh=3600,
+        clock=lambda: DEMO_NOW_MS,
+    )
+    async with app.run_test(size=(120, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        assert "2 part(s) quarantined (klined check)" in text_of(app, "#chain-line")

@@ -83,11 +83,16 @@ async def test_problems_float_to_the_top() -> None:
         ]
         assert set(table.column_texts("state")[6:]) == {"connected"}
         assert names(app)[0] == "kraken FARTCOIN/USD"
-        assert table.cell_text(0, "error") == "subscribe failed: pair not supported"
+        # at 80 columns the error is cut to its column; the line below the table has it all
+        assert table.cell_text(0, "error").startswith("subscribe failed: ")
+        assert table.cell_text(0, "error").endswith("…")
         assert table.cell_text(1, "age") == "2m02s"
         assert "28/28" in text_of(app, "#stream-count")
         # the highlighted row is spelled out below the table
-        assert "kraken FARTCOIN/USD down" in text_of(app, "#stream-detail")
+        detail = text_of(app, "#stream-detail")
+        assert "kraken FARTCOIN/USD down · last error: subscribe failed: pair not supported" in (
+            detail
+        )
         conns = app.query_one("#connections", LiveTable)
         assert conns.column_texts("conn") == ["binance-0", "kraken-0", "kraken-1"]
         assert conns.cell_text(2, "note").startswith("retry in 12s")
@@ -315,3 +320,16 @@ async def test_clicking_a_header_sorts_by_it() -> None:
         )
         await pilot.pause()
         assert names(app)[0] == "kraken WIF/USD"
+
+
+async def test_the_daemon_line_says_the_role_and_shard_of_a_larger_setup() -> None:
+    app = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        assert "capture" not in text_of(app, "#daemon-line")  # one VM: nothing to say
+    snap = demo_snapshot()
+    snap.role, snap.shard = "capture", "2/3"
+    app = make_app(FakeStatusSource(snap))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        assert "daemon capture 2/3 · pid" in text_of(app, "#daemon-line")

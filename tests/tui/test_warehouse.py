@@ -21,10 +21,12 @@ from klined.tui.fakes import (
     demo_snapshot,
     hour_row,
     many_pairs_completeness,
+    pending_row,
 )
 from klined.tui.sources import HourCompleteness, JobRun, PgWarehouseSource, embedded_dsn
 from klined.tui.widgets.banner import ProblemBanner
 from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.so_far import SoFarLine
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +40,8 @@ CREATE SCHEMA IF NOT EXISTS ops;
 CREATE TABLE monitoring.hourly_completeness (
     exchange text, symbol text, hour_start timestamptz, expected int, ws_final int, rest int,
     archive int, trades int, no_trades int, ws_partial int, missing int, completion_rate numeric,
-    refreshed_at timestamptz DEFAULT now(), PRIMARY KEY (exchange, symbol, hour_start));
+    refreshed_at timestamptz DEFAULT now(), pending boolean DEFAULT false,
+    PRIMARY KEY (exchange, symbol, hour_start));
 CREATE TABLE ops.job_runs (
     run_id bigserial PRIMARY KEY, hour_start timestamptz, step text, status text, rows bigint,
     started_at timestamptz, finished_at timestamptz, duration_ms int, error text, trigger text);
@@ -74,6 +77,7 @@ async def insert(
                 "ws_partial",
                 "missing",
                 "completion_rate",
+                "pending",
             ],
             records=[
                 (
@@ -83,6 +87,7 @@ async def insert(
                     r.expected,
                     *r.counts(),
                     r.complete / r.expected,
+                    r.pending,
                 )
                 for r in rows
             ],
@@ -213,7 +218,7 @@ async def test_completeness_view_shows_the_known_hours(warehouse: str) -> None:
         # SOL's oldest hours were never computed
         await pilot.press("down", "down", "home", "right", "right", "right")  # 3 = first hour
         await pilot.pause()
-        assert "kraken SOL/USD 11-25 13:00 not computed yet" in text_of(app, "#grid-detail")
+        assert "kraken SOL/USD 11-25 13:00 n/a: not covered then" in text_of(app, "#grid-detail")
         assert grid.cell_text(2, f"h{LAST - 23 * HOUR_MS}").strip() == "·"
         # heat map: one line per pair, colour by completion
         await pilot.press("v")
@@ -242,12 +247,12 @@ async def test_jobs_view_shows_steps_failures_and_attempts(warehouse: str) -> No
         assert detail.column_texts("step")[:2] == ["gapfill", "completeness"]
         assert detail.cell_text(0, "trigger") == "manual"
         failed = detail.column_texts("status").index("✗ failed")
-        assert detail.cell_text(failed, "error") == "kraken REST 429: too many requests"
+        assert detail.cell_text(failed, "error").startswith("kraken REST")  # cut at 80 columns
         assert "7 runs" in text_of(app, "#runs-title")
         await pilot.press("down")
         await pilot.pause()
         assert detail.row_count == 6
-        assert "next 14:05 UTC (in 17m48s)" in text_of(app, "#chain-line")
+        assert "next 14:05 (in 17m48s)" in text_of(app, "#chain-line")
 
 
 async def test_unreachable_database_is_explained_and_recovers(pg_server_dsn: str) -> None:
@@ -329,3 +334,67 @@ async def test_five_hundred_pairs_stay_navigable(pg_dsn: str) -> None:
         await settle(app, pilot)
         assert grid.cursor_coordinate == before
         assert grid.row_count == 500
+
+
+async def test_the_hour_in_progress_and_the_live_lag_are_shown(warehouse: str) -> None:
+    conn = await asyncpg.connect(warehouse)
+    try:
+        await conn.execute(
+            "INSERT INTO ops.pairs (exchange, symbol, quote_asset, native_symbol)"
+            " VALUES ('binance', 'BTC/USD', 'USD', 'BTCUSD'),"
+            "        ('kraken', 'ETH/USD', 'USD', 'ETH/USD')"
+        )
+    finally:
+        await conn.close()
+    source = PgWarehouseSource(warehouse)
+    so_far = await source.hour_so_far()
+    assert [(r.exchange, r.pairs, r.final) for r in so_far] == [("binance", 1, 0), ("kraken", 1, 0)]
+    elapsed = so_far[0].minutes_elapsed
+    assert so_far[0].missing == elapsed and so_far[0].expected == elapsed
+    app = make_app(source)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        line = str(app.query_one(SoFarLine).render())
+        assert line.startswith("so far ") and "binance" in line and "kraken" in line
+        if elapsed:
+            assert f"binance 0.0% -{elapsed}m" in line
+        assert "live p50/p99 0.4/1.3s" in app.sub_title  # the demo snapshot's live lag
+
+
+async def test_pending_hours_are_drawn_apart_and_counted_missing(pg_dsn: str) -> None:
+    """Hours the chain has not processed are hatched, counted missing in the rates, and the
+    line below the table says so, read from a real warehouse."""
+    await create_schema(pg_dsn)
+    rows = [hour_row("binance", "BTC/USD", LAST - i * HOUR_MS) for i in range(3, 24)]
+    rows += [pending_row("binance", "BTC/USD", LAST - i * HOUR_MS) for i in range(3)]
+    await insert(pg_dsn, rows)
+    app = make_app(PgWarehouseSource(pg_dsn))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        grid = app.query_one("#grid", LiveTable)
+        rates = text_of(app, "#exchange-rates")
+        assert "3h pending" in rates and "binance 87.5% -180m" in rates
+        # the cursor opens on the newest hour: pending
+        assert "binance BTC/USD 11-26 12:00 0.0% pending: not processed by the chain yet" in (
+            text_of(app, "#grid-detail")
+        )
+        assert "░" in grid.cell_text(0, f"h{LAST}") and "█" in grid.cell_text(
+            0, f"h{LAST - 3 * HOUR_MS}"
+        )
+        await pilot.press("v")
+        await pilot.pause()
+        assert grid.cell_text(0, f"h{LAST}") == "░ "
+        assert grid.cell_text(0, f"h{LAST - 3 * HOUR_MS}") == "█ "
+
+
+def test_a_capture_host_points_at_the_chain_hosts_warehouse() -> None:
+    from klined.config import parse_config
+    from klined.tui.sources import warehouse_dsn
+
+    with pytest.raises(DatabaseError, match="capture host"):
+        warehouse_dsn(parse_config('[daemon]\nrole = "capture"\n'))
+    cfg = parse_config('[daemon]\nrole = "capture"\n[database]\ndsn = "postgresql://h/db"\n')
+    assert warehouse_dsn(cfg) == "postgresql://h/db"

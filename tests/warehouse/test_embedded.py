@@ -14,30 +14,15 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.from_thread
-import psutil
 import pytest
 from loguru import logger
 
 import klined.warehouse.embedded as embedded_pg
 from klined.config import Config, DaemonConfig
 from klined.warehouse.database import open_database
+from tests.support.process import postgres_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-def postgres_for(pgdata: Path) -> list[int]:
-    """Live postgres processes whose command line names this data directory."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        if "postgres" in (proc.info["name"] or "") and str(pgdata) in cmdline:
-            found.append(proc.pid)
-    return found
 
 
 def embedded_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:

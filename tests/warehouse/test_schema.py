@@ -11,7 +11,7 @@ import pytest
 
 from klined.config import Config, DaemonConfig
 from klined.errors import DatabaseError
-from klined.jobs import bronze, partitions
+from klined.jobs import bronze, gold, partitions, silver
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, from_datetime, to_datetime
 from klined.warehouse.database import (
     BRONZE_TABLE,
@@ -95,6 +95,8 @@ async def test_schema_applies_twice_without_change(db: Database) -> None:
         "gold.ohlcv_15m",
         "gold.ohlcv_30m",
         "gold.ohlcv_1h",
+        "gold.ohlcv_4h",
+        "gold.ohlcv_1d",
         "ops.schema_version",
         "ops.pairs",
         "ops.lake_parts",
@@ -103,6 +105,9 @@ async def test_schema_applies_twice_without_change(db: Database) -> None:
         "ops.gold_dirty",
         "ops.gapfill_attempts",
         "ops.backfill_progress",
+        "ops.publish_dirty",
+        "ops.published",
+        "ops.data_migrations",
         "ops.archive_files",
         "monitoring.hourly_completeness",
         "monitoring.daily_completeness",
@@ -156,6 +161,68 @@ async def test_readonly_role_sees_monitoring_only(db: Database) -> None:
     async with db.acquire() as conn, conn.transaction():
         await conn.execute(f'SET LOCAL ROLE "{role}"')
         assert await conn.fetchval("SELECT count(*) FROM monitoring.later") == 0
+
+
+async def test_reader_role_reads_silver_gold_and_monitoring_only(db: Database) -> None:
+    await db.apply_schema()
+    role = db.config.reader_role
+    assert role == "klined_reader"
+    assert await db.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role) is False
+    await bronze.insert_candles(db, [candle(H0, price="97000.12")])
+    await silver.merge_hour(db, H0)
+    await gold.refresh(db)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f'SET LOCAL ROLE "{role}"')
+        # silver through its parent (partitions made after the grant included), every gold
+        assert str(await conn.fetchval("SELECT close FROM silver.fact_ohlcv")) == "97000.12"
+        for table in ("5m", "15m", "30m", "1h", "4h", "1d"):
+            assert await conn.fetchval(f"SELECT count(*) FROM gold.ohlcv_{table}") == 1
+        assert await conn.fetchval("SELECT count(*) FROM monitoring.daily_completeness") == 0
+        for forbidden in ("bronze.bronze_ohlcv_native", "ops.pairs", "ops.job_runs"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with conn.transaction():
+                    await conn.fetchval(f"SELECT count(*) FROM {forbidden}")
+        # reading is all it may do
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with conn.transaction():
+                await conn.execute("DELETE FROM gold.ohlcv_1h")
+    # tables created later in its schemas are readable too, and the Looker role still sees
+    # monitoring only
+    await db.execute("CREATE TABLE gold.later (x int)")
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f'SET LOCAL ROLE "{role}"')
+        assert await conn.fetchval("SELECT count(*) FROM gold.later") == 0
+        await conn.execute(f'SET LOCAL ROLE "{db.config.readonly_role}"')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT count(*) FROM gold.ohlcv_1h")
+
+
+async def test_gold_migration_fills_vwap_and_long_buckets_once(db: Database) -> None:
+    """A warehouse whose gold predates notional/vwap and 4h/1d: the next schema application
+    queues its buckets once, and the gold refresh fills them in."""
+    await db.apply_schema()
+    await bronze.insert_candles(
+        db, [candle(H0 + m * MINUTE_MS, price="10", volume="2", quote_volume="20") for m in (0, 7)]
+    )
+    await silver.merge_hour(db, H0)
+    await gold.refresh(db)
+    # as an older klined left it
+    for t in ("5m", "15m", "30m", "1h"):
+        await db.execute(f"UPDATE gold.ohlcv_{t} SET notional = NULL, vwap = NULL")
+    await db.execute("TRUNCATE gold.ohlcv_4h, gold.ohlcv_1d, ops.publish_dirty")
+    await db.execute("DELETE FROM ops.data_migrations")
+    await db.apply_schema()
+    assert await db.fetchval("SELECT count(*) FROM ops.gold_dirty") == 2
+    await db.apply_schema()  # once
+    assert await db.fetchval("SELECT count(*) FROM ops.gold_dirty") == 2
+    await gold.refresh(db)
+    for t in ("5m", "1h", "4h", "1d"):
+        row = await db.fetchrow(f"SELECT sum(notional) AS n, max(vwap) AS v FROM gold.ohlcv_{t}")
+        assert row is not None and (str(row["n"]), str(row["v"])) == ("40", "10"), t
+    marked = await db.fetch("SELECT dataset FROM ops.publish_dirty ORDER BY dataset")
+    assert [r["dataset"] for r in marked] == [
+        "ohlcv_15m", "ohlcv_1d", "ohlcv_1h", "ohlcv_1m", "ohlcv_30m", "ohlcv_4h", "ohlcv_5m",
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,11 @@ One table, one row per exchange/pair, one two-character column per hour. With fe
 cell is a three-line stacked bar of where the hour's 60 minutes came from (ws_final, rest,
 archive, trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with
 many pairs (or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs.
-The cell cursor picks an hour; the line below the table spells out its counts.
+An hour the chain has not processed yet is hatched (pending: its minutes count as missing),
+apart from red (processed, missing) and from ``·`` (no row: the pair was not covered then).
+The table opens on the newest hours (a 72 h window is wider than 80 columns); the cell cursor
+picks an hour and the line below the table spells out its counts. ``o`` switches the order of
+the pairs (worst first, or by name) and the header says which one is shown.
 """
 
 from __future__ import annotations
@@ -27,11 +31,20 @@ from klined.tui.present import (
     fmt_hour,
     fmt_pct,
     group_pairs,
+    pending_hours,
     window_hours,
 )
 from klined.tui.sources import HourCompleteness
-from klined.tui.widgets.bars import counts_text, heat_cell, legend, rate_text, stacked_bar
+from klined.tui.widgets.bars import (
+    HEAT_COLOR,
+    counts_text,
+    heat_cell,
+    legend,
+    rate_text,
+    stacked_bar,
+)
 from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.so_far import SoFarLine
 
 #: above this many pairs the automatic mode draws heat-map lines instead of bars
 BARS_MAX_PAIRS = 40
@@ -71,8 +84,9 @@ class CompletenessView(Vertical):
         self._layout: tuple[tuple[int, ...], bool, int] | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("", id="exchange-rates")
-        yield Static("", id="legend")
+        yield Static("", id="exchange-rates", classes="one-line")
+        yield SoFarLine(id="so-far", classes="one-line")
+        yield Static("", id="legend", classes="one-line")
         yield LiveTable(
             id="grid",
             cursor_type="cell",
@@ -81,7 +95,7 @@ class CompletenessView(Vertical):
             cursor_foreground_priority="css",
             cursor_background_priority="css",
         )
-        yield Static("", id="grid-detail")
+        yield Static("", id="grid-detail", classes="one-line")
 
     @property
     def grid(self) -> LiveTable:
@@ -160,15 +174,28 @@ class CompletenessView(Vertical):
                 table_rows.append((ph.key, cells))
             grid.sync(table_rows, height=1 if heat else BAR_ROWS)
             if rebuilt and table_rows:
-                grid.move_cursor(row=0, column=1, animate=False)  # on the pair name
+                # on the newest hour, scrolled so the newest hours show: a wide window does
+                # not fit the screen, and the recent hours are what an operator looks at
+                row = min(grid.cursor_row, len(table_rows) - 1) if grid.cursor_row >= 0 else 0
+                grid.move_cursor(row=row, column=FIXED + len(self.window) - 1, animate=False)
+                self.call_after_refresh(self._scroll_to_newest)
             self._render_header(rows)
             self._render_detail()
 
+    def _scroll_to_newest(self) -> None:
+        grid = self.grid
+        grid.scroll_to(x=grid.max_scroll_x, animate=False)
+
     def _render_header(self, rows: list[HourCompleteness]) -> None:
-        text = Text()
+        text = Text(no_wrap=True, overflow="ellipsis")
         if self.window:
             text.append(f"{self.hours}h", style="bold")
-            text.append(f" to {fmt_hour(self.window[-1] + HOUR_MS)} UTC", style=_DIM)
+            text.append(f" to {fmt_hour(self.window[-1] + HOUR_MS)}", style=_DIM)
+            text.append(" · worst first" if self.worst_first else " · by name", style=_DIM)
+        pending = pending_hours(rows)
+        if pending:
+            text.append(" │ ", style=_DIM)
+            text.append(f"{pending}h pending", style=HEAT_COLOR["pending"])
         for exchange, (complete, expected) in exchange_rates(rows).items():
             text.append(" │ ", style=_DIM)
             text.append(f"{exchange} ", style="bold")
@@ -184,8 +211,8 @@ class CompletenessView(Vertical):
             if self.failed:
                 message = "no completeness data: the database cannot be read (see above)"
             elif self.loaded:
-                message = f"no completeness rows in the last {self.hours}h yet"
-                message += " (the hourly chain writes them after each hour closes)"
+                message = f"no completeness rows in the last {self.hours}h: no pair was"
+                message += " covered (captured or backfilled) in a closed hour yet"
             else:
                 message = "loading completeness…"
             detail.update(Text(message, style=_DIM))
@@ -203,7 +230,7 @@ class CompletenessView(Vertical):
             text.append(f"{fmt_hour(hour)} ")
             h = ph.hours.get(hour)
             if h is None:
-                text.append("not computed yet", style=_DIM)
+                text.append("n/a: not covered then (klined was not tracking it)", style=_DIM)
             else:
                 text.append(f"{fmt_pct(h.rate)} ", style="bold")
                 text.append_text(counts_text(h))
@@ -211,6 +238,8 @@ class CompletenessView(Vertical):
             totals = ph.totals()
             text.append(f"{self.hours}h {fmt_pct(totals.rate)} ", style="bold")
             text.append_text(counts_text(totals))
+            if ph.pending:
+                text.append(f" ({ph.pending}h pending)", style=HEAT_COLOR["pending"])
         detail.update(text)
 
     # -- interaction ----------------------------------------------------------------------------
@@ -225,6 +254,7 @@ class CompletenessView(Vertical):
     def action_toggle_order(self) -> None:
         self.worst_first = not self.worst_first
         self._render_all()
+        self.grid.move_cursor(row=0, animate=False)  # to the top of the new order
 
     def action_window(self, step: int) -> None:
         at = WINDOWS.index(self.hours) if self.hours in WINDOWS else WINDOWS.index(24)

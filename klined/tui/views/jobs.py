@@ -1,4 +1,10 @@
-"""Jobs view: did the hourly chain run, step by step, for every recent hour - and when next?"""
+"""Jobs view: did the hourly chain run, step by step, for every recent hour - and when next?
+
+The line on top says what the chain does now (the step and hour it runs, the catch-up's
+progress, or whom it waits for the lock) and when the next scheduled run is, never a time
+already past. The table has one column per step of an hour; work not tied to an hour
+(partition upkeep) is only mentioned on that line when it failed. Everything fits 80 columns.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from klined.model import HOUR_MS
 from klined.status import ChainStatus
 from klined.tui.present import (
     HourRuns,
+    fit,
     fmt_count,
     fmt_hm,
     fmt_hms,
@@ -26,10 +33,11 @@ from klined.tui.present import (
 )
 from klined.tui.sources import ChainResult, JobRun
 from klined.tui.widgets.badge import job_badge
-from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.live_table import Columns, LiveTable, with_last_column
 
 _DIM = "#8b949e"
 _BAD = "#f85149"
+_WARN = "#d29922"
 _OK = "#3fb950"
 
 
@@ -48,15 +56,23 @@ def _step_cell(run: JobRun | None, now_ms: int) -> Text:
     return job_badge(run.status, fmt_span(duration) if duration is not None else "")
 
 
-DETAIL_COLUMNS: list[tuple[str, str, int | None]] = [
-    ("step", "step", 12),
-    ("status", "status", 9),
-    ("rows", "rows", 7),
-    ("duration", "took", 6),
-    ("trigger", "trigger", 9),
-    ("started", "started", 8),
-    ("error", "error", 80),
-]
+#: a step column: "✓ 3m05s" at most
+STEP_WIDTH = 7
+#: column labels for step names longer than a column
+STEP_LABELS = {"completeness": "complete"}
+_TRIGGERS = {"catchup": "catch-up", "schedule": "hourly", "manual": "by hand"}
+
+
+def detail_columns(width: int) -> Columns:
+    columns: Columns = [
+        ("step", "step", 12),
+        ("status", "status", 12),
+        ("rows", "rows", 6),
+        ("duration", "took", 6),
+        ("trigger", "trigger", 8),  # catchup, schedule, manual, backfill, ...
+        ("started", "started", 8),
+    ]
+    return with_last_column(width, columns, "error", "error")
 
 
 class JobsView(Vertical):
@@ -71,6 +87,8 @@ class JobsView(Vertical):
         self.now_ms = 0
         self.chain: ChainStatus | None = None
         self.manual: Text = Text()
+        self.upkeep: JobRun | None = None  # the latest run of work not tied to an hour
+        self._width = 0
 
     def compose(self) -> ComposeResult:
         yield Static("", id="chain-line")
@@ -82,9 +100,21 @@ class JobsView(Vertical):
     def on_mount(self) -> None:
         detail = self.query_one("#run-detail", LiveTable)
         detail.can_focus = False
-        detail.set_columns(DETAIL_COLUMNS)
+        self._fit_detail()
         self._render_chain_line()
         self._render_detail()
+
+    def _fit_detail(self) -> bool:
+        width = self.size.width or self.app.size.width
+        if width == self._width:
+            return False
+        self._width = width
+        self.query_one("#run-detail", LiveTable).set_columns(detail_columns(width))
+        return True
+
+    def on_resize(self) -> None:
+        if self._fit_detail():
+            self._render_detail()
 
     @property
     def table(self) -> LiveTable:
@@ -94,14 +124,23 @@ class JobsView(Vertical):
 
     def show_runs(self, runs: list[JobRun], now_ms: int) -> None:
         self.now_ms, self.loaded, self.failed = now_ms, True, False
-        self.groups = group_runs(runs)
+        hourless = [r for r in runs if r.hour_ms is None]
+        self.upkeep = max(hourless, key=lambda r: r.run_id) if hourless else None
+        self.groups = group_runs(r for r in runs if r.hour_ms is not None)
         steps = steps_of(self.groups)
         table = self.table
         with self.app.batch_update():
             if steps != self.steps:
                 self.steps = steps
-                columns: list[tuple[str, str, int | None]] = [("hour", "hour (UTC)", 11)]
-                columns += [(f"s:{s}", s[:8], 8) for s in steps]
+                columns: Columns = [("hour", "hour (UTC)", 11)]
+                columns += [
+                    (
+                        f"s:{s}",
+                        STEP_LABELS.get(s, s)[:8],
+                        max(STEP_WIDTH, len(STEP_LABELS.get(s, s)[:8])),
+                    )
+                    for s in steps
+                ]
                 table.set_columns(columns)
             rows = []
             for g in self.groups:
@@ -126,28 +165,9 @@ class JobsView(Vertical):
         self.query_one("#manual-line", Static).update(text)
 
     def _render_chain_line(self) -> None:
-        now, chain = self.now_ms, self.chain
-        text = Text()
-        text.append("chain ", style="bold")
-        if chain is None:
-            text.append("schedule unknown (daemon not reachable)", style=_DIM)
-        else:
-            if chain.running:
-                text.append(f"running {fmt_hour(chain.current_hour_ms)} ", style="bold #39c5cf")
-                text.append(chain.current_step or "")
-            else:
-                text.append("idle")
-            if chain.last_run_ms is not None:
-                text.append(f" · last {fmt_hm(chain.last_run_ms)} ")
-                ok = chain.last_result in ("ok", "")
-                text.append(chain.last_result or "ok", style=_OK if ok else _BAD)
-            if chain.next_run_ms is not None:
-                text.append(f" · next {fmt_hm(chain.next_run_ms)} UTC")
-                if chain.next_run_ms > now:
-                    text.append(f" (in {fmt_span(chain.next_run_ms - now)})", style=_DIM)
-        if now:
-            text.append(f" · r: run now for {fmt_hm(last_closed_hour(now))}", style=_DIM)
-        self.query_one("#chain-line", Static).update(text)
+        self.query_one("#chain-line", Static).update(
+            chain_line(self.chain, self.now_ms, self.upkeep)
+        )
 
     def _render_detail(self) -> None:
         title = self.query_one("#runs-title", Static)
@@ -167,15 +187,23 @@ class JobsView(Vertical):
             return
         detail.display = True
         failed = sum(1 for r in group.latest.values() if r.status == "failed")
-        text = Text(f"runs for {fmt_hour(group.hour_ms)} ", style="bold")
+        text = Text(f"runs for {fmt_hour(group.hour_ms)} ", style="bold", no_wrap=True)
         text.append(f"({len(group.runs)} runs", style=_DIM)
         if failed:
             text.append(f", {failed} step(s) failing)", style=_BAD)
         else:
             text.append(")", style=_DIM)
+        # the latest trouble in full (the table's error column is narrow at 80 columns)
+        trouble = [r for r in group.latest.values() if r.status in ("failed", "incomplete")]
+        if trouble:
+            worst = max(trouble, key=lambda r: (r.status == "failed", r.run_id))
+            color = _BAD if worst.status == "failed" else _WARN
+            text.append(f" {worst.step}: {one_line(worst.error, 300)}", style=color)
         title.update(text)
         rows = []
+        error_width = detail_columns(self._width)[-1][2] or 12
         for run in group.runs:
+            color = _WARN if run.status == "incomplete" else _BAD
             cells: list[RenderableType] = [
                 Text(run.step),
                 job_badge(run.status, run.status),
@@ -183,7 +211,7 @@ class JobsView(Vertical):
                 Text(fmt_span(run.duration_ms), justify="right"),
                 Text(run.trigger, style=_DIM),
                 Text(fmt_hms(run.started_ms)),
-                Text(one_line(run.error, 120), style=_BAD if run.error else ""),
+                Text(fit(one_line(run.error, 300), error_width), style=color if run.error else ""),
             ]
             rows.append((str(run.run_id), cells))
         detail.sync(rows)
@@ -198,14 +226,59 @@ class JobsView(Vertical):
         self.table.focus()
 
 
+def result_ok(summary: str) -> bool:
+    """Whether a chain run's summary ("3 hour(s), 1 incomplete, 4.2s") reads as all good."""
+    bad = (" failed", "incomplete", "not run")
+    return not any(word in summary for word in bad) and not summary.startswith(("error", "skipped"))
+
+
+def chain_line(chain: ChainStatus | None, now: int, upkeep: JobRun | None = None) -> Text:
+    """One line: what the chain does now, its last result, the next run (never a past time)."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("chain ", style="bold")
+    if chain is None:
+        text.append("schedule unknown (daemon not reachable)", style=_DIM)
+        return text
+    if chain.running:
+        what = _TRIGGERS.get(chain.trigger, chain.trigger) if chain.trigger else ""
+        if chain.run_total > 1:
+            what += f" {min(chain.run_done + 1, chain.run_total)}/{chain.run_total}"
+        if chain.waiting_for:
+            holder = chain.waiting_for.split(" (PostgreSQL backend pid", 1)[0]
+            text.append(f"{what.strip() or 'run'} waits for {holder}", style=_WARN)
+        else:
+            text.append(f"{chain.current_step or 'running'} {fmt_hour(chain.current_hour_ms)}",
+                        style="bold #39c5cf")  # fmt: skip
+            if what:
+                text.append(f" ({what.strip()})")
+    else:
+        text.append("idle")
+    if chain.quarantined_parts:
+        text.append(f" · {chain.quarantined_parts} part(s) quarantined (klined check)", style=_BAD)
+    if chain.next_run_ms is not None:
+        if chain.next_run_ms > now:
+            text.append(f" · next {fmt_hm(chain.next_run_ms)}")
+            text.append(f" (in {fmt_span(chain.next_run_ms - now)})", style=_DIM)
+        else:
+            text.append(" · next run due" + (" after this hour" if chain.running else ""),
+                        style=_WARN)  # fmt: skip
+    if chain.last_run_ms is not None:
+        ok = result_ok(chain.last_result)
+        text.append(f" · last {fmt_hm(chain.last_run_ms)} ")
+        text.append(chain.last_result or "ok", style=_OK if ok else _BAD)
+    if upkeep is not None and upkeep.status == "failed":
+        text.append(f" · {upkeep.step} failed {fmt_hm(upkeep.started_ms)}", style=_BAD)
+    return text
+
+
 def manual_started(hour_ms: int, now_ms: int) -> Text:
-    text = Text("manual chain ", style="bold")
+    text = Text("manual chain ", style="bold", no_wrap=True, overflow="ellipsis")
     text.append(f"for {fmt_hour(hour_ms)} running since {fmt_hms(now_ms)} UTC…", style="#39c5cf")
     return text
 
 
 def manual_finished(result: ChainResult) -> Text:
-    text = Text("manual chain ", style="bold")
+    text = Text("manual chain ", style="bold", no_wrap=True, overflow="ellipsis")
     text.append(f"for {fmt_hour(result.hour_ms)}: ")
     took = fmt_span(int(result.duration_s * 1000))
     if result.ok:

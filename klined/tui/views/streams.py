@@ -1,4 +1,11 @@
-"""Streams view: is every exchange connection and every pair streaming right now?"""
+"""Streams view: is every exchange connection and every pair streaming right now?
+
+At 80 columns every column is on screen: the error column takes the width the others leave
+(the message rate is dropped below 100 columns; the connections show it), an error is cut
+with an ellipsis, and the line under the table shows the selected pair's whole error. When
+the daemon runs against the simulator with injected faults (``klined demo``) every error is
+labelled simulated.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from klined.status import ConnectionStatus, PairStatus, StatusSnapshot
 from klined.tui.present import (
     STREAM_SORTS,
     final_lag_ms,
+    fit,
     fmt_age,
     fmt_bytes,
     fmt_count,
@@ -24,9 +32,10 @@ from klined.tui.present import (
     fmt_span,
     one_line,
     order_streams,
+    short_error,
 )
 from klined.tui.widgets.badge import state_badge
-from klined.tui.widgets.live_table import LiveTable
+from klined.tui.widgets.live_table import Columns, LiveTable, with_last_column
 
 _DIM = "#8b949e"
 _WARN = "#d29922"
@@ -49,26 +58,52 @@ def _final_text(p: PairStatus, now_ms: int) -> Text:
     return Text(fmt_hm(p.last_final_minute_ms), style=style)
 
 
-def stream_cells(p: PairStatus, now_ms: int) -> list[RenderableType]:
-    return [
+#: what a simulated error's cell starts with (the detail line spells it out)
+SIM_TAG = "sim: "
+#: below this many columns the message-rate column is left out (the connections show rates)
+WIDE = 100
+#: the error columns never get narrower than this
+MIN_ERROR = 12
+
+
+def error_cell(error: str, width: int, simulated: bool) -> Text:
+    """An error cut to its column: the exception class dropped, ``sim:`` for simulated."""
+    if not error:
+        return Text("")
+    text = (SIM_TAG if simulated else "") + short_error(error)
+    return Text(fit(text, width), style=_BAD)
+
+
+def stream_cells(
+    p: PairStatus, now_ms: int, *, error_width: int = 60, simulated: bool = False, wide: bool = True
+) -> list[RenderableType]:
+    cells: list[RenderableType] = [
         Text(p.exchange),
         Text(p.symbol, style="bold"),
         state_badge(p.state),
         _age_text(now_ms, p.last_message_ms),
-        Text(fmt_rate(p.messages_per_s), justify="right"),
+    ]
+    if wide:
+        cells.append(Text(fmt_rate(p.messages_per_s), justify="right"))
+    cells += [
         Text(str(p.reconnects), justify="right", style=_WARN if p.reconnects else ""),
         _final_text(p, now_ms),
-        Text(one_line(p.last_error, 60), style=_BAD if p.last_error else ""),
+        error_cell(p.last_error, error_width, simulated),
     ]
+    return cells
 
 
-def connection_cells(c: ConnectionStatus, now_ms: int) -> list[RenderableType]:
+def connection_cells(
+    c: ConnectionStatus, now_ms: int, *, note_width: int = 60, simulated: bool = False
+) -> list[RenderableType]:
     if c.next_retry_ms is not None and c.next_retry_ms > now_ms:
         note = Text(f"retry in {fmt_span(c.next_retry_ms - now_ms)}", style=_WARN)
         if c.last_error:
-            note.append(f" · {one_line(c.last_error, 50)}", style=_BAD)
+            rest = note_width - len(note.plain) - 3
+            note.append(" · ")
+            note.append_text(error_cell(c.last_error, rest, simulated))
     else:
-        note = Text(one_line(c.last_error, 60), style=_BAD if c.last_error else "")
+        note = error_cell(c.last_error, note_width, simulated)
     up = fmt_age(now_ms, c.connected_since_ms) if c.connected_since_ms else "—"
     return [
         Text(c.conn_id or c.exchange, style="bold"),
@@ -81,26 +116,30 @@ def connection_cells(c: ConnectionStatus, now_ms: int) -> list[RenderableType]:
     ]
 
 
-STREAM_COLUMNS: list[tuple[str, str, int | None]] = [
-    ("exchange", "exchange", 8),
-    ("pair", "pair", 13),
-    ("state", "state", 10),
-    ("age", "age", 6),
-    ("rate", "msg/s", 5),
-    ("reconnects", "rec", 3),
-    ("final", "final", 5),
-    ("error", "last error", 60),
-]
+def stream_columns(width: int) -> Columns:
+    """The pairs table's columns for a table ``width`` cells wide (error gets the rest)."""
+    columns: Columns = [
+        ("exchange", "exchange", 8),
+        ("pair", "pair", 12),
+        ("state", "state", 10),
+        ("age", "age", 5),
+    ]
+    if width >= WIDE:
+        columns.append(("rate", "msg/s", 5))
+    columns += [("reconnects", "rec", 3), ("final", "final", 5)]
+    return with_last_column(width, columns, "error", "last error", MIN_ERROR)
 
-CONNECTION_COLUMNS: list[tuple[str, str, int | None]] = [
-    ("conn", "connection", 11),
-    ("state", "state", 10),
-    ("pairs", "pairs", 5),
-    ("rate", "msg/s", 5),
-    ("reconnects", "rec", 3),
-    ("up", "up", 7),
-    ("note", "retry / last error", 60),
-]
+
+def connection_columns(width: int) -> Columns:
+    columns: Columns = [
+        ("conn", "connection", 10),
+        ("state", "state", 10),
+        ("pairs", "pairs", 5),
+        ("rate", "msg/s", 5),
+        ("reconnects", "rec", 3),
+        ("up", "up", 6),
+    ]
+    return with_last_column(width, columns, "note", "retry / last error", MIN_ERROR)
 
 
 _HEADER_SORTS = {
@@ -131,6 +170,7 @@ class StreamsView(Vertical):
         self.reverse = False
         self.snapshot: StatusSnapshot | None = None
         self.stale_since_ms: int | None = None
+        self._width = 0
 
     def compose(self) -> ComposeResult:
         yield Static("waiting for the daemon's status…", id="daemon-line")
@@ -148,10 +188,23 @@ class StreamsView(Vertical):
     def on_mount(self) -> None:
         connections = self.query_one("#connections", LiveTable)
         connections.can_focus = False
-        connections.set_columns(CONNECTION_COLUMNS)
         connections.display = False
-        self.query_one("#stream-table", LiveTable).set_columns(STREAM_COLUMNS)
+        self._fit_columns()
         self._render_count(0, 0)
+
+    def _fit_columns(self) -> bool:
+        """Size the columns to the view's width; True when they changed (rows redrawn)."""
+        width = self.size.width or self.app.size.width
+        if width == self._width:
+            return False
+        self._width = width
+        self.query_one("#connections", LiveTable).set_columns(connection_columns(width))
+        self.query_one("#stream-table", LiveTable).set_columns(stream_columns(width))
+        return True
+
+    def on_resize(self) -> None:
+        if self._fit_columns():
+            self._render_all()
 
     @property
     def table(self) -> LiveTable:
@@ -184,7 +237,13 @@ class StreamsView(Vertical):
             self._render_daemon_line(now)
             conns = sorted(snap.connections, key=lambda c: (c.exchange, c.conn_id))
             connections = self.query_one("#connections", LiveTable)
-            connections.sync([(c.conn_id, connection_cells(c, now)) for c in conns])
+            note = connection_columns(self._width)[-1][2] or MIN_ERROR
+            connections.sync(
+                [
+                    (c.conn_id, connection_cells(c, now, note_width=note, simulated=snap.simulated))
+                    for c in conns
+                ]
+            )
             connections.display = bool(conns)
             rows = order_streams(
                 snap.pairs,
@@ -193,7 +252,19 @@ class StreamsView(Vertical):
                 filter_text=self.filter_text,
                 now_ms=now,
             )
-            self.table.sync([(f"{p.exchange}:{p.symbol}", stream_cells(p, now)) for p in rows])
+            columns = stream_columns(self._width)
+            error, wide = columns[-1][2] or MIN_ERROR, self._width >= WIDE
+            self.table.sync(
+                [
+                    (
+                        f"{p.exchange}:{p.symbol}",
+                        stream_cells(
+                            p, now, error_width=error, simulated=snap.simulated, wide=wide
+                        ),
+                    )
+                    for p in rows
+                ]
+            )
             self._render_count(len(rows), len(snap.pairs))
             self._render_detail()
 
@@ -203,20 +274,27 @@ class StreamsView(Vertical):
         if snap is None:
             line.update(Text("no status from the daemon yet", style=_DIM))
             return
-        text = Text()
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if self.stale_since_ms is not None:
+            text.append(f"status from {fmt_hms(snap.now_ms)} UTC, now unreachable · ", style=_BAD)
+        if snap.simulated:
+            text.append("simulated", style="bold " + _WARN)
+            text.append(" · ")
         text.append("daemon ", style="bold")
+        if snap.role != "all" or snap.shard != "1/1":
+            # a single VM says nothing; a host of a larger setup says what it is
+            role = snap.role if snap.shard == "1/1" else f"{snap.role} {snap.shard}"
+            text.append(f"{role} · ", style="bold")
         text.append(f"pid {snap.pid} · up {fmt_span(int(snap.uptime_s * 1000))}")
-        if snap.rss_bytes:
-            text.append(f" · rss {fmt_bytes(snap.rss_bytes)}")
         lake = snap.lake
+        if lake.last_upload_error:
+            text.append(f" · upload error: {one_line(lake.last_upload_error, 60)}", style=_BAD)
         text.append(f" · lake {lake.open_parts} open, {lake.pending_upload_parts} to upload")
         if lake.s3_enabled:
             text.append(" (S3)")
         text.append(f" · {fmt_count(lake.events_written)} events")
-        if lake.last_upload_error:
-            text.append(f" · upload error: {one_line(lake.last_upload_error, 60)}", style=_BAD)
-        if self.stale_since_ms is not None:
-            text.append(f" · status from {fmt_hms(snap.now_ms)} UTC, now unreachable", style=_BAD)
+        if snap.rss_bytes:
+            text.append(f" · {fmt_bytes(snap.rss_bytes)}")
         line.update(text)
 
     def _render_count(self, shown: int, total: int) -> None:
@@ -239,13 +317,14 @@ class StreamsView(Vertical):
             else:
                 detail.update("")
             return
-        text = Text()
+        text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"{pair.exchange} {pair.symbol} ", style="bold")
         text.append_text(state_badge(pair.state))
+        if pair.last_error:
+            what = "simulated fault" if snap.simulated else "last error"
+            text.append(f" · {what}: {one_line(short_error(pair.last_error), 300)}", style=_BAD)
         text.append(f" · {fmt_count(pair.messages)} messages")
         text.append(f" · last final {fmt_hm(pair.last_final_minute_ms)}")
-        if pair.last_error:
-            text.append(f" · {one_line(pair.last_error, 300)}", style=_BAD)
         detail.update(text)
 
     # -- interaction ----------------------------------------------------------------------------

@@ -12,14 +12,17 @@ STATE_STYLE: dict[str, str] = {
     StreamState.BACKOFF: "bold #d29922",
     StreamState.STALE: "bold #db6d28",
     StreamState.UNLISTED: "#bc8cff",
+    StreamState.NO_DATA: "bold #db6d28",
     StreamState.DOWN: "bold #f85149",
 }
 
 JOB_STYLE: dict[str, tuple[str, str]] = {
     "ok": ("✓", "#3fb950"),
+    "incomplete": ("!", "bold #d29922"),  # ran, but failed requests left minutes missing
     "failed": ("✗", "bold #f85149"),
     "running": ("▶", "bold #39c5cf"),
     "skipped": ("–", "#8b949e"),
+    "abandoned": ("✗", "#db6d28"),
 }
 
 

@@ -29,8 +29,14 @@ HEAT_COLOR: dict[str, str] = {
     "partial": "#d29922",
     "gaps": "#db6d28",
     "bad": "#f85149",
+    "pending": "#a5b4c8",
     "none": "#6e7681",
 }
+
+#: an hour the chain has not processed yet: hatched, so it reads as "not looked at", apart
+#: from red (looked at, missing) and from "·" (not covered)
+PENDING_GLYPH = "░"
+_PENDING = Style(color=HEAT_COLOR["pending"])
 
 #: indexes into CATEGORIES that must never be rounded away
 _KEEP = (CATEGORIES.index("ws_partial"), CATEGORIES.index("missing"))
@@ -47,6 +53,9 @@ def stacked_bar(h: HourCompleteness | None, rows: int = 3, width: int = 2) -> Te
     if h is None or h.expected <= 0:
         lines = [" " * glyphs + gap] * (rows - 1) + ["·" * glyphs + gap]
         return Text("\n".join(lines), style=_EMPTY)
+    if h.pending:
+        lines = [" " * glyphs + gap] + [PENDING_GLYPH * glyphs + gap] * (rows - 1)
+        return Text("\n".join(lines), style=_PENDING)
     px: list[str | None] = []
     for name, cells in zip(CATEGORIES, allocate(h.counts(), rows * 2 - 1, _KEEP), strict=True):
         px.extend([CATEGORY_COLOR[name]] * cells)
@@ -69,6 +78,8 @@ def heat_cell(h: HourCompleteness | None, width: int = 2) -> Text:
     level = heat_level(h)
     if level == "none":
         return Text("·" * glyphs + gap, style=_EMPTY)
+    if level == "pending":
+        return Text(PENDING_GLYPH * glyphs + gap, style=_PENDING)
     return Text("█" * glyphs + gap, style=Style(color=HEAT_COLOR[level]))
 
 
@@ -100,18 +111,28 @@ def legend(heat: bool) -> Text:
         for level, label in items:
             text.append("█", Style(color=HEAT_COLOR[level]))
             text.append(f" {label}  ")
+        gap, space = "  ", " "
     else:
+        # seven categories, pending and n/a must fit 80 columns: each name right after its
+        # colour, the colours keep them apart
+        gap, space = " ", ""
         for name in CATEGORIES:
             text.append("█", Style(color=CATEGORY_COLOR[name]))
-            text.append(f" {name} ")
+            text.append(f"{name}{gap}")
+    text.append(PENDING_GLYPH, _PENDING)
+    text.append(f"{space}pending{gap}")
     text.append("·", _EMPTY)
-    text.append(" n/a")
+    text.append(f"{space}n/a")
     return text
 
 
 def counts_text(h: HourCompleteness) -> Text:
     """``ws_final 55 · rest 3 · missing 2`` with each name in its colour (zeros left out)."""
     text = Text()
+    if h.pending:
+        text.append("pending", _PENDING)
+        text.append(f": not processed by the chain yet, its {h.missing} minutes count as missing")
+        return text
     parts = [(n, v) for n, v in zip(CATEGORIES, h.counts(), strict=True) if v]
     for i, (name, value) in enumerate(parts):
         if i:

@@ -15,6 +15,18 @@ from rich.console import RenderableType
 from rich.text import Text
 from textual.widgets import DataTable
 
+#: (key, label, width or None for automatic), as :meth:`LiveTable.set_columns` takes them
+Columns = list[tuple[str, str, int | None]]
+
+
+def with_last_column(
+    width: int, columns: Columns, key: str, label: str, minimum: int = 12
+) -> Columns:
+    """``columns`` and a last one taking what is left of ``width``: less the others, their
+    padding (a cell on each side of every column) and the vertical scrollbar's column."""
+    used = sum((w or 0) + 2 for _, _, w in columns) + 2 + 1
+    return [*columns, (key, label, max(minimum, width - used))]
+
 
 def same_cell(a: object, b: object) -> bool:
     if isinstance(a, Text) and isinstance(b, Text):

@@ -1,0 +1,123 @@
+"""Parts written whole: rows that did not come from a stream enter the lake sealed at once.
+
+REST and trades candles, no-trade rows (and rows read from the exchanges' archive files) are
+complete when klined has them, so they skip the open-part stage of :class:`LakeWriter`: each
+batch becomes one gzip part (``.jsonl.gz``, like every sealed part) per exchange / pair / hour,
+written to ``<key>.writing``, made durable, renamed to its key (atomic) and the rename made
+durable. A part exists either whole or not at all; readers never see the ``.writing`` name (a
+``kill -9`` mid-write leaves one that nothing reads: its rows never reached bronze, so the
+gap-fill fetches them again), and a capture writer's start-up cleanup of its own half-built
+``.gz.tmp`` files never touches it.
+
+The part name carries the writer's tag (``fill_`` for gap-fill) and every line its ``origin``
+(``rest``, ``trades``, ``no_trades``), so the lake says where each row came from. No lock: the
+random writer id keeps the names apart from a capture writer sharing the folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+
+from klined.errors import LakeError
+from klined.lake.layout import GZ_SUFFIX, check_names, part_key
+from klined.model import HOUR_MS, Candle, CandleRecord
+
+TMP_SUFFIX = ".writing"
+
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class WrittenPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One sealed part: its key, bytes, rows, and what it holds."""
+
+    key: str
+    exchange: str
+    symbol: str
+    hour_ms: int
+    size: int
+    rows: int
+    path: str
+
+
+class SealedPartWriter:
+    """Writes batches of candles as sealed parts under ``root`` (thread-safe enough: one
+    counter, used from one task at a time per instance)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, tag: str = "fill_", level: int = 1) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_]*", tag):
+            raise LakeError(f"writer tag {tag!r} cannot be used in a part key")
+        self.root = Path(root)
+        self.writer_id = tag + secrets.token_hex(8)
+        self.level = level  # gzip level (``lake.compress_level``)
+        self._counter = 0
+
+    def write(self, candles: Iterable[Candle | CandleRecord]) -> list[WrittenPart]:
+        """One sealed, durable part per exchange / pair / hour of ``candles`` (in their order
+        within a part). Blocking: run it in a worker thread."""
+        groups: dict[tuple[str, str, int], list[Candle | CandleRecord]] = {}
+        for c in candles:
+            start = c.interval_start
+            groups.setdefault((c.exchange, c.symbol, start - start % HOUR_MS), []).append(c)
+        written: list[WrittenPart] = []
+        for (exchange, symbol, hour), rows in groups.items():
+            check_names(exchange, symbol)
+            self._counter += 1
+            first = min(r.ingestion_ts or r.event_ts for r in rows)
+            seq = f"{self.writer_id}-{self._counter:06d}"
+            key = part_key(exchange, symbol, hour, first, seq) + GZ_SUFFIX
+            data = gzip.compress(b"".join(_ENCODE(r) + b"\n" for r in rows), self.level, mtime=0)
+            path = self.root / key
+            self._write_file(path, data)
+            written.append(
+                WrittenPart(
+                    key=key,
+                    exchange=exchange,
+                    symbol=symbol,
+                    hour_ms=hour,
+                    size=len(data),
+                    rows=len(rows),
+                    path=str(path),
+                )
+            )
+        return written
+
+    @staticmethod
+    def _write_file(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
+        )
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)

@@ -1,0 +1,243 @@
+"""The Spark job in local mode against the warehouse, on the same lake, row for row.
+
+1. Hand-made ties: one lake of parts whose rows differ only in the later tie-break columns
+   (rank, event time, ingestion time, close, high, low, open, volume, trade count, quote
+   volume, vwap), loaded by the chain's own steps and by Spark.
+2. Production: the daemon and its chain against the simulator with faults; Spark reads the
+   daemon's lake (half of its parts gzipped) and must produce the warehouse's silver and gold.
+
+Needs the ``spark`` extra and Java; skipped with one line otherwise (``.ci/spark`` runs it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pyspark", reason="the spark extra is not installed")
+if shutil.which("java") is None:
+    pytest.skip("no Java: the Spark tests need a JVM", allow_module_level=True)
+
+from klined.jobs import bronze, completeness, gold, silver
+from klined.lake import LakeStore, iter_local_parts
+from klined.model import HOUR_MS, MINUTE_MS, Origin, from_datetime, to_datetime
+from klined.sim import SimClock
+from klined.spark import job, rules
+from klined.warehouse.database import Database, open_database
+from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.support.scenario import (
+    FAULTS,
+    H1,
+    HOURS,
+    START,
+    host_config,
+    hosts,
+    until_settled,
+)
+from tests.support.warehouse import (
+    H0,
+    candle,
+    config_for,
+    warehouse_dsn,
+    write_part,
+)
+
+__all__ = ["warehouse_dsn"]
+
+pytestmark = [pytest.mark.integration]
+
+NUMS = ("open", "high", "low", "close", "volume", "quote_volume", "vwap")
+SILVER_COLS = (
+    "quote_asset", "interval_seconds", "interval_end", *NUMS, "trade_count", "source", "rank",
+    "event_ts", "ingestion_ts",
+)  # fmt: skip
+GOLD_COLS = (
+    "interval_end", "open", "high", "low", "close", "volume", "quote_volume", "trade_count",
+    "minutes", "traded_minutes",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    session = job.session("local[2]", app="klined-tests")
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def _plain(value: Any) -> Any:
+    """Comparable values: datetimes as ms, decimals normalized, the rest as is."""
+    if hasattr(value, "timestamp"):
+        return from_datetime(value)
+    if isinstance(value, Decimal):
+        return value.normalize()
+    return value
+
+
+def spark_rows(spark: Any, path: Path, cols: tuple[str, ...]) -> dict[tuple[Any, ...], tuple]:
+    df = spark.read.parquet(str(path))
+    return {
+        (r["exchange"], r["symbol"], _plain(r["interval_start"])): tuple(_plain(r[c]) for c in cols)
+        for r in df.collect()
+    }
+
+
+async def warehouse_rows(
+    db: Database, table: str, cols: tuple[str, ...], start: int, end: int
+) -> dict[tuple[Any, ...], tuple]:
+    """The warehouse's rows, numbers as they would be in ``numeric(38, 18)``."""
+    select = ", ".join(f"{c}::numeric(38, 18) AS {c}" if c in NUMS else c for c in cols)
+    rows = await db.fetch(
+        f"SELECT exchange, symbol, interval_start, {select} FROM {table}"
+        " WHERE interval_end > $1 AND interval_start < $2",  # buckets overlapping the range
+        to_datetime(start),
+        to_datetime(end),
+    )
+    return {
+        (r["exchange"], r["symbol"], _plain(r["interval_start"])): tuple(_plain(r[c]) for c in cols)
+        for r in rows
+    }
+
+
+async def assert_spark_is_the_warehouse(
+    spark: Any, db: Database, lake: Path, out: Path, start: int, end: int
+) -> dict[str, int]:
+    figures = job.run(spark, str(lake), start, end, str(out))
+    want = await warehouse_rows(db, "silver.fact_ohlcv", SILVER_COLS, start, end)
+    got = spark_rows(spark, out / job.SILVER_DATASET, SILVER_COLS)
+    assert want, "the warehouse has no silver to compare"
+    assert set(got) == set(want)
+    diff = [(k, got[k], want[k]) for k in want if got[k] != want[k]]
+    assert not diff, diff[:3]
+    assert figures["silver_1m"] == len(want)
+    for name, _ in gold.ALL_INTERVALS:
+        want = await warehouse_rows(db, f"gold.ohlcv_{name}", GOLD_COLS, start, end)
+        got = spark_rows(spark, out / job.gold_dataset(name), GOLD_COLS)
+        assert set(got) == set(want), name
+        diff = [(k, got[k], want[k]) for k in want if got[k] != want[k]]
+        assert not diff, (name, diff[:3])
+    return {k: int(v) for k, v in figures.items() if isinstance(v, int)}
+
+
+def test_spark_has_every_gold_interval_of_the_warehouse() -> None:
+    assert rules.GOLD_INTERVALS == gold.ALL_INTERVALS
+
+
+@pytest.mark.anyio
+async def test_spark_ranks_every_origin_as_postgresql_does(warehouse_dsn: str) -> None:
+    async with open_database(config_for(warehouse_dsn)) as db:
+        for origin in Origin:
+            for final in (True, False):
+                sql = await db.fetchval("SELECT ops.source_rank($1, $2)", str(origin), final)
+                if origin == Origin.WS:
+                    want = rules.WS_FINAL_RANK if final else rules.WS_PARTIAL_RANK
+                else:
+                    want = rules.ORIGIN_RANK[str(origin)]
+                assert sql == want, (origin, final)
+
+
+@pytest.mark.anyio
+async def test_every_tie_break_column_decides_as_in_postgresql(
+    spark: Any, warehouse_dsn: str, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    e = H0 + MINUTE_MS + 5  # the same event time for rows that must tie on it
+    m = [H0 + i * MINUTE_MS for i in range(12)]
+    rows = [
+        # rank: a final beats a later REST row, REST beats a partial
+        (m[0], dict(price="10", event_ts=e), "ws"),
+        (m[0], dict(price="11", event_ts=e + 9000, origin="rest"), "rest"),
+        (m[1], dict(price="12", final=False, event_ts=e + 9000), "ws"),
+        (m[1], dict(price="13", origin="rest"), "rest"),
+        # event time, then ingestion time
+        (m[2], dict(price="14", event_ts=e), "ws"),
+        (m[2], dict(price="15", event_ts=e + 1), "ws2"),
+        (m[3], dict(price="16", event_ts=e, ingestion_ts=e + 70), "ws"),
+        (m[3], dict(price="17", event_ts=e, ingestion_ts=e + 60), "ws2"),
+        # then close desc, high desc, low asc, open asc, volume desc
+        (m[4], dict(price="18", close="19", event_ts=e, ingestion_ts=e), "ws"),
+        (m[4], dict(price="18", close="19.5", high="19.5", event_ts=e, ingestion_ts=e), "ws2"),
+        (m[5], dict(price="20", high="22", event_ts=e, ingestion_ts=e), "ws"),
+        (m[5], dict(price="20", high="21", event_ts=e, ingestion_ts=e), "ws2"),
+        (m[6], dict(price="20", low="19", event_ts=e, ingestion_ts=e), "ws"),
+        (m[6], dict(price="20", low="18", event_ts=e, ingestion_ts=e), "ws2"),
+        (m[7], dict(price="20", close="20", high="21", low="19", event_ts=e, ingestion_ts=e), "ws"),
+        (
+            m[7],
+            dict(price="19.5", close="20", high="21", low="19", event_ts=e, ingestion_ts=e),
+            "ws2",
+        ),
+        (m[8], dict(price="20", volume="2", event_ts=e, ingestion_ts=e), "ws"),
+        (m[8], dict(price="20", volume="3", event_ts=e, ingestion_ts=e), "ws2"),
+        # then trade count, quote volume (nulls last)
+        (m[9], dict(price="20", trade_count=None, event_ts=e, ingestion_ts=e), "ws"),
+        (m[9], dict(price="20", trade_count=4, event_ts=e, ingestion_ts=e), "ws2"),
+        (m[10], dict(price="20", quote_volume="30", event_ts=e, ingestion_ts=e), "ws"),
+        (m[10], dict(price="20", quote_volume="31", event_ts=e, ingestion_ts=e), "ws2"),
+        # a no-trade minute between trades, and a quiet bucket carried flat
+        (m[11], dict(price="19", volume="0", trade_count=0, origin="no_trades"), "nt"),
+    ]
+    for i, (minute, kwargs, seq) in enumerate(rows):
+        c = candle(minute, **kwargs)  # type: ignore[arg-type]
+        write_part(lake, [c], f"{seq}-{i:03d}")
+    quiet = [candle(H0 + 40 * MINUTE_MS + i * MINUTE_MS, price="19", volume="0",
+                    trade_count=0, origin="no_trades") for i in range(10)]  # fmt: skip
+    write_part(lake, quiet, "nt-999")
+    async with open_database(config_for(warehouse_dsn)) as db:
+        await bronze.load_hour(db, H0, LakeStore(lake))
+        await silver.merge_hour(db, H0)
+        await gold.refresh(db, H0)
+        await completeness.refresh_hour(db, H0)
+        figures = await assert_spark_is_the_warehouse(
+            spark, db, lake, tmp_path / "out", H0, H0 + HOUR_MS
+        )
+    assert figures["silver_1m"] == 22
+
+
+def gzip_half(src: Path, dst: Path) -> int:
+    """A copy of the lake where every other part is plain (``.jsonl``) and the rest gzip
+    (``.jsonl.gz``, as klined seals them); how many of each kind, the smaller count."""
+    shutil.copytree(src, dst)
+    kinds = {True: 0, False: 0}
+    for i, part in enumerate(sorted(iter_local_parts(dst), key=lambda p: p.key)):
+        path, zipped = part.path, part.path.name.endswith(".gz")
+        if i % 2 and zipped:  # to plain
+            path.with_name(path.name[:-3]).write_bytes(gzip.decompress(path.read_bytes()))
+            path.unlink()
+            zipped = False
+        elif not i % 2 and not zipped:  # to gzip
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+            zipped = True
+        kinds[zipped] += 1
+    return min(kinds.values())
+
+
+@pytest.mark.anyio
+async def test_spark_builds_the_warehouses_silver_and_gold_from_a_faulty_days_lake(
+    spark: Any,
+    sim_factory: SimFactory,
+    tmp_path: Path,
+    s3_endpoint: str,
+    s3_bucket: str,
+    pg_dsn: str,
+) -> None:
+    s3 = (s3_endpoint, s3_bucket)
+    async with sim_factory(clock=SimClock(START, 60.0), faults=FAULTS) as sim:
+        cfg = host_config(tmp_path, "vm", sim, s3, pg_dsn)
+        async with hosts([cfg], sim):
+            await until_settled(sim, cfg, s3, 2 * len(SIM_PAIRS))
+    lake = tmp_path / "lake"
+    assert gzip_half(cfg.lake_root, lake) > 10
+    start, end = HOURS[0], H1 + HOUR_MS
+    async with open_database(cfg) as db:
+        figures = await assert_spark_is_the_warehouse(spark, db, lake, tmp_path / "out", start, end)
+    assert figures["silver_1m"] == len(HOURS) * 60 * 2 * len(SIM_PAIRS)
+    assert figures["gold_1h"] == len(HOURS) * 2 * len(SIM_PAIRS)
