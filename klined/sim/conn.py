@@ -172,6 +172,19 @@ class WsConnection:
             return self.cursor if self.cursor is not None else self.sim.config.replay_from or 0
         return self.sim.clock.now_ms()
 
+    def feed_cursor(self) -> int:
+        """Where the feed stands in sim time: a snapshot taken here is followed by exactly the
+        events after it, as on the exchange, where one connection's messages are in order.
+
+        Taken at the clock's now instead, a snapshot could run ahead of a feed that lags the
+        clock (its stamp would say a minute is over while that minute's last updates for other
+        pairs are still to come), or, on the first subscription, leave the updates between it
+        and the feed's start unsent. The first snapshot places the feed's start.
+        """
+        if self.cursor is None:
+            self.cursor = self.now_ms()
+        return self.cursor
+
     # -- sending ---------------------------------------------------------------------------------
 
     @property
@@ -356,7 +369,8 @@ async def run_feed(conn: WsConnection, proto: WsProtocol) -> None:
         cursor = floor_minute(cfg.replay_from or 0) - 1
         stop_at = (cfg.replay_to or 0) + MINUTE_MS
     else:
-        cursor = clock.now_ms()
+        # a snapshot sent before the feed started placed its start (WsConnection.feed_cursor)
+        cursor = conn.cursor if conn.cursor is not None else clock.now_ms()
         stop_at = None
     conn.cursor = cursor
     sent = 0
@@ -387,6 +401,9 @@ async def run_feed(conn: WsConnection, proto: WsProtocol) -> None:
                     continue
             else:
                 await conn.flush_delayed(ts)
+            # the cursor moves first: a snapshot taken while these are sent includes them, and
+            # the window a new subscription recomputes starts after them
+            cursor = conn.cursor = ts
             while i < len(events) and events[i].ts == ts:
                 ev = events[i]
                 i += 1
@@ -395,7 +412,6 @@ async def run_feed(conn: WsConnection, proto: WsProtocol) -> None:
                     sent += 1
                     if sent % 64 == 0:  # sends rarely block: let pongs and requests through
                         await anyio.lowlevel.checkpoint()
-            cursor = conn.cursor = ts
             if conn.resync:
                 conn.resync = False
                 cursor = conn.cursor = max(cursor, clock.now_ms())

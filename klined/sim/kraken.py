@@ -218,7 +218,7 @@ class KrakenWs(WsProtocol):
 
     async def _snapshot(self, pair: str) -> None:
         market = self.sim.market
-        now = self.conn.now_ms()
+        now = self.conn.feed_cursor()
         cur = floor_minute(now)
         items: list[tuple[int, Agg]] = []
         for m in range(

@@ -340,3 +340,48 @@ async def test_replay_updates_then_idle(sim_factory: SimFactory) -> None:
         assert len(last) == 5
         for item in last.values():
             assert_item(sim, item, None)
+
+
+async def test_staggered_subscriptions_keep_one_ordered_feed(sim_factory: SimFactory) -> None:
+    """Pairs subscribed one message at a time while the feed runs (as klined's rate-limited
+    subscribing does), on a fast clock: the connection's ohlc timestamps never go back, and
+    for every pair the last update of a minute before a newer ``interval_begin`` is the
+    minute's whole candle (klined's finality rule needs both; a snapshot taken ahead of a
+    lagging feed, or a feed starting after the first snapshot, broke them)."""
+    pairs = ["BTC/USD", "ETH/USD", "REKT/USD", "KSM/USD"]
+
+    def minutes_seen(fs: list[dict[str, Any]]) -> int:
+        return len(
+            {i["interval_begin"] for f in fs if f.get("channel") == "ohlc" for i in f["data"]}
+        )
+
+    async with (
+        sim_factory(speed=600.0) as sim,
+        websockets.connect(sim.kraken_ws_url, open_timeout=5) as ws,
+    ):
+        await ws.recv()  # status
+        for k, pair in enumerate(pairs):
+            await ws.send(subscribe([pair], req_id=k))
+            await anyio.sleep(0.02)  # 12 sim seconds apart
+        frames = await collect(ws, lambda fs: minutes_seen(fs) >= 8)
+    stamps = [parse_time(f["timestamp"]) for f in frames if f.get("channel") == "ohlc"]
+    assert stamps == sorted(stamps)
+    last: dict[str, dict[str, Any]] = {}
+    proven = 0
+    for f in frames:
+        if f.get("channel") != "ohlc":
+            continue
+        for item in sorted(f["data"], key=lambda i: i["interval_begin"]):
+            held = last.get(item["symbol"])
+            if held is not None and item["interval_begin"] > held["interval_begin"]:
+                # proven final: it must be the whole minute
+                begin = parse_time(held["interval_begin"])
+                data = sim.market.minute("kraken", held["symbol"], begin)
+                assert data.total is not None
+                truth = sim.market.candle("kraken", held["symbol"], begin, data.total)
+                assert held["trades"] == truth.trades, (held, truth)
+                for f in ("open", "high", "low", "close", "volume"):
+                    assert Decimal(str(held[f])) == Decimal(str(getattr(truth, f))), f
+                proven += 1
+            last[item["symbol"]] = item
+    assert proven >= len(pairs)
