@@ -1,53 +1,73 @@
-"""Load one archive file into bronze: all of it or nothing, once per checksum, in the ledger.
+"""Load one archive file through the lake into bronze: all of it or nothing, once per checksum.
 
 This is the one place archive rows enter the warehouse (``klined import`` and ``klined
-backfill`` both come here), so routing them through the lake later changes this module only.
+backfill`` both come here). Like every other producer, it writes the lake first: the rows
+become sealed parts (writer tag ``archive_``, each line's ``origin`` ``archive`` or
+``no_trades``, one part per exchange / pair / hour), uploaded to S3 and verified when a bucket
+is configured, then loaded through ``ops.lake_parts`` like any part
+(:class:`klined.jobs.ingest.LakeIngest`): bronze's ``lake_key`` names the part, the load marks
+the hours dirty and starts the pair's coverage at its first hour, and ``klined rebuild`` or
+the Spark job finds the rows in the lake.
 
-One file, one transaction: its rows are COPYed into bronze as they are parsed (streamed, never
-a whole file in memory), then ``ops.archive_files`` gets its row and the hours it touched are
-marked dirty. A bad row raises :class:`klined.errors.ArchiveError` from inside the COPY, which
-rolls the transaction back: nothing of that file is loaded, and the caller goes on with the
-next one. So is a cancellation (Ctrl-C): the re-run loads the file again.
+All or nothing: the file is read once, from its first row to its last, in a worker thread a
+few thousand rows at a time (memory holds a chunk, never the file), and each hour's rows are
+written as a part under a ``.writing`` name that nothing reads. Only when every row was read
+and checked (a bad row, a truncated zip, a file that changed under the reader raise
+:class:`klined.errors.ArchiveError` naming the file and the line) are the parts renamed to
+their keys; on an error, or a cancellation (Ctrl-C) before that, they are deleted: nothing of
+a bad file reaches the lake or bronze, and the caller goes on with the next file. (A ``kill
+-9`` mid-read leaves ``.writing`` files that nothing reads.) A file without a checksum of its
+own (Kraken's) is read once before that, checking every row and hashing it, so that a file
+already loaded is recognised without writing anything.
 
-A file without a checksum of its own (Kraken's) is read twice: once checking every row (and
-hashing it), then written. One that spans more than a month (Kraken's full history) is
-written a month per transaction (every new partition a transaction touches stays locked until
-it commits; years of hourly partitions overflow the server's lock table), the ledger row with
-the last: an interruption part way leaves checked rows in bronze, their hours dirty, and no
-ledger row, so the re-run loads the file again.
+Loading: 744 hours of parts per transaction (a 31-day month: every partition a transaction
+writes stays locked until it commits, and years of hourly partitions overflow the server's lock
+table), oldest first, so a Binance file is one transaction and a Kraken full history a month's
+worth at a time. The file's row in ``ops.archive_files`` is written inside the last
+transaction: a file is in the ledger exactly when all of its parts are loaded.
 
 Exactly once: a file whose checksum is in the ledger for a range covering this load is not
-read again (``unchanged``). A file that comes back with another checksum under the same name (a
-revision) is loaded again, and the old ledger row is marked ``superseded``. Its rows replace
-the old ones through silver's precedence: same rank (``archive``), later event time (the
-import's time). A revision can change a minute; a minute the old version had and the new one
-lacks keeps its old row (bronze is append-only and silver never deletes).
+read again (``unchanged``). An interruption after the parts are published and before the
+ledger row commits (a crash, the database or S3 gone, Ctrl-C while loading a file spanning
+months) leaves the file out of the ledger, so the next run writes and loads it again, as new
+parts: the months loaded before the interruption are then in bronze twice, as identical rows
+but for their later event time. That is harmless: silver keeps one row per minute, and the
+values are the same; the parts left unloaded are loaded by a chain that processes their hours.
+
+A file that comes back with another checksum under the same name (a revision) is loaded
+again, and the old ledger row is marked ``superseded``. Its rows replace the old ones through
+silver's precedence: same rank (``archive``), later event time (the import's time). A revision
+can change a minute; a minute the old version had and the new one lacks keeps its old row
+(bronze is append-only and silver never deletes).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
-from klined.archives.binance import month_of
-from klined.archives.candles import ALL_TIME, ArchiveCandles, FileSpec, FileStats, Row
+from klined.archives.candles import ArchiveCandles, FileSpec, FileStats, Row
 from klined.archives.files import CsvReader, CsvRef
-from klined.errors import ArchiveError
+from klined.errors import ArchiveError, LakeError
 from klined.jobs import bronze
-from klined.jobs.ops import mark_dirty_hours
-from klined.model import MINUTE_MS, floor_hour, hours_between, iso, to_datetime
+from klined.jobs.ingest import LakeIngest
+from klined.lake.sealed import StagedParts
+from klined.model import HOUR_MS, MINUTE_MS, CandleRecord, iso, to_datetime
 from klined.warehouse.database import Database
 
 #: the ``ops.dirty_hours`` reason of archive loads
 REASON = "archive"
-#: candles parsed and encoded per COPY message
-CHUNK_ROWS = 2000
+#: the writer tag of archive parts (``part-<ms>-archive_<id>-<n>.jsonl.gz``)
+TAG = "archive_"
+#: candles read and staged per worker-thread hop (a cancellation waits for one at most)
+CHUNK_ROWS = 20_000
+#: hours of parts loaded per transaction: a 31-day month of partitions locked at a time
+HOURS_PER_TRANSACTION = 744
 
 RowParser = Callable[[Iterable[tuple[int, str]], str], Iterator[tuple[int, Row]]]
 
@@ -84,11 +104,6 @@ class LoadResult:
         return self.status != "failed"
 
 
-def lake_key(exchange: str, name: str, sha256: str) -> str:
-    """What bronze's ``lake_key`` says about an archive row: the file and its checksum."""
-    return f"archive/{exchange}/{name}#{sha256[:16]}"
-
-
 async def covered(db: Database, exchange: str, sha256: str, start_ms: int, end_ms: int) -> bool:
     """Whether a file with this checksum was loaded for a range covering ``[start, end)``."""
     found = await db.fetchval(
@@ -113,18 +128,20 @@ async def load_file(
     db: Database,
     file: ArchiveFile,
     *,
+    ingest: LakeIngest,
     now_ms: int | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> LoadResult:
-    """Load ``file`` (see the module doc); a bad file is a ``failed`` result, not an error.
+    """Load ``file`` through ``ingest``'s lake (see the module doc); a bad file is a
+    ``failed`` result, not an error.
 
     Statuses: ``loaded``, ``unchanged`` (the ledger has it for this range), ``outside`` (the
-    file has no minute in the range), ``failed``. ``on_rows(n)`` is called as rows are written
-    (progress). Cancellation propagates (the open transaction is rolled back).
+    file has no minute in the range), ``failed``. ``on_rows(n)`` is called as rows are read
+    and written to the lake (progress). Cancellation propagates (staged parts are deleted, an
+    open transaction is rolled back).
     """
     spec = file.spec
-    name = spec.name
-    result = LoadResult(name, "failed")
+    result = LoadResult(spec.name, "failed")
     stamp = now_ms if now_ms is not None else int(time.time() * 1000)
     try:
         lo, hi = _span(file)
@@ -142,11 +159,24 @@ async def load_file(
         if await covered(db, spec.exchange, sha, lo, hi):
             result.status = "unchanged"
             return result
-        await db.ensure_partitions(hours_between(lo, hi))
-        windows = _months(lo, hi) if checked else [(lo, ALL_TIME[1])]
-        await _write(db, file, sha, (lo, hi), windows, checked, stamp, result, on_rows)
+        staged = ingest.staging()
+        stats = await _stage(file, staged, stamp, checked, result, on_rows)
+
+        async def record(conn: Any) -> None:
+            result.replaced = await _record(conn, spec, sha, (lo, hi), stats)
+
+        try:
+            await ingest.load(
+                staged.parts, reason=REASON, hours_per_batch=HOURS_PER_TRANSACTION, finish=record
+            )
+        except LakeError as exc:  # S3 refused the parts after its retries
+            raise ArchiveError(spec.name, f"not loaded, the lake failed: {exc}") from None
     except ArchiveError as exc:
         result.status, result.error = "failed", exc
+        return result
+    result.status = "loaded"
+    result.rows, result.no_trades = stats.rows, stats.no_trades
+    result.first_minute, result.last_minute = stats.first_minute, stats.last_minute
     return result
 
 
@@ -160,79 +190,89 @@ def _check(file: ArchiveFile) -> tuple[str, FileStats]:
     return reader.sha256, candles.stats
 
 
-def _months(lo: int, hi: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` cut at UTC month starts: one transaction's worth each (at most 744
-    partitions locked at a time; a year at once overflows the server's lock table)."""
-    out = []
-    start = lo
-    while start < hi:
-        end = min(hi, month_of(start)[1])
-        out.append((start, end))
-        start = end
-    return out
+#: a candle whose numbers are this short in all holds nothing PostgreSQL refuses (``numeric``
+#: keeps 131,072 digits before the point and 16,383 after)
+_SHORT_NUMBERS = 16_000
+#: the last minute bronze takes (a day before 9999-12-31T23:59:59Z, as its checks say)
+_LAST_MINUTE = 253_402_300_799_000 - 2 * 86_400_000
 
 
-async def _write(
-    db: Database,
+def _refusal(c: CandleRecord) -> str | None:
+    """Why bronze would refuse a candle the file's checks let through, or None (fast)."""
+    size = len(c.open) + len(c.high) + len(c.low) + len(c.close) + len(c.volume)
+    size += len(c.quote_volume or "") + len(c.vwap or "")
+    if size < _SHORT_NUMBERS and c.interval_start < _LAST_MINUTE:
+        return None
+    return bronze.validate_record(c)
+
+
+class _Stager:
+    """Reads a file's candles and stages them, whole hours at a time (blocking steps)."""
+
+    def __init__(self, candles: Iterator[CandleRecord], staged: StagedParts, name: str) -> None:
+        self.candles = candles
+        self.staged = staged
+        self.name = name
+        self.held: list[CandleRecord] = []  # a candle read past the last step's hour
+        self.done = False
+
+    def step(self, max_rows: int) -> tuple[int, set[int]]:
+        """Stage the next whole hours, ``max_rows`` candles or a little more unless the file
+        ends; returns the candles staged and their hours."""
+        batch, self.held = self.held, []
+        for candle in self.candles:
+            why = _refusal(candle)
+            if why is not None:
+                raise ArchiveError(self.name, f"the row for {iso(candle.interval_start)}: {why}")
+            if len(batch) >= max_rows and (
+                candle.interval_start // HOUR_MS != batch[-1].interval_start // HOUR_MS
+            ):
+                self.held.append(candle)
+                break
+            batch.append(candle)
+        else:
+            self.done = True
+        if not batch:
+            return 0, set()
+        try:
+            written = self.staged.stage(batch)
+        except (OSError, LakeError) as exc:
+            raise ArchiveError(self.name, f"cannot write it to the lake: {exc}") from None
+        return len(batch), {p.hour_ms for p in written}
+
+
+async def _stage(
     file: ArchiveFile,
-    sha: str,
-    span: tuple[int, int],
-    windows: list[tuple[int, int]],
-    checked: str,
+    staged: StagedParts,
     stamp: int,
+    checked: str,
     result: LoadResult,
     on_rows: Callable[[int], None] | None,
-) -> None:
-    """Write the file's candles, one transaction per window (one, unless the file was checked
-    ahead); the last one records the file in the ledger."""
+) -> FileStats:
+    """Read the whole file into staged parts, then publish them; on any error or cancellation
+    delete them. Returns what the file held (inside its window)."""
     spec = file.spec
-    key = lake_key(spec.exchange, spec.name, sha)
-    exchange = spec.exchange
-    with CsvReader(file.ref, spec.name) as reader:
-        candles = ArchiveCandles(spec, file.parse(reader.lines(), spec.name), stamp_ms=stamp)
-        rows = iter(candles)
-        held: list[Any] = []  # a candle read past the current window
-
-        def take(limit: int) -> list[Any]:
-            """Up to CHUNK_ROWS candles before ``limit``."""
-            batch: list[Any] = []
-            if held:
-                if held[0].interval_start >= limit:
-                    return batch
-                batch.append(held.pop())
-            for candle in rows:
-                if candle.interval_start >= limit:
-                    held.append(candle)
-                    break
-                batch.append(candle)
-                if len(batch) >= CHUNK_ROWS:
-                    break
-            return batch
-
-        for i, (_, end) in enumerate(windows):
-            hours: set[int] = set()
-
-            async def chunks(end: int = end, hours: set[int] = hours) -> AsyncIterator[bytes]:
-                while batch := take(end):
-                    formatted, _, _ = bronze.format_rows(batch, 0, ALL_TIME[1])
-                    hours.update(floor_hour(c.interval_start) for c in batch)
-                    yield bronze.encode_csv(formatted, key)
-                    if on_rows is not None:
-                        on_rows(len(batch))
-                    await anyio.lowlevel.checkpoint()
-
-            async with db.transaction() as conn:
-                await bronze.copy_csv(conn, chunks())
-                await mark_dirty_hours(conn, ((exchange, h) for h in hours), REASON)
+    try:
+        with CsvReader(file.ref, spec.name) as reader:
+            candles = ArchiveCandles(spec, file.parse(reader.lines(), spec.name), stamp_ms=stamp)
+            stager = _Stager(iter(candles), staged, spec.name)
+            while not stager.done:
+                n, hours = await anyio.to_thread.run_sync(stager.step, CHUNK_ROWS)
                 result.hours.update(hours)
-                if i == len(windows) - 1:
-                    if checked and reader.sha256 != checked:
-                        raise ArchiveError(spec.name, "the file changed while it was read")
-                    result.replaced = await _record(conn, spec, sha, span, candles.stats)
-    stats = candles.stats
-    result.status = "loaded"
-    result.rows, result.no_trades = stats.rows, stats.no_trades
-    result.first_minute, result.last_minute = stats.first_minute, stats.last_minute
+                if on_rows is not None and n:
+                    on_rows(n)
+        if checked and reader.sha256 != checked:
+            raise ArchiveError(spec.name, "the file changed while it was read")
+        try:
+            await anyio.to_thread.run_sync(staged.publish)
+        except OSError as exc:
+            raise ArchiveError(spec.name, f"cannot write it to the lake: {exc}") from None
+    except BaseException:
+        result.hours.clear()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(staged.discard)
+        raise
+    return candles.stats
 
 
 async def _record(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -34,9 +35,10 @@ from klined.archives.download import ArchiveSource
 from klined.archives.files import scan_kraken, single_csv
 from klined.config import Config
 from klined.errors import ArchiveError, ArchiveNotPublished, ArchiveUnreachable
-from klined.jobs.archive import ArchiveFile, LoadResult, covered, describe, load_file
+from klined.jobs.archive import TAG, ArchiveFile, LoadResult, covered, describe, load_file
 from klined.jobs.chain import ChainReport
 from klined.jobs.gapfill import dirty_hours
+from klined.jobs.ingest import LakeIngest, ingest_for
 from klined.jobs.merge import Merger, load_and_merge
 from klined.jobs.progress import ImportProgress
 from klined.model import HOUR_MS, Pair, iso
@@ -155,6 +157,7 @@ async def load_binance(
     *,
     workers: int,
     result: ImportResult,
+    ingest: LakeIngest,
     progress: ImportProgress | None = None,
     frontier: _Frontier | None = None,
     multiplier: Callable[[Pair], int] = lambda _: 1,
@@ -220,7 +223,7 @@ async def load_binance(
             )  # fmt: skip
             file = ArchiveFile(spec, ref, bn.rows, sha256=sha)
             on_rows = progress.add_rows if progress is not None else None
-            outcome = await load_file(db, file, now_ms=stamp, on_rows=on_rows)
+            outcome = await load_file(db, file, ingest=ingest, now_ms=stamp, on_rows=on_rows)
         except ArchiveError as exc:
             outcome = LoadResult(name, "failed", error=exc)
         finally:
@@ -254,9 +257,11 @@ async def import_binance(
     *,
     now_ms: int | None = None,
     progress: ImportProgress | None = None,
+    lake: Any = None,
 ) -> ImportResult:
     """Import Binance US's archive for the whole UTC days of ``[start_ms, end_ms)`` that are
-    over by ``now_ms``, then merge every touched hour."""
+    over by ``now_ms`` into ``lake`` (a :class:`~klined.lake.LakeStore`; default: configured)
+    and bronze, then merge every touched hour."""
     started = time.monotonic()
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     adapter = build_adapter(cfg, "binance")
@@ -291,7 +296,8 @@ async def import_binance(
         async def load_all() -> None:
             await load_binance(
                 db, source, jobs, workers=section.archive_downloads, result=result,
-                progress=progress, frontier=frontier, multiplier=adapter.multiplier, now_ms=now,
+                ingest=ingest_for(db, cfg, lake, tag=TAG), progress=progress, frontier=frontier,
+                multiplier=adapter.multiplier, now_ms=now,
             )  # fmt: skip
             result.load_s = time.monotonic() - started
 
@@ -360,6 +366,7 @@ async def load_kraken(
     files: Sequence[tuple[ArchiveFile, FileReport, int]],
     *,
     result: ImportResult,
+    ingest: LakeIngest,
     progress: ImportProgress | None = None,
     now_ms: int | None = None,
 ) -> None:
@@ -367,7 +374,7 @@ async def load_kraken(
     stamp = now_ms if now_ms is not None else int(time.time() * 1000)
     for file, report, size in files:
         on_rows = progress.add_rows if progress is not None else None
-        outcome = await load_file(db, file, now_ms=stamp, on_rows=on_rows)
+        outcome = await load_file(db, file, ingest=ingest, now_ms=stamp, on_rows=on_rows)
         report.add(outcome)
         if outcome.status == "failed" and outcome.error is not None:
             result.errors.append(outcome.error)
@@ -389,8 +396,10 @@ async def import_kraken(
     window: tuple[int, int] = ALL_TIME,
     now_ms: int | None = None,
     progress: ImportProgress | None = None,
+    lake: Any = None,
 ) -> ImportResult:
-    """Import Kraken OHLCVT files (zips, folders, CSVs), then merge every touched hour."""
+    """Import Kraken OHLCVT files (zips, folders, CSVs) into ``lake`` (default: configured)
+    and bronze, then merge every touched hour."""
     started = time.monotonic()
     result = ImportResult()
     files = await kraken_files(cfg, paths, pairs, window=window, result=result)
@@ -407,7 +416,8 @@ async def import_kraken(
     )  # fmt: skip
 
     async def load_all() -> None:
-        await load_kraken(db, files, result=result, progress=progress, now_ms=now_ms)
+        ingest = ingest_for(db, cfg, lake, tag=TAG)
+        await load_kraken(db, files, result=result, ingest=ingest, progress=progress, now_ms=now_ms)
         result.load_s = time.monotonic() - started
 
     await load_and_merge(load_all, merger, progress)

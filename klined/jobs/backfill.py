@@ -295,7 +295,7 @@ async def run_backfill(
         reports=result.merges,
         progress=progress,
     )
-    archives = BackfillArchives(db, cfg, request.source, start, end, now)
+    archives = BackfillArchives(db, cfg, request.source, start, end, now, lake=ingest.lake)
     result.archive = archives.result
 
     async def archive_first(ex: str, pair: Pair, resume: int, rep: PairReport) -> set[int]:

@@ -9,8 +9,9 @@
   zips or folders), read for the backfill's range only. Minutes outside every file's span (after
   the last quarterly update) go to REST/Trades in ``auto``.
 
-Loading is :func:`klined.jobs.archive.load_file`, the same as ``klined import``: the rows, the
-ledger, the dirty hours. The backfill then fetches over REST what is still missing, which is
+Loading is :func:`klined.jobs.archive.load_file`, the same as ``klined import``: the rows into
+the backfill's lake as ``archive_`` parts and from there into bronze, the ledger, the dirty
+hours. The backfill then fetches over REST what is still missing, which is
 how ``auto`` uses archives "where they cover": nothing decides coverage ahead but the rows.
 """
 
@@ -31,7 +32,7 @@ from klined.archives.download import ArchiveSource
 from klined.archives.files import KrakenScan, scan_kraken, survey
 from klined.config import Config
 from klined.errors import ArchiveError, UsageError
-from klined.jobs.archive import ArchiveFile, load_file
+from klined.jobs.archive import TAG, ArchiveFile, load_file
 from klined.jobs.archive_import import (
     WORK_DIR,
     FileReport,
@@ -40,6 +41,7 @@ from klined.jobs.archive_import import (
     load_binance,
 )
 from klined.jobs.fetcher import PairReport
+from klined.jobs.ingest import LakeIngest, ingest_for
 from klined.model import DAY_MS, MINUTE_MS, Pair
 from klined.rest.client import build_adapter
 from klined.warehouse.database import Database
@@ -79,13 +81,24 @@ class KrakenFiles:
 
 
 class BackfillArchives:
-    """``async with BackfillArchives(db, cfg, source, start, end, now) as archives``."""
+    """``async with BackfillArchives(db, cfg, source, start, end, now) as archives``; rows go
+    into ``lake`` (a :class:`~klined.lake.LakeStore`; default: the configured one)."""
 
     def __init__(
-        self, db: Database, cfg: Config, source: str, start_ms: int, end_ms: int, now_ms: int
+        self,
+        db: Database,
+        cfg: Config,
+        source: str,
+        start_ms: int,
+        end_ms: int,
+        now_ms: int,
+        *,
+        lake: Any = None,
     ) -> None:
         self.db = db
         self.cfg = cfg
+        self.lake = lake
+        self._ingest: LakeIngest | None = None
         self.source = source
         self.start_ms = start_ms
         self.end_ms = end_ms
@@ -117,6 +130,13 @@ class BackfillArchives:
         if exchange == "kraken":
             return self.cfg.kraken_archive_dir is not None
         return exchange == "binance"
+
+    @property
+    def ingest(self) -> LakeIngest:
+        """Archive parts' way into the lake and bronze (made when first loading)."""
+        if self._ingest is None:
+            self._ingest = ingest_for(self.db, self.cfg, self.lake, tag=TAG)
+        return self._ingest
 
     def _adapter(self, exchange: str) -> Any:
         if exchange not in self._adapters:
@@ -203,13 +223,13 @@ class BackfillArchives:
             days = [d for p in periods for d in p.days]
             jobs = binance_jobs([(pair, adapter.native(pair), files)], days)
             await load_binance(
-                self.db, self._binance, jobs, workers=1, result=self.result,
+                self.db, self._binance, jobs, workers=1, result=self.result, ingest=self.ingest,
                 multiplier=adapter.multiplier, now_ms=self.now_ms,
             )  # fmt: skip
         elif exchange == "kraken" and wanted:
             stamp = int(time.time() * 1000)
             for file in (await self.kraken(pair)).files:
-                outcome = await load_file(self.db, file, now_ms=stamp)
+                outcome = await load_file(self.db, file, ingest=self.ingest, now_ms=stamp)
                 files.add(outcome)
                 if outcome.error is not None:
                     self.result.errors.append(outcome.error)

@@ -1,6 +1,6 @@
 """Parts written whole: rows that did not come from a stream enter the lake sealed at once.
 
-REST and trades candles, no-trade rows (and rows read from the exchanges' archive files) are
+REST and trades candles, no-trade rows and rows read from the exchanges' archive files are
 complete when klined has them, so they skip the open-part stage of :class:`LakeWriter`: each
 batch becomes one gzip part (``.jsonl.gz``, like every sealed part) per exchange / pair / hour,
 written to ``<key>.writing``, made durable, renamed to its key (atomic) and the rename made
@@ -9,9 +9,14 @@ durable. A part exists either whole or not at all; readers never see the ``.writ
 gap-fill fetches them again), and a capture writer's start-up cleanup of its own half-built
 ``.gz.tmp`` files never touches it.
 
-The part name carries the writer's tag (``fill_`` for gap-fill) and every line its ``origin``
-(``rest``, ``trades``, ``no_trades``), so the lake says where each row came from. No lock: the
-random writer id keeps the names apart from a capture writer sharing the folder.
+:class:`StagedParts` keeps the ``.writing`` names for a whole group of batches and renames them
+only when told (an archive file becomes visible only once every row of it was read and
+checked), or deletes them.
+
+The part name carries the writer's tag (``fill_`` for gap-fill, ``archive_`` for archive
+files) and every line its ``origin`` (``rest``, ``trades``, ``no_trades``, ``archive``), so the
+lake says where each row came from. No lock: the random writer id keeps the names apart from a
+capture writer sharing the folder.
 """
 
 from __future__ import annotations
@@ -74,6 +79,14 @@ class SealedPartWriter:
     def write(self, candles: Iterable[Candle | CandleRecord]) -> list[WrittenPart]:
         """One sealed, durable part per exchange / pair / hour of ``candles`` (in their order
         within a part). Blocking: run it in a worker thread."""
+        written = self.stage(candles)
+        for part in written:
+            _publish(part)
+        return written
+
+    def stage(self, candles: Iterable[Candle | CandleRecord]) -> list[WrittenPart]:
+        """Like :meth:`write`, but each part stays at ``<path>.writing`` (durable, read by
+        nothing) until :func:`publish` renames it. Blocking."""
         groups: dict[tuple[str, str, int], list[Candle | CandleRecord]] = {}
         for c in candles:
             start = c.interval_start
@@ -87,7 +100,7 @@ class SealedPartWriter:
             key = part_key(exchange, symbol, hour, first, seq) + GZ_SUFFIX
             data = gzip.compress(b"".join(_ENCODE(r) + b"\n" for r in rows), self.level, mtime=0)
             path = self.root / key
-            self._write_file(path, data)
+            _write_durable(staged_path(path), data)
             written.append(
                 WrittenPart(
                     key=key,
@@ -101,23 +114,79 @@ class SealedPartWriter:
             )
         return written
 
-    @staticmethod
-    def _write_file(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
-        )
-        try:
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
+
+def staged_path(path: str | Path) -> Path:
+    """Where a part waits until it is published: ``<path>.writing``."""
+    path = Path(path)
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def _write_durable(tmp: Path, data: bytes) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    except BaseException:
         os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _publish(part: WrittenPart) -> None:
+    path = Path(part.path)
+    os.replace(staged_path(path), path)
+    _fsync_dir(path.parent)
+
+
+class StagedParts:
+    """Parts of one all-or-nothing group: staged batch by batch (``.writing``), then published
+    together (renamed, the renames durable) or discarded (deleted). Blocking methods: run them
+    in a worker thread, one at a time."""
+
+    def __init__(self, writer: SealedPartWriter) -> None:
+        self.writer = writer
+        self.parts: list[WrittenPart] = []
+        self.published = False
+
+    def stage(self, candles: Iterable[Candle | CandleRecord]) -> list[WrittenPart]:
+        if self.published:
+            raise LakeError("these parts are published already: stage a new group")
+        written = self.writer.stage(candles)
+        self.parts.extend(written)
+        return written
+
+    def publish(self) -> list[WrittenPart]:
+        """Rename every staged part to its key; each folder's renames made durable once."""
+        folders: set[Path] = set()
+        for part in self.parts:
+            path = Path(part.path)
+            os.replace(staged_path(path), path)
+            folders.add(path.parent)
+        for folder in sorted(folders):
+            _fsync_dir(folder)
+        self.published = True
+        return self.parts
+
+    def discard(self) -> None:
+        """Delete the staged parts (never published ones: a published part is in the lake)."""
+        if self.published:
+            return
+        folders: set[Path] = set()
+        for part in self.parts:
+            path = staged_path(part.path)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        self.parts.clear()
+        root = self.writer.root
+        for folder in sorted(folders, reverse=True):  # the folders the staging made, if empty
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from klined.archives.download import ArchiveSource
+from klined.jobs.archive import TAG
 from klined.jobs.archive_import import (
     FileReport,
     ImportResult,
@@ -20,6 +21,7 @@ from klined.jobs.archive_import import (
     load_binance,
 )
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.jobs.ingest import ingest_for
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, to_datetime
 from klined.sim import FaultPlan, FaultRule
 from klined.warehouse.database import Database, open_database
@@ -204,8 +206,9 @@ async def test_a_whole_month_comes_as_one_monthly_file(
             jobs = binance_jobs([(Pair.parse("REKT/USD"), "REKTUSD", report)], days)
             result = ImportResult()
             await load_binance(
-                db, source, jobs, workers=2, result=result, now_ms=sim.clock.now_ms()
-            )
+                db, source, jobs, workers=2, result=result, ingest=ingest_for(db, cfg, tag=TAG),
+                now_ms=sim.clock.now_ms(),
+            )  # fmt: skip
             assert not result.errors and report.rows == len(days) * 1440
             names = [r["name"] for r in await db.fetch("SELECT name FROM ops.archive_files")]
             assert sorted(names) == [
@@ -244,6 +247,7 @@ async def test_a_month_not_published_yet_is_read_day_by_day(
             jobs = binance_jobs([(Pair.parse("REKT/USD"), "REKTUSD", report)], days)
             assert [j.period.kind for j in jobs] == ["monthly"]
             await load_binance(db, source, jobs, workers=1, result=ImportResult(),
+                               ingest=ingest_for(db, cfg, tag=TAG),
                                now_ms=sim.clock.now_ms())  # fmt: skip
             assert report.files == 30 and report.missing == 30 and report.missing_days == days
             asked = [n for n in sim.binance_archive.requests if n.endswith(".CHECKSUM")]
