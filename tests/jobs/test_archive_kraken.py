@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from klined.jobs import archive
 from klined.jobs.archive_import import import_kraken
 from klined.jobs.gapfill import sync_configured_pairs
+from klined.lake import iter_local_parts, parse_key
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, floor_hour, from_datetime
 from klined.sim import Market
 from klined.sim.archive import kraken_lines, write_kraken_zip
@@ -35,6 +37,12 @@ SEED = 7
 @pytest.fixture
 def market() -> Market:
     return Market(SEED)
+
+
+def lake_symbols(root: Path) -> set[str]:
+    """The pairs with parts in the local lake; no half-written part anywhere."""
+    assert not list(root.rglob("*.writing"))
+    return {parse_key(p.key).symbol for p in iter_local_parts(root)}
 
 
 async def spans(db: Database) -> dict[str, tuple[int, int]]:
@@ -196,11 +204,13 @@ async def test_bad_kraken_files_are_reported_and_leave_nothing_behind(
                 for r in await db.fetch("SELECT DISTINCT symbol FROM bronze.bronze_ohlcv_native")
             }
             assert symbols == {"REKT/USD"}
+            assert lake_symbols(cfg.lake_root) == {"REKT/USD"}
 
 
 async def test_a_file_across_months_is_checked_whole_then_written_a_month_at_a_time(
-    sim_factory: Any, pg_dsn: str, tmp_path: Path, market: Market
+    sim_factory: Any, pg_dsn: str, tmp_path: Path, market: Market, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(archive, "HOURS_PER_TRANSACTION", 5)
     dec = 1_764_547_200_000  # 2025-12-01
     lo, hi = dec - 12 * HOUR_MS, dec + 12 * HOUR_MS
     lines = list(kraken_lines(market, "BTC/USD", lo, hi))
@@ -219,10 +229,16 @@ async def test_a_file_across_months_is_checked_whole_then_written_a_month_at_a_t
             assert str(error).startswith(f"XBTUSD_1.csv line {bad + 1}: close")
             # November's rows come first in the file, and still nothing was written
             assert await db.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native") == 0
+            assert lake_symbols(cfg.lake_root) == set()
 
             csv.write_text("\n".join(lines) + "\n")
             result = await import_kraken(db, cfg, [csv], [Pair("BTC", "USD")])
             assert result.ok
             (ledger,) = await db.fetch("SELECT rows, first_minute FROM ops.archive_files")
             assert ledger["rows"] == (hi - lo) // MINUTE_MS
+            # a part per hour, loaded five hours per transaction: 24 parts, 5 transactions
+            loads = await db.fetch(
+                "SELECT xmin::text AS x, count(*) AS n FROM ops.lake_parts GROUP BY 1 ORDER BY 2"
+            )
+            assert [r["n"] for r in loads] == [4, 5, 5, 5, 5]
             await assert_silver_is_truth(db, sim, "kraken", ["BTC/USD"], lo, hi)

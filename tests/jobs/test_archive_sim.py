@@ -6,12 +6,14 @@ resumes."""
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from klined.archives.download import ArchiveSource
+from klined.jobs import archive
 from klined.jobs.archive import TAG
 from klined.jobs.archive_import import (
     FileReport,
@@ -22,6 +24,7 @@ from klined.jobs.archive_import import (
 )
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.ingest import ingest_for
+from klined.lake import iter_local_parts, parse_key
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, to_datetime
 from klined.sim import FaultPlan, FaultRule
 from klined.warehouse.database import Database, open_database
@@ -56,6 +59,16 @@ async def bronze_rows(db: Database, pair: str, start: int, end: int) -> int:
         to_datetime(end),
     )
     return n
+
+
+def lake_days(root: Path) -> set[tuple[str, int]]:
+    """(pair, UTC day) of every part in the local lake; no half-written part anywhere."""
+    assert not list(root.rglob("*.writing"))
+    days = set()
+    for part in iter_local_parts(root):
+        key = parse_key(part.key)
+        days.add((key.symbol, key.hour_ms - key.hour_ms % DAY_MS))
+    return days
 
 
 async def run_import(db: Database, cfg: Any, sim: Any, start: int, end: int) -> ImportResult:
@@ -106,8 +119,10 @@ async def test_binance_import_equals_truth_and_a_reimport_changes_nothing(
 
 
 async def test_bad_files_are_reported_and_leave_nothing_behind(
-    sim_factory: Any, pg_dsn: str, tmp_path: Any
+    sim_factory: Any, pg_dsn: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # hours before the bad row are written to the lake (as parts nothing reads) before it is met
+    monkeypatch.setattr(archive, "CHUNK_ROWS", 100)
     d1, d2, d3 = DAY0, DAY0 + DAY_MS, DAY0 + 2 * DAY_MS
     plan = FaultPlan(
         rules=[
@@ -135,7 +150,9 @@ async def test_bad_files_are_reported_and_leave_nothing_behind(
             assert (by_pair["BTC/USD"].failed, by_pair["BTC/USD"].loaded) == (2, 1)
             assert (by_pair["REKT/USD"].failed, by_pair["REKT/USD"].missing) == (1, 1)
             assert by_pair["REKT/USD"].missing_days == [d2]
-            # nothing of the bad files, all of the good ones
+            # nothing of the bad files, all of the good ones, in the lake and in bronze
+            assert lake_days(cfg.lake_root) == {("BTC/USD", d3), ("REKT/USD", d3)}
+            assert not [d for d in cfg.lake_root.rglob("day=*") if not any(d.rglob("*.gz"))]
             assert await bronze_rows(db, "BTC/USD", d1, d3) == 0
             assert await bronze_rows(db, "REKT/USD", d1, d3) == 0
             await assert_silver_is_truth(db, sim, "binance", PAIRS, d3, d3 + DAY_MS)
@@ -276,6 +293,7 @@ async def test_an_interrupted_import_resumes_without_duplicates(
             assert not scope.cancelled_caught
             loaded = await db.fetchval("SELECT count(*) FROM ops.archive_files")
             assert 3 <= loaded < 12
+            lake_days(cfg.lake_root)  # files cut short by the interruption left no .writing
             again = await run_import(db, cfg, sim, start, end)
             assert again.ok
             assert sum(r.unchanged for r in again.reports) == loaded
