@@ -741,16 +741,20 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- archive imports (issue 18): the exchanges' published history files
 
--- One row per archive file loaded into bronze (klined.jobs.archive): a Binance US daily or
--- monthly zip, or one CSV of a Kraken OHLCVT zip or folder. name is the file's own name (a
--- Kraken CSV is named with its container, 'Kraken_OHLCVT_Q1_2026.zip/XBTUSD_1.csv'); sha256
--- is the checksum of the bytes read (Binance: verified against its .CHECKSUM file first).
--- [range_start, range_end) is the span the load covered (a backfill may load part of a Kraken
--- file); first_minute/last_minute are the first and last minute it wrote (rows, and minutes
--- the file omits between rows, as no_trades). Inserted in the same transaction as the file's
--- bronze rows (a file spanning months: with its last month): a file is in the ledger only
--- once it is loaded completely. A file whose checksum changed is loaded again and its older
--- row becomes 'superseded'.
+-- One row per archive file loaded (klined.jobs.archive): a Binance US daily or monthly zip,
+-- or one CSV of a Kraken OHLCVT zip or folder. name is the file's own name (a Kraken CSV is
+-- named with its container, 'Kraken_OHLCVT_Q1_2026.zip/XBTUSD_1.csv'); sha256 is the checksum
+-- of the bytes read (Binance: verified against its .CHECKSUM file first). [range_start,
+-- range_end) is the span the load covered (a backfill may load part of a Kraken file);
+-- first_minute/last_minute are the first and last minute it wrote (rows, and minutes the file
+-- omits between rows, as no_trades). The rows enter the lake first, as sealed 'archive_'
+-- parts, and bronze from there through ops.lake_parts (744 hours of parts per transaction);
+-- this row is inserted in the transaction that loads the file's last parts, so a file is in
+-- the ledger only once all of its parts are loaded. An interruption before that leaves no row:
+-- the next import writes the file again as new parts, and the hours loaded before the
+-- interruption are then in bronze twice (identical rows but for their later event time; silver
+-- keeps one). A file whose checksum changed is loaded again and its older row becomes
+-- 'superseded'.
 CREATE TABLE IF NOT EXISTS ops.archive_files (
     file_id      bigserial PRIMARY KEY,
     exchange     text NOT NULL,
