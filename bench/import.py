@@ -3,13 +3,20 @@
 The simulator writes the archive (daily and monthly zips with their .CHECKSUM files, in Binance's
 layout) to a folder on local disk once (``--cache``; a year of 15 pairs is ~7.9M rows and takes a
 few minutes to generate), then klined imports it end to end from ``file://`` against the
-embedded PostgreSQL (or ``--dsn``): checksums, unzip, parse, bronze, silver, gold,
-completeness. The baseline, measured in the same run and the same server: one bare COPY of the
-very same bronze rows, pre-rendered as CSV (on disk, streamed), into a table shaped and
-partitioned exactly like bronze (its partitions made beforehand, untimed).
+embedded PostgreSQL (or ``--dsn``): checksums, unzip, parse, the lake (sealed ``archive_``
+parts, one per pair and hour), bronze, silver, gold, completeness. The baseline, measured in the
+same run and the same server: one bare COPY of the very same bronze rows (their ``lake_key`` a
+part key as long as the import's), pre-rendered as CSV (on disk, streamed), into a table
+shaped and partitioned exactly like bronze (its partitions made beforehand, untimed).
+
+What the lake costs, measured in the same run on the same files (in a child process, before
+the import, one core): ``parse_seconds`` reading and checking the rows, ``lake_write_seconds``
+writing them as sealed parts (JSON lines, gzip, fsync, rename), ``lake_read_seconds`` reading
+them back as bronze's loader does (gunzip, decode, render the COPY rows).
 
 Prints ONE JSON line: rows, seconds, rows/s, ``ratio = bare_copy_seconds / import_seconds``
-(goal >= 0.5), the import's peak RSS (goal < 300 MB) and the silver rows produced.
+(goal >= 0.5), the import's peak RSS (goal < 300 MB), the silver rows produced, and the lake
+figures.
 
     .venv/bin/python bench/import.py [--days 365] [--pairs 15] [--cache DIR] [--dsn URL]
 """
@@ -39,6 +46,7 @@ from klined.config import (
     ExchangesConfig,
     KrakenConfig,
 )
+from klined.lake import iter_local_parts
 from klined.model import DAY_MS, HOUR_MS, Pair, iso, to_datetime
 from klined.sim.market import DEFAULT_PAIRS
 
@@ -67,14 +75,22 @@ def generate(root: Path, pairs: list[str], start: int, end: int, seed: int) -> f
     return time.perf_counter() - t0
 
 
-def render_baseline(root: Path, pairs: list[str], start: int, end: int, out: Path) -> int:
-    """The bronze CSV klined's import writes, for the same files, to ``out``; its rows."""
+def render_baseline(
+    root: Path, pairs: list[str], start: int, end: int, out: Path, scratch: Path
+) -> dict[str, float]:
+    """The bronze CSV klined's import writes, for the same files, to ``out``; its rows, and
+    the lake's costs for them (the parts written to ``scratch``, then deleted)."""
     from klined.archives import binance as bn
     from klined.archives.candles import ArchiveCandles, FileSpec
     from klined.archives.files import CsvReader, single_csv
     from klined.jobs import bronze
+    from klined.jobs.archive import TAG
+    from klined.lake import read_part_file
+    from klined.lake.sealed import SealedPartWriter, StagedParts
 
-    rows = 0
+    figures = dict.fromkeys(
+        ("rows", "parts", "lake_bytes", "parse_s", "lake_write_s", "lake_read_s"), 0.0
+    )
     days = bn.whole_days(start, end, end)
     with out.open("wb") as fh:
         for pair in pairs:
@@ -82,14 +98,39 @@ def render_baseline(root: Path, pairs: list[str], start: int, end: int, out: Pat
             native = f"{p.base}{p.quote}"
             for period in bn.plan(days):
                 name = bn.file_name(native, period)
+                t0 = time.perf_counter()
                 ref = single_csv(root / bn.file_path(native, period), name)
                 spec = FileSpec("binance", p, native, name, period=(period.start_ms, period.end_ms))
                 with CsvReader(ref, name) as reader:
                     batch = list(ArchiveCandles(spec, bn.rows(reader.lines(), name), stamp_ms=1))
-                formatted, _, _ = bronze.format_rows(batch, 0, end)
-                fh.write(bronze.encode_csv(formatted, f"archive/binance/{name}#0"))
-                rows += len(batch)
-    return rows
+                t1 = time.perf_counter()
+                staged = StagedParts(SealedPartWriter(scratch, tag=TAG))
+                staged.stage(batch)
+                staged.publish()
+                t2 = time.perf_counter()
+                for part in staged.parts:
+                    records = read_part_file(part.path).records
+                    bronze.format_rows(records, part.hour_ms, part.hour_ms + HOUR_MS)
+                t3 = time.perf_counter()
+                figures["parse_s"] += t1 - t0
+                figures["lake_write_s"] += t2 - t1
+                figures["lake_read_s"] += t3 - t2
+                figures["parts"] += len(staged.parts)
+                figures["lake_bytes"] += sum(part.size for part in staged.parts)
+                keys = {part.hour_ms: part.key for part in staged.parts}
+                by_hour: dict[int, list[Any]] = {}
+                for candle in batch:
+                    start_ms = candle.interval_start
+                    by_hour.setdefault(start_ms - start_ms % HOUR_MS, []).append(candle)
+                for hour, rows in by_hour.items():
+                    formatted, _, _ = bronze.format_rows(rows, 0, end)
+                    fh.write(bronze.encode_csv(formatted, keys[hour]))
+                figures["rows"] += len(batch)
+                shutil.rmtree(scratch, ignore_errors=True)
+                # durable before the next file: its fsyncs are timed, and must not wait for these
+                fh.flush()
+                os.fsync(fh.fileno())
+    return figures
 
 
 async def bare_copy(db: Any, path: Path, start: int, end: int) -> tuple[float, float]:
@@ -151,9 +192,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         baseline_csv = work / "baseline.csv"
         # in a child process, so that this process's peak RSS is the import's own
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            baseline_rows = await anyio.to_thread.run_sync(
-                pool.apply, render_baseline, (cache, pairs, start, end, baseline_csv)
-            )
+            lake = await anyio.to_thread.run_sync(
+                pool.apply, render_baseline,
+                (cache, pairs, start, end, baseline_csv, work / "scratch-lake"),
+            )  # fmt: skip
+        baseline_rows = int(lake["rows"])
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
             copy_s, ddl_s = await bare_copy(db, baseline_csv, start, end)
@@ -188,6 +231,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     to_datetime(min(end, month + 30 * DAY_MS)),
                 )
             gold_1h = await db.fetchval("SELECT count(*) FROM gold.ohlcv_1h")
+            parts = list(iter_local_parts(cfg.lake_root))
             server = await db.fetchval("SHOW server_version")
         return {
             "bench": "import",
@@ -208,6 +252,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "maxrss_before_import_mb": round(rss_before / 1024, 1),
             "silver_rows": silver_rows,
             "gold_1h_rows": gold_1h,
+            "lake_parts": len(parts),
+            "lake_mb": round(sum(p.size for p in parts) / 2**20, 1),
+            "parse_seconds": round(lake["parse_s"], 2),
+            "lake_write_seconds": round(lake["lake_write_s"], 2),
+            "lake_read_seconds": round(lake["lake_read_s"], 2),
             "ok": result.ok,
             "archive_generation_seconds": round(gen_s, 1),
             "server_version": server,
