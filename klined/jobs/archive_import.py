@@ -1,11 +1,12 @@
-"""``klined import``: the exchanges' history files into bronze, silver, gold and completeness.
+"""``klined import``: the exchanges' history files into the lake, then bronze, silver, gold and
+completeness.
 
 Binance US (:func:`import_binance`): the range's whole UTC days, as monthly files for whole
 months and daily files for the rest (:func:`klined.archives.binance.plan`); a month not
 published yet is read day by day. Each file's ``.CHECKSUM`` is fetched first: a checksum the
 ledger already holds means the file is not even downloaded. A few workers download and load
-at once (``exchanges.binance.archive_downloads``), each file in its own transaction
-(:func:`klined.jobs.archive.load_file`).
+at once (``exchanges.binance.archive_downloads``), each file all or nothing, as ``archive_``
+parts of the lake loaded into bronze (:func:`klined.jobs.archive.load_file`).
 
 Kraken (:func:`import_kraken`): every ``<PAIR>_1.csv`` in the given zips and folders whose
 pair is configured; other intervals and pairs are counted and named, not loaded.
