@@ -133,10 +133,11 @@ def _run(
 def import_command() -> None:
     """Import the exchanges' published history files (verified) into the warehouse.
 
-    Rows become source `archive` and go through bronze, silver, gold and completeness like a
-    backfill's. Re-importing a file changes nothing; a file whose checksum changed is loaded
-    again and replaces the old rows. A bad file (checksum, truncated zip, bad row) is
-    reported with its name and line and nothing of it is loaded; the others are. Exit code 0
+    Rows become source `archive`: written to the lake (sealed `archive_` parts, uploaded to S3
+    when configured), then through bronze, silver, gold and completeness like a backfill's.
+    Re-importing a file changes nothing; a file whose checksum changed is loaded again and
+    replaces the old rows. A bad file (checksum, truncated zip, bad row) is reported with its
+    name and line and nothing of it reaches the lake or the warehouse; the others do. Exit code 0
     when every file loaded, 1 when some did not, 2 for bad arguments, 130/143 when stopped.
     """
 
