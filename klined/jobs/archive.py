@@ -30,9 +30,10 @@ Exactly once: a file whose checksum is in the ledger for a range covering this l
 read again (``unchanged``). An interruption after the parts are published and before the
 ledger row commits (a crash, the database or S3 gone, Ctrl-C while loading a file spanning
 months) leaves the file out of the ledger, so the next run writes and loads it again, as new
-parts: the months loaded before the interruption are then in bronze twice, as identical rows
-but for their later event time. That is harmless: silver keeps one row per minute, and the
-values are the same; the parts left unloaded are loaded by a chain that processes their hours.
+parts. The first attempt's parts stay in the lake: those it had loaded (the months before the
+interruption), and any a chain or a rebuild loads later, put the same minutes into bronze a
+second time, identical rows but for their earlier event time. That is harmless: silver keeps
+one row per minute (the later one), with the same values.
 
 A file that comes back with another checksum under the same name (a revision) is loaded
 again, and the old ledger row is marked ``superseded``. Its rows replace the old ones through

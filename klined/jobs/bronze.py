@@ -20,6 +20,10 @@ the part. Other parts are fetched a few at a time concurrently, ahead of the COP
 A loaded part is proof its pair was captured in its hour, so the same transaction starts the
 pair's coverage there if it started later (:mod:`klined.warehouse.coverage`).
 
+The chain loads an hour's parts (:func:`load_hour`); a producer that wrote parts itself loads
+them by name (:func:`load_parts`), a given number of hours per transaction (an archive file: a
+month's worth), with a last statement of its own in the last transaction (its ledger row).
+
 One bad part never stops an hour:
 
 * A part that cannot be read (permissions, an I/O error, gone from disk and from S3, content
