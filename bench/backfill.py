@@ -39,11 +39,12 @@ from typing import Any
 import anyio
 
 from klined.config import (
+    BinanceConfig,
     Config,
     DaemonConfig,
     DatabaseConfig,
-    ExchangeConfig,
     ExchangesConfig,
+    KrakenConfig,
 )
 from klined.exchanges import get_adapter
 from klined.exchanges.base import RestBudget
@@ -119,19 +120,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="klined-bench-backfill-"))
     try:
 
-        def section(ex: str) -> ExchangeConfig:
-            return ExchangeConfig(
-                ws_url=urls[ex][0],
-                rest_url=urls[ex][1],
-                pairs=pairs,
-                rate_limit_fraction=args.fraction,
-                rest_timeout_s=30.0,
-            )
+        def section(ex: str) -> dict[str, Any]:
+            return {
+                "ws_url": urls[ex][0],
+                "rest_url": urls[ex][1],
+                "pairs": pairs,
+                "rate_limit_fraction": args.fraction,
+                "rest_timeout_s": 30.0,
+            }
 
         cfg = Config(
             daemon=DaemonConfig(data_dir=str(tmp)),
             database=DatabaseConfig(dsn=args.dsn, readonly_role="", pool_size=8),
-            exchanges=ExchangesConfig(binance=section("binance"), kraken=section("kraken")),
+            exchanges=ExchangesConfig(
+                binance=BinanceConfig(**section("binance")),
+                kraken=KrakenConfig(**section("kraken")),
+            ),
         )
         budgets = {
             ex: _scaled(
@@ -147,7 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         start = end - args.days * DAY_MS
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
-            req = resolve_request(cfg, iso(start), iso(end), now_ms=now)
+            req = resolve_request(cfg, iso(start), iso(end), now_ms=now, source="rest")
             async with open_clients(cfg, limiters=limiters) as clients:
                 finished: dict[str, float] = {}
                 from klined.jobs.progress import Progress

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import keyword
 import sys
 from typing import Any
 
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status_command", "Print the running daemon's status."),
     "chain": ("chain_command", "Run the hourly chain by hand."),
     "backfill": ("backfill_command", "Repair or seed a time range."),
+    "import": ("import_command", "Import the exchanges' published history files."),
     "export": ("export_command", "Export candles to Parquet, CSV or JSON-lines files."),
     "rebuild": ("rebuild_command", "Rebuild the warehouse for a range from the lake alone."),
     "tui": ("tui_command", "Open the dashboard (streams, completeness, jobs)."),
@@ -37,6 +39,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def command_module(name: str) -> str:
+    """The module of command ``name``: ``klined.commands.<name>``, with a trailing ``_`` when
+    the name is a Python keyword (``import`` lives in ``klined.commands.import_``)."""
+    return f"klined.commands.{name}_" if keyword.iskeyword(name) else f"klined.commands.{name}"
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
@@ -44,14 +52,14 @@ class LazyGroup(click.Group):
         return [name for name in COMMANDS if self._available(name)]
 
     def _available(self, name: str) -> bool:
-        return importlib.util.find_spec(f"klined.commands.{name}") is not None
+        return importlib.util.find_spec(command_module(name)) is not None
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = COMMANDS.get(cmd_name)
         if entry is None or not self._available(cmd_name):
             return None
         attr, _ = entry
-        command = getattr(importlib.import_module(f"klined.commands.{cmd_name}"), attr)
+        command = getattr(importlib.import_module(command_module(cmd_name)), attr)
         assert isinstance(command, click.Command)
         return command
 

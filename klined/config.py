@@ -47,6 +47,10 @@ DEFAULT_URLS = {
     "kraken": ("wss://ws.kraken.com/v2", "https://api.kraken.com"),
 }
 
+#: Binance US's public history files (documented at binance.us/institutions/market-history):
+#: ``<url>/spot/daily/klines/BTCUSD/1m/BTCUSD-1m-2026-01-15.zip`` and ``.../monthly/...``.
+BINANCE_ARCHIVE_URL = "https://data.binance.us/public_data"
+
 
 #: the largest byte sizes and durations any key accepts
 GIB = 1024**3
@@ -176,9 +180,22 @@ class ExchangeConfig(_Section):
     rate_limit_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.8
 
 
+class BinanceConfig(ExchangeConfig):
+    """Binance US: the common keys plus where its published history files are."""
+
+    archive_url: str = BINANCE_ARCHIVE_URL  # http(s):// or file:// (a local mirror)
+    archive_downloads: Annotated[int, _span(1, 32)] = 4  # archive files downloaded at once
+
+
+class KrakenConfig(ExchangeConfig):
+    """Kraken: the common keys plus the folder of its OHLCVT downloads (they come by hand)."""
+
+    archive_dir: str = ""  # zips or extracted CSVs; "" = none
+
+
 class ExchangesConfig(_Section):
-    binance: ExchangeConfig = msgspec.field(default_factory=ExchangeConfig)
-    kraken: ExchangeConfig = msgspec.field(default_factory=ExchangeConfig)
+    binance: BinanceConfig = msgspec.field(default_factory=BinanceConfig)
+    kraken: KrakenConfig = msgspec.field(default_factory=KrakenConfig)
 
     def enabled(self) -> dict[str, ExchangeConfig]:
         return {name: getattr(self, name) for name in EXCHANGES if getattr(self, name).enabled}
@@ -248,6 +265,16 @@ class Config(_Section):
 
     def rest_url(self, exchange: str) -> str:
         return getattr(self.exchanges, exchange).rest_url or DEFAULT_URLS[exchange][1]
+
+    @property
+    def archive_url(self) -> str:
+        """Binance's archive base URL, without a trailing slash."""
+        return (self.exchanges.binance.archive_url or BINANCE_ARCHIVE_URL).rstrip("/")
+
+    @property
+    def kraken_archive_dir(self) -> Path | None:
+        folder = self.exchanges.kraken.archive_dir
+        return Path(folder).expanduser() if folder else None
 
 
 def redact_dsn(dsn: str) -> str:
@@ -507,6 +534,15 @@ def _validate(cfg: Config, path: str) -> None:
                     )
         if ex.backoff_max_s < ex.backoff_initial_s:
             raise bad(f"{base}.backoff_max_s", "must be at least backoff_initial_s")
+        if not 0 < ex.rate_limit_fraction <= 1:
+            raise bad(f"{base}.rate_limit_fraction", "must be in (0, 1]")
+    url = cfg.exchanges.binance.archive_url
+    if url and not url.startswith(("http://", "https://", "file://")):
+        raise bad(
+            "exchanges.binance.archive_url",
+            f"{url!r} must start with https://, http:// or file://",
+            f"the public location is {BINANCE_ARCHIVE_URL!r}",
+        )
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
@@ -519,6 +555,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.daemon.data_dir = resolve(cfg.daemon.data_dir)
     cfg.daemon.status_socket = resolve(cfg.daemon.status_socket)
     cfg.lake.root = resolve(cfg.lake.root)
+    cfg.exchanges.kraken.archive_dir = resolve(cfg.exchanges.kraken.archive_dir)
 
 
 def _check_symbol_overrides(data: dict[str, Any], path: str) -> None:

@@ -109,6 +109,30 @@ class StatusError(KlinedError):
     """The daemon's status socket could not be reached or answered nonsense."""
 
 
+class ArchiveError(KlinedError):
+    """An exchange's history file cannot be used: a failed checksum, a truncated zip, a bad row.
+
+    ``name`` is the file, ``line`` the 1-based CSV line the problem is on (0: the whole file).
+    Nothing of such a file is loaded; the other files of an import go on.
+    """
+
+    def __init__(self, name: str, message: str, *, line: int = 0) -> None:
+        self.name = name
+        self.line = line
+        self.message = message
+        where = f"{name} line {line}" if line else name
+        super().__init__(f"{where}: {message}")
+
+
+class ArchiveNotPublished(ArchiveError):
+    """The archive has no such file (HTTP 404): not published yet, or the pair did not trade."""
+
+
+class ArchiveUnreachable(KlinedError):
+    """The archive's location cannot be reached at all (DNS, refused, a missing mirror folder):
+    nothing more is asked of it in this run."""
+
+
 class DatasetError(KlinedError):
     """An export, publish or read of the candle datasets cannot be done as asked (a value that
     does not fit its column, a destination holding another dataset, a bad source)."""

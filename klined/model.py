@@ -30,6 +30,7 @@ class Source(enum.StrEnum):
 
     WS_FINAL = "ws_final"
     REST = "rest"
+    ARCHIVE = "archive"
     TRADES = "trades"
     NO_TRADES = "no_trades"
     WS_PARTIAL = "ws_partial"
@@ -37,18 +38,25 @@ class Source(enum.StrEnum):
 
 #: Lower is better. A row is only ever replaced by a row of a better (lower) rank, or of the
 #: same rank with a later exchange event time / ingestion time (docs/architecture.md, silver).
+#: Silver stores the rank; ``archive`` (issue 18) took 3 and moved the later ones down by one,
+#: and schema.sql renumbers stored rows once (schema version 2).
 SOURCE_RANK: dict[Source, int] = {
     Source.WS_FINAL: 1,
     Source.REST: 2,
-    Source.TRADES: 3,
-    Source.NO_TRADES: 4,
-    Source.WS_PARTIAL: 5,
+    Source.ARCHIVE: 3,
+    Source.TRADES: 4,
+    Source.NO_TRADES: 5,
+    Source.WS_PARTIAL: 6,
 }
+
+#: The worst rank that settles a minute (every source but ``ws_partial``).
+SETTLED_RANK = SOURCE_RANK[Source.NO_TRADES]
 
 #: Completeness counts are reported in this order everywhere (views, TUI, docs).
 COMPLETENESS_ORDER = (
     Source.WS_FINAL,
     Source.REST,
+    Source.ARCHIVE,
     Source.TRADES,
     Source.NO_TRADES,
     Source.WS_PARTIAL,
@@ -56,10 +64,12 @@ COMPLETENESS_ORDER = (
 
 
 class Origin(enum.StrEnum):
-    """How an event was obtained: captured live, or fetched afterwards."""
+    """How an event was obtained: captured live, fetched afterwards, or read from the exchange's
+    published history files (``archive``)."""
 
     WS = "ws"
     REST = "rest"
+    ARCHIVE = "archive"
     TRADES = "trades"
     NO_TRADES = "no_trades"
 

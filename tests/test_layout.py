@@ -193,9 +193,13 @@ def test_only_the_cli_imports_commands() -> None:
                               "klined.jobs", "klined.live", "klined.daemon", "klined.sim",
                               "klined.tui")),
         # the simulator follows the exchanges, never klined's clients or the daemon
-        ("klined.sim", ("klined.exchanges", "klined.streams", "klined.rest", "klined.lake",
-                        "klined.warehouse", "klined.jobs", "klined.live", "klined.daemon",
-                        "klined.tui")),
+        ("klined.sim", ("klined.exchanges", "klined.archives", "klined.streams", "klined.rest",
+                        "klined.lake", "klined.warehouse", "klined.jobs", "klined.live",
+                        "klined.daemon", "klined.tui")),
+        # the exchanges' history files: formats, local reading and fetching, no warehouse
+        ("klined.archives", ("klined.streams", "klined.lake", "klined.warehouse", "klined.jobs",
+                             "klined.live", "klined.daemon", "klined.datasets", "klined.sim",
+                             "klined.tui")),
         ("klined.streams", ("klined.warehouse", "klined.jobs", "klined.live", "klined.daemon",
                             "klined.tui")),
         ("klined.lake", ("klined.streams", "klined.warehouse", "klined.jobs", "klined.live",
@@ -234,6 +238,17 @@ def test_exchange_adapters_do_no_io() -> None:
         for lib in third_party(m) & IO_LIBRARIES
     }
     assert offenders == set()
+
+
+def test_archive_formats_are_pure() -> None:
+    """Naming, planning and parsing the history files touch neither files nor the network:
+    only ``archives.files`` reads (local files) and ``archives.download`` fetches."""
+    pure = ("klined.archives.binance", "klined.archives.kraken", "klined.archives.candles")
+    offenders = {(m, lib) for m in pure for lib in third_party(m) & (IO_LIBRARIES | {"zipfile"})}
+    assert offenders == set()
+    for m in pure:
+        assert not any(_in(t, "klined.archives.files", "klined.archives.download")
+                       for t in graph()[m]), m  # fmt: skip
 
 
 def test_headless_core_never_imports_textual_in_source() -> None:

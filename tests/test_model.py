@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klined.model import (
+    COMPLETENESS_ORDER,
     HOUR_MS,
     MINUTE_MS,
     SOURCE_RANK,
@@ -67,10 +68,13 @@ def test_precedence_order() -> None:
     assert ranked == [
         Source.WS_FINAL,
         Source.REST,
+        Source.ARCHIVE,
         Source.TRADES,
         Source.NO_TRADES,
         Source.WS_PARTIAL,
     ]
+    assert list(COMPLETENESS_ORDER) == ranked
+    assert silver_source("archive", True) is Source.ARCHIVE
     assert silver_source("ws", True) is Source.WS_FINAL
     assert silver_source("ws", False) is Source.WS_PARTIAL
     assert silver_source("rest", True) is Source.REST

@@ -1,1 +1,2 @@
-"""Readiness checks (``klined check``): config, PostgreSQL, S3, exchanges, daemon, lake."""
+"""Readiness checks (``klined check``): config, PostgreSQL, S3, exchanges, archives, daemon,
+lake."""

@@ -19,7 +19,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import importlib.util
 import os
@@ -27,7 +26,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +34,8 @@ from urllib.parse import urlsplit
 import anyio
 import msgspec
 
+from klined.checks.archives import check_archive
+from klined.checks.result import CheckResult, Outcome
 from klined.config import Config
 from klined.errors import DatabaseError, ExchangeError, StatusError
 from klined.logs import redact
@@ -48,23 +49,6 @@ DEFAULT_TIMEOUT_S = 30.0
 LOW_DISK_BYTES = 1024**3
 #: where the S3 probe object goes, under the configured prefix
 S3_PROBE_DIR = "_klined_check"
-
-
-class Outcome(enum.StrEnum):
-    OK = "OK"
-    WARN = "WARN"
-    FAIL = "FAIL"
-    SKIP = "SKIP"
-
-
-@dataclass(slots=True)
-class CheckResult:
-    """One row of the table; ``details`` are extra lines under the reason (e.g. each pair)."""
-
-    name: str
-    outcome: Outcome
-    reason: str
-    details: list[str] = field(default_factory=list)
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -100,6 +84,7 @@ async def run_checks(
         ),
         (["s3"], _single(check_s3, cfg)),
         *[([f"exchange {name}"], _single(check_exchange, cfg, name)) for name in EXCHANGES],
+        *[([f"archive {name}"], _single(check_archive, cfg, name)) for name in EXCHANGES],
         (["status socket"], _single(check_status_socket, cfg)),
         (["lake"], _single(check_lake, cfg)),
     ]

@@ -10,14 +10,9 @@ import click
 
 from klined.commands.options import config_option
 from klined.config import Config, load_config
-from klined.jobs.backfill import (
-    BackfillRequest,
-    BackfillResult,
-    dry_run,
-    dry_run_table,
-    resolve_request,
-    run_backfill,
-)
+from klined.jobs.backfill import BackfillRequest, BackfillResult, resolve_request, run_backfill
+from klined.jobs.backfill_archive import SOURCES
+from klined.jobs.backfill_plan import dry_run, dry_run_table
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.interrupt import run_interruptible
 from klined.jobs.progress import Progress, fmt_duration, summary_table
@@ -55,6 +50,14 @@ async def _main(
 @click.option("--dry-run", "dry", is_flag=True, help="Print what would be fetched; fetch nothing.")
 @click.option("--refetch", is_flag=True, help="Fetch REST rows again and re-verify them.")
 @click.option(
+    "--source",
+    type=click.Choice(SOURCES),
+    default="auto",
+    show_default=True,
+    help="auto: the exchanges' archive files where they cover, REST elsewhere; rest: REST "
+    "only; archive: archive files only.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 64),
     default=8,
@@ -69,22 +72,30 @@ def backfill_command(
     pairs: tuple[str, ...],
     dry: bool,
     refetch: bool,
+    source: str,
     concurrency: int,
 ) -> int:
     """Repair or seed a time range: fetch what the warehouse lacks at the exchanges' rate
     limits, then build silver, gold and completeness for every touched hour.
 
-    Resumable (re-run the same command after an interruption) and idempotent (re-running a
-    finished range fetches nothing). Exit code 0 when done, 1 when minutes stay missing for a
+    With --source auto (the default) the exchanges' published history is read first where it
+    covers the range (Binance US's archive files for days before yesterday; Kraken's OHLCVT
+    files in exchanges.kraken.archive_dir) and REST fetches the rest. Resumable (re-run the
+    same command after an interruption) and idempotent (re-running a finished range fetches
+    nothing). Exit code 0 when done, 1 when minutes stay missing for a
     reason a later run may fix, 2 for bad arguments, 130/143 when stopped by SIGINT/SIGTERM.
     """
     cfg = load_config(config_path)
     setup_config_logging(cfg.daemon)
-    req = resolve_request(cfg, start, end, exchanges, pairs, now_ms=int(time.time() * 1000))
+    req = resolve_request(
+        cfg, start, end, exchanges, pairs, now_ms=int(time.time() * 1000), source=source
+    )
     if req.note:
         click.echo(f"note: {req.note}", err=True)
     what = ", ".join(f"{ex} ({len(ps)} pairs)" for ex, ps in req.pairs.items())
-    click.echo(f"backfill {iso(req.start_ms)} .. {iso(req.end_ms)}: {what}", err=True)
+    click.echo(
+        f"backfill {iso(req.start_ms)} .. {iso(req.end_ms)}: {what}, source {source}", err=True
+    )
     outcome = anyio.run(
         run_interruptible,
         lambda: _main(cfg, req, dry=dry, refetch=refetch, concurrency=concurrency),
@@ -110,6 +121,11 @@ def backfill_command(
     for m in result.merges:
         if not m.ok:
             click.echo(m.table(), err=True)
+    instead = "REST filled in for them" if req.source == "auto" else "their minutes stay missing"
+    for err in result.archive.errors:
+        click.echo(f"warning: archive {err} ({instead})", err=True)
+    if result.archive.unreachable:
+        click.echo(f"warning: {result.archive.unreachable} ({instead})", err=True)
     if result.published is not None:
         click.echo(result.published.publish_line())
     if not result.ok:

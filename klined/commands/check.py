@@ -77,8 +77,8 @@ def render_json(cfg: Config, results: list[CheckResult]) -> str:
 def check_command(
     ctx: click.Context, config_path: str | None, as_json: bool, lake_s3: bool, timeout: float
 ) -> None:
-    """Check config, PostgreSQL (schema, read-only role), S3, exchange listings, the daemon's
-    status socket and the lake; print OK/WARN/FAIL/SKIP per check.
+    """Check config, PostgreSQL (schema, read-only role), S3, exchange listings, the exchanges'
+    archives, the daemon's status socket and the lake; print OK/WARN/FAIL/SKIP per check.
 
     Exit code 0 when nothing FAILs, 1 otherwise, 2 for a bad config. WARN never fails the
     check: a daemon that is not running (status socket), an embedded PostgreSQL the daemon has

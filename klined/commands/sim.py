@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 import anyio
 import click
 import msgspec
 
-from klined.model import MINUTE_MS, Pair, floor_minute, iso, parse_time
+from klined.model import DAY_MS, MINUTE_MS, Pair, floor_minute, iso, parse_time
 from klined.sim import FaultPlan, Market, SimClock, SimConfig, run_simulator
+from klined.sim.archive import write_binance, write_kraken_zip
 from klined.sim.config import SIM_EXCHANGES
 from klined.sim.market import DEFAULT_PAIRS, synthetic_pairs
 
@@ -109,6 +111,7 @@ def sim_command(
     async def main() -> None:
         async with run_simulator(cfg) as sim:
             click.echo(f"binance  ws {sim.binance_ws_url}  rest {sim.binance_rest_url}")
+            click.echo(f"         archive {sim.binance_archive_url}")
             click.echo(f"kraken   ws {sim.kraken_ws_url}  rest {sim.kraken_rest_url}")
             click.echo(f"sim clock {iso(sim.clock.now_ms())} x{sim.clock.speed:g}, seed {seed}")
             click.echo("\n# paste into klined.toml:\n" + sim.config_snippet())
@@ -152,3 +155,39 @@ def truth_command(
         else:
             out.write(enc.encode(market.truth(exchange, canonical, m)) + b"\n")
     out.flush()
+
+
+@sim_command.command("archive")
+@click.argument("exchange", type=click.Choice(list(SIM_EXCHANGES)))
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Binance: the archive's root folder (use file://<out> as archive_url). "
+    "Kraken: the zip to write.",
+)
+@click.option("--from", "from_", required=True, help="First day (UTC).")
+@click.option("--to", "to", required=True, help="End day, exclusive.")
+@click.option("--pairs", default=None, help="Comma-separated pairs, or N for N synthetic pairs.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--daily", is_flag=True, help="Binance: daily files only (no monthly ones).")
+def archive_command(
+    exchange: str, out: Path, from_: str, to: str, pairs: str | None, seed: int, daily: bool
+) -> None:
+    """Write the simulated market's published history: Binance US's archive layout (zips and
+    .CHECKSUM files) or a Kraken OHLCVT zip, for `klined import` without a network."""
+    start = _time_option(from_, "--from") or 0
+    end = _time_option(to, "--to") or 0
+    start -= start % DAY_MS
+    end -= end % DAY_MS
+    if end <= start:
+        raise click.UsageError("--to must be at least one whole day after --from")
+    market = Market(seed, cache_minutes=10)
+    chosen = _pairs_option(pairs)
+    if exchange == "binance":
+        files = write_binance(market, out, chosen, start, end, monthly=not daily, seed=seed)
+        click.echo(f'{len(files)} files under {out} (archive_url = "file://{out.resolve()}")')
+    else:
+        path = write_kraken_zip(market, out, chosen, start, end)
+        click.echo(f"wrote {path} ({len(chosen)} pairs, intervals 1, 5 and 60 minutes)")

@@ -187,6 +187,11 @@ def config_text(workdir: Path, sim: Simulator, options: DemoOptions) -> str:
             f"[exchanges.{exchange}]",
             f"ws_url = {_toml_str(ws_url)}",
             f"rest_url = {_toml_str(rest_url)}",
+            *(
+                [f"archive_url = {_toml_str(sim.binance_archive_url)}"]
+                if exchange == "binance"
+                else []
+            ),
             f"pairs = {pairs}",
             f"stale_after_s = {STALE_AFTER_S}",
             "connect_timeout_s = 5.0",

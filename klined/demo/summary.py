@@ -17,7 +17,7 @@ from klined.status import StatusSnapshot
 from klined.warehouse.database import Database
 
 GOLD_TABLES = ("5m", "15m", "30m", "1h", "4h", "1d")
-SOURCES = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")
+SOURCES = ("ws_final", "rest", "archive", "trades", "no_trades", "ws_partial", "missing")
 
 
 @dataclass(slots=True)
@@ -40,7 +40,8 @@ class CompletenessLine:
 
     @property
     def complete(self) -> int:
-        return sum(self.counts.get(s, 0) for s in ("ws_final", "rest", "trades", "no_trades"))
+        complete = ("ws_final", "rest", "archive", "trades", "no_trades")
+        return sum(self.counts.get(s, 0) for s in complete)
 
     @property
     def rate(self) -> float:
@@ -141,15 +142,16 @@ class Summary:
             )
             out.append("              (minutes, from monitoring.hourly_completeness)")
         out.append(
-            f"  {'':<9}{'expected':>9}{'ws_final':>9}{'rest':>7}{'trades':>7}{'no_trd':>7}"
-            f"{'partial':>8}{'missing':>8}{'rate':>9}"
+            f"  {'':<7}{'expected':>9}{'ws_final':>9}{'rest':>7}{'archive':>8}{'trades':>7}"
+            f"{'no_trd':>7}{'partial':>8}{'missing':>8}{'rate':>8}"
         )
         for c in self.completeness:
             k = c.counts
             out.append(
-                f"  {c.exchange:<9}{c.expected:>9,}{k.get('ws_final', 0):>9,}"
-                f"{k.get('rest', 0):>7,}{k.get('trades', 0):>7,}{k.get('no_trades', 0):>7,}"
-                f"{k.get('ws_partial', 0):>8,}{k.get('missing', 0):>8,}{c.rate:>9.2%}"
+                f"  {c.exchange:<7}{c.expected:>9,}{k.get('ws_final', 0):>9,}"
+                f"{k.get('rest', 0):>7,}{k.get('archive', 0):>8,}{k.get('trades', 0):>7,}"
+                f"{k.get('no_trades', 0):>7,}{k.get('ws_partial', 0):>8,}{k.get('missing', 0):>8,}"
+                f"{c.rate:>8.2%}"
             )
         if not self.completeness:
             out.append("  (none computed)")
@@ -215,7 +217,8 @@ async def completeness_lines(
     symbols = [p for ps in pairs.values() for p in ps]
     rows = await db.fetch(
         "SELECT h.exchange, count(*) AS rows, sum(h.expected) AS expected,"
-        " sum(h.ws_final) AS ws_final, sum(h.rest) AS rest, sum(h.trades) AS trades,"
+        " sum(h.ws_final) AS ws_final, sum(h.rest) AS rest, sum(h.archive) AS archive,"
+        " sum(h.trades) AS trades,"
         " sum(h.no_trades) AS no_trades, sum(h.ws_partial) AS ws_partial,"
         " sum(h.missing) AS missing"
         " FROM monitoring.hourly_completeness h"

@@ -14,6 +14,11 @@ A backfill is how klined starts tracking history: the range's start becomes the 
 pairs' coverage start (:mod:`klined.warehouse.coverage`) and their closed hours get pending
 completeness rows at once, so until the merge reaches an hour it counts as missing.
 
+With ``source`` ``auto`` (the default) each pair first loads what the exchange's published
+archive has of its missing minutes (:mod:`klined.jobs.backfill_archive`: Binance US's files
+for days before yesterday, Kraken's files in ``exchanges.kraken.archive_dir``), then fetches
+the rest over REST; ``rest`` never reads archives, ``archive`` never calls REST.
+
 Pairs run concurrently in a task group, bounded, sharing each exchange's limiter. Progress is
 checkpointed per exchange and pair in ``ops.backfill_progress`` (``done_through`` = the hour
 before which everything is in bronze), so an interrupted run resumes there; and since what is
@@ -33,7 +38,13 @@ from loguru import logger
 
 from klined.config import Config
 from klined.errors import UsageError
-from klined.jobs.chain import MERGE_STEPS, RUN_STEPS, ChainReport, run_chain
+from klined.jobs.archive_import import ImportResult
+from klined.jobs.backfill_archive import (
+    NOT_IN_ARCHIVE,
+    BackfillArchives,
+    check_source,
+)
+from klined.jobs.chain import RUN_STEPS, ChainReport, run_chain
 from klined.jobs.completeness import mark_pending
 from klined.jobs.fetcher import REQUEST_FAILED, PairReport
 from klined.jobs.gapfill import (
@@ -43,8 +54,8 @@ from klined.jobs.gapfill import (
     fill_pair_range,
     wanted_minutes,
 )
-from klined.jobs.gapplan import Estimate, estimate, plan_windows
 from klined.jobs.ingest import ingest_for
+from klined.jobs.merge import Merger, load_and_merge
 from klined.jobs.progress import Progress
 from klined.jobs.scheduler import closed_end_ms
 from klined.model import (
@@ -62,11 +73,6 @@ from klined.rest.client import RestClient
 from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database
 
-#: Hours merged per call of the chain (which takes the lock hour by hour anyway).
-MERGE_BATCH_HOURS = 24
-#: How often the merger looks for hours every pair has passed.
-MERGE_POLL_S = 1.0
-
 #: Reasons a minute stays missing that a later run may fix (failed requests: exit code 1).
 RETRYABLE = REQUEST_FAILED
 
@@ -81,6 +87,7 @@ class BackfillRequest:
     end_ms: int
     pairs: dict[str, list[Pair]]  # exchange -> pairs
     note: str = ""  # e.g. the end was clamped to now
+    source: str = "auto"  # auto | rest | archive
 
 
 def ceil_hour(ms: int) -> int:
@@ -95,6 +102,7 @@ def resolve_request(
     pairs: Sequence[str] = (),
     *,
     now_ms: int,
+    source: str = "auto",
 ) -> BackfillRequest:
     """Validate the command's arguments against the config; every problem is a UsageError."""
     try:
@@ -143,7 +151,8 @@ def resolve_request(
     out = {ex: ps for ex, ps in out.items() if ps}
     if not out:
         raise UsageError("no pairs to backfill: the selected exchanges have no pairs configured")
-    return BackfillRequest(lo, hi, out, note)
+    check_source(cfg, source, out)
+    return BackfillRequest(lo, hi, out, note, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,11 +225,12 @@ class BackfillResult:
     reports: list[PairReport] = field(default_factory=list)
     merges: list[ChainReport] = field(default_factory=list)
     duration_s: float = 0.0
+    archive: ImportResult = field(default_factory=ImportResult)  # archive problems and notes
     published: ChainReport | None = None  # the publish run after the merges
 
     @property
     def rows(self) -> int:
-        return sum(r.fetched + r.no_trades for r in self.reports)
+        return sum(r.fetched + r.no_trades + r.archive for r in self.reports)
 
     @property
     def merged_ok(self) -> bool:
@@ -235,68 +245,6 @@ class BackfillResult:
         return (
             self.merged_ok and not self.retryable_missing and not any(r.error for r in self.reports)
         )
-
-
-class _Merger:
-    """Merges (silver, gold, completeness) each exchange's hours once all its pairs passed them."""
-
-    def __init__(
-        self,
-        db: Database,
-        cfg: Config,
-        start_ms: int,
-        reports: Mapping[str, list[PairReport]],
-        dirty: Mapping[str, set[int]],
-        result: BackfillResult,
-        progress: Progress | None = None,
-    ) -> None:
-        self.db = db
-        self.cfg = cfg
-        self.start_ms = start_ms
-        self.reports = reports
-        self.pending = {ex: set(hours) for ex, hours in dirty.items()}
-        self.merged: dict[str, set[int]] = {ex: set() for ex in reports}
-        self.result = result
-        self.progress = progress
-
-    def _waiting(self, holder: str) -> None:
-        if self.progress is not None:
-            self.progress.waiting_for = holder
-
-    def _ready(self, ex: str, final: bool) -> list[int]:
-        reps = self.reports[ex]
-        todo = self.pending.setdefault(ex, set())
-        for r in reps:
-            todo.update(r.hours)
-        todo -= self.merged[ex]
-        if final:
-            return sorted(todo)
-        frontier = min((r.through for r in reps), default=self.start_ms)
-        return sorted(h for h in todo if h + HOUR_MS <= frontier)
-
-    async def merge(self, final: bool = False) -> None:
-        for ex in self.reports:
-            hours = self._ready(ex, final)
-            for i in range(0, len(hours), MERGE_BATCH_HOURS):
-                batch = hours[i : i + MERGE_BATCH_HOURS]
-                report = await run_chain(
-                    self.db, self.cfg, batch, trigger="backfill", steps=MERGE_STEPS,
-                    exchange=ex, lock_wait_s=None, maintain_partitions=False,
-                    on_wait=self._waiting,
-                )  # fmt: skip
-                if self.progress is not None:
-                    self.progress.waiting_for = ""
-                self.result.merges.append(report)
-                self.merged[ex].update(batch)
-
-    async def run(self, done: anyio.Event) -> None:
-        """Merge what is ready every poll while fetching; everything left once it is done."""
-        while not done.is_set():
-            with anyio.move_on_after(MERGE_POLL_S):
-                await done.wait()
-            if not done.is_set():
-                await self.merge()
-        await self.merge(final=True)
 
 
 async def run_backfill(
@@ -333,8 +281,31 @@ async def run_backfill(
     )
     await mark_pending(db, closed_end_ms(cfg, now))
     dirty = await dirty_hours(db, start, end)
-    merger = _Merger(db, cfg, start, reports, dirty, result, progress)
-    fetched = anyio.Event()
+
+    def frontier(ex: str) -> int:
+        return min((r.through for r in reports[ex]), default=start)
+
+    merger = Merger(
+        db,
+        cfg,
+        reports,
+        touched=lambda ex: (h for r in reports[ex] for h in r.hours),
+        is_ready=lambda ex, hour: hour + HOUR_MS <= frontier(ex),
+        initial=dirty,
+        reports=result.merges,
+        progress=progress,
+    )
+    archives = BackfillArchives(db, cfg, request.source, start, end, now, lake=ingest.lake)
+    result.archive = archives.result
+
+    async def archive_first(ex: str, pair: Pair, resume: int, rep: PairReport) -> set[int]:
+        """What the archive has of the pair's missing minutes; the hours that got rows."""
+        if not archives.enabled(ex):
+            return set()
+        wanted = await wanted_minutes(
+            db, ex, pair, resume, end, now, refetch=refetch, bronze_hours=dirty.get(ex, ())
+        )
+        return await archives.load(ex, pair, wanted, rep)
 
     async def one_pair(
         client: RestClient, pair: Pair, rep: PairReport, gate: anyio.CapacityLimiter
@@ -354,14 +325,23 @@ async def run_backfill(
                     await save_checkpoint(db, backfill_id, hour)
 
             status, detail = "failed", "interrupted"
+            ex = client.exchange
             try:
-                await fill_pair_range(
-                    db, client, pair, resume, end, ingest=ingest, now_ms=now, refetch=refetch,
-                    bronze_hours=dirty.get(client.exchange, ()), reason="backfill",
-                    report=rep, on_progress=checkpoint,
-                )  # fmt: skip
+                loaded = await archive_first(ex, pair, resume, rep)
+                bronze_hours = set(dirty.get(ex, ())) | loaded
+                if request.source == "archive":
+                    await leave_missing(db, ex, pair, resume, end, now, rep, bronze_hours)
+                    await checkpoint(end)
+                else:
+                    await fill_pair_range(
+                        db, client, pair, resume, end, ingest=ingest, now_ms=now,
+                        refetch=refetch, bronze_hours=bronze_hours, reason="backfill",
+                        report=rep, on_progress=checkpoint,
+                    )  # fmt: skip
                 status = "done"
                 detail = f"fetched {rep.fetched}, no-trade {rep.no_trades}"
+                if rep.archive:
+                    detail += f", archive {rep.archive}"
                 if rep.still_missing:
                     detail += f", missing {rep.still_missing}: " + ", ".join(
                         f"{why} ({n})" for why, n in rep.missing.most_common()
@@ -380,24 +360,14 @@ async def run_backfill(
                 await close_checkpoint(db, backfill_id, status, detail)
 
     async def fetch_all() -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                for ex, plist in by_exchange.items():
-                    gate = anyio.CapacityLimiter(max(1, concurrency))
-                    for pair, rep in zip(plist, reports[ex], strict=True):
-                        tg.start_soon(one_pair, clients[ex], pair, rep, gate)
-        finally:
-            fetched.set()
-            if progress is not None:
-                progress.stage = "merging"
-
-    async with anyio.create_task_group() as outer:
-        if progress is not None:
-            outer.start_soon(progress.run)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(merger.run, fetched)
-            tg.start_soon(fetch_all)
-        outer.cancel_scope.cancel()
+            for ex, plist in by_exchange.items():
+                gate = anyio.CapacityLimiter(max(1, concurrency))
+                for pair, rep in zip(plist, reports[ex], strict=True):
+                    tg.start_soon(one_pair, clients[ex], pair, rep, gate)
+
+    async with archives:
+        await load_and_merge(fetch_all, merger, progress)
     if cfg.publish.enabled and any(m.hours for m in result.merges):
         # the days the merges changed, as Parquet datasets (queued by gold, published once)
         result.published = await run_chain(
@@ -408,90 +378,20 @@ async def run_backfill(
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# --dry-run
-
-
-@dataclass(slots=True)
-class DryRunLine:
-    exchange: str
-    symbol: str
-    minutes: int
-    estimate: Estimate
-
-
-async def dry_run(
+async def leave_missing(
     db: Database,
-    cfg: Config,
-    clients: Mapping[str, RestClient],
-    request: BackfillRequest,
-    *,
-    refetch: bool = False,
-    now_ms: int | None = None,
-) -> list[DryRunLine]:
-    """What a real run would fetch: minutes, requests and time at the rate limit."""
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
-    start, end = request.start_ms, request.end_ms
-    dirty = await dirty_hours(db, start, end)
-    by_exchange = await configured_pairs(db, cfg, list(request.pairs), request.pairs)
-    lines = []
-    for ex, plist in by_exchange.items():
-        client = clients[ex]
-        limits = client.limits
-        cost_candles = client.adapter.candles_request(plist[0], start, end).cost if plist else 1
-        trades_req = getattr(client.adapter, "trades_request", None)
-        cost_trades = trades_req(plist[0], "0").cost if trades_req and plist else cost_candles
-        for pair in plist:
-            wanted = await wanted_minutes(
-                db, ex, pair, start, end, now, refetch=refetch, bronze_hours=dirty.get(ex, ())
-            )
-            windows = plan_windows(
-                wanted, now, limits.max_candles_per_request, limits.ohlc_window_candles
-            )
-            est = estimate(
-                len(wanted), windows, cost_candles, cost_trades, client.limiter.rate_per_s()
-            )
-            lines.append(DryRunLine(ex, str(pair), len(wanted), est))
-    return lines
-
-
-def _requests(line: DryRunLine) -> int:
-    return line.estimate.candle_requests + line.estimate.trades_requests
-
-
-def dry_run_table(lines: list[DryRunLine]) -> str:
-    from klined.jobs.progress import fmt_duration
-
-    head = ("exchange", "pair", "minutes", "requests", "est. time")
-    rows = [
-        (
-            ln.exchange,
-            ln.symbol,
-            f"{ln.minutes:,}",
-            f"{_requests(ln):,}" + ("*" if ln.estimate.trades_requests else ""),
-            fmt_duration(ln.estimate.seconds),
-        )
-        for ln in lines
-    ]
-    for ex in sorted({ln.exchange for ln in lines}):
-        mine = [ln for ln in lines if ln.exchange == ex]
-        rows.append(
-            (
-                ex,
-                "TOTAL",
-                f"{sum(ln.minutes for ln in mine):,}",
-                f"{sum(_requests(ln) for ln in mine):,}",
-                fmt_duration(sum(ln.estimate.seconds for ln in mine)),  # pairs share one budget
-            )
-        )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    out = [
-        "  ".join(
-            c.rjust(w) if i >= 2 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [head, *rows]
-    ]
-    if any(ln.estimate.trades_requests for ln in lines):
-        out.append("* includes Trades pages, estimated (their number depends on market activity)")
-    return "\n".join(line.rstrip() for line in out)
+    exchange: str,
+    pair: Pair,
+    start: int,
+    end: int,
+    now: int,
+    rep: PairReport,
+    bronze_hours: set[int],
+) -> None:
+    """``--source archive``: what the archive did not have stays missing, said so."""
+    left = await wanted_minutes(db, exchange, pair, start, end, now, bronze_hours=bronze_hours)
+    rep.wanted += len(left)
+    rep.done += len(left)
+    if left:
+        rep.missing[NOT_IN_ARCHIVE] += len(left)
+    rep.through = end

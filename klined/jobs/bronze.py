@@ -20,6 +20,10 @@ the part. Other parts are fetched a few at a time concurrently, ahead of the COP
 A loaded part is proof its pair was captured in its hour, so the same transaction starts the
 pair's coverage there if it started later (:mod:`klined.warehouse.coverage`).
 
+The chain loads an hour's parts (:func:`load_hour`); a producer that wrote parts itself loads
+them by name (:func:`load_parts`), a given number of hours per transaction (an archive file: a
+month's worth), with a last statement of its own in the last transaction (its ledger row).
+
 One bad part never stops an hour:
 
 * A part that cannot be read (permissions, an I/O error, gone from disk and from S3, content
@@ -44,7 +48,7 @@ from __future__ import annotations
 import inspect
 import operator
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
@@ -366,7 +370,8 @@ def encode_csv(rows: Sequence[tuple[Any, ...]], lake_key: str | None) -> bytes:
     return "".join(",".join(map(_csv_value, row)) + "," + key_text + "\n" for row in rows).encode()
 
 
-async def _copy(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
+async def copy_csv(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
+    """COPY CSV chunks (``encode_csv``) into bronze on the caller's connection."""
     await conn.copy_to_table(
         "bronze_ohlcv_native",
         schema_name="bronze",
@@ -402,7 +407,8 @@ class _Batch:
     def __init__(self) -> None:
         self.stats: dict[str, _PartStats] = {}
         self.dirty: set[tuple[str, int]] = set()
-        self.pairs: set[tuple[str, str]] = set()  # (exchange, symbol) captured in the hour
+        #: (exchange, symbol) -> the first hour it was captured in, in this batch
+        self.pairs: dict[tuple[str, str], int] = {}
 
 
 def _why(exc: BaseException) -> str:
@@ -478,123 +484,151 @@ def _decode(
     return inside, records
 
 
+#: what runs last inside a batch's transaction (:func:`load_parts`' ``finish``)
+Finish = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
 async def _load_batch(
     db: Database,
-    hour: int,
+    hours: Sequence[int],
     refs: Sequence[Any],
     source: PartSource,
     careful: bool,
     reason: str = "lake_parts",
+    finish: Finish | None = None,
 ) -> _Batch:
+    """One transaction: claim ``refs`` (``hours[i]`` is the hour of ``refs[i]``), COPY the
+    claimed ones, record them; then ``finish(conn)``, whether any part was claimed or not."""
     batch = _Batch()
-    lo, hi = hour, hour + HOUR_MS
+    hour_of = {r.key: h for r, h in zip(refs, hours, strict=True)}
     async with db.transaction() as conn:
         # a part is claimed once; a quarantined one is claimed again (it may read now)
         claimed_keys = {
             r["lake_key"]
             for r in await conn.fetch(
                 "INSERT INTO ops.lake_parts AS p (lake_key, hour_start, exchange, size, rows)"
-                " SELECT k, $2, e, 0, 0 FROM unnest($1::text[], $3::text[]) AS t(k, e)"
+                " SELECT k, h, e, 0, 0"
+                " FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS t(k, h, e)"
                 " ON CONFLICT (lake_key) DO UPDATE SET status = 'loaded', reason = '',"
                 "   attempts = p.attempts + 1, loaded_at = now()"
                 " WHERE p.status = 'quarantined'"
                 " RETURNING lake_key",
                 [r.key for r in refs],
-                to_datetime(hour),
+                [to_datetime(h) for h in hours],
                 [_ref_exchange(r) for r in refs],
             )
         }
         claimed = [r for r in refs if r.key in claimed_keys]
-        if not claimed:
-            return batch
-
-        paths = [_local_path(source, r) for r in claimed]
-        local = [(r, p) for r, p in zip(claimed, paths, strict=True) if p is not None]
-        remote = [r for r, p in zip(claimed, paths, strict=True) if p is None]
-
-        async def parts_data(
-            fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
-        ) -> AsyncIterator[tuple[Any, bytes | Exception]]:
-            for n, (ref, path) in enumerate(local, 1):
-                data = _read_local(path)
-                yield ref, (data if data is not None else await _read_one(source, ref))
-                if n % YIELD_PARTS == 0:
-                    # a run of parts with no rows for the COPY never reaches its checkpoint
-                    await anyio.lowlevel.checkpoint()
-            async for item in fetched:
-                yield item
-
-        async def chunks(
-            parts: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
-        ) -> AsyncIterator[bytes]:
-            pending: list[bytes] = []
-            pending_size = 0
-            async for ref, data in parts_data(parts):
-                st = batch.stats[ref.key] = _PartStats()
-                if isinstance(data, Exception):
-                    st.quarantined = _why(data)
-                    continue
-                st.size = len(data)
-                try:
-                    inside, records = _decode(data, _folder_of(ref, hour), careful, lo, hi, st)
-                except Exception as exc:  # content no decoder makes sense of (e.g. bad gzip)
-                    st.quarantined = _why(exc)
-                    continue
-                st.rows = len(inside)
-                if not inside:
-                    continue
-                batch.dirty.update((e, hour) for e in set(map(_EXCHANGE, records)))
-                batch.pairs.update(map(_PAIR, records))
-                encoded = encode_csv(inside, ref.key)
-                pending.append(encoded)
-                pending_size += len(encoded)
-                if pending_size >= COPY_CHUNK:
-                    yield b"".join(pending)
-                    pending.clear()
-                    pending_size = 0
-                    # let the loop flush the socket (and other tasks run)
-                    await anyio.lowlevel.checkpoint()
-            if pending:
-                yield b"".join(pending)
-
-        # Readers run ahead in the background; the COPY's own exception is kept out of the
-        # task group so callers see it as itself, not wrapped in an ExceptionGroup.
-        failure: Exception | None = None
-        send, receive = anyio.create_memory_object_stream[tuple[Any, bytes | Exception]](READ_AHEAD)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_read_parts, source, remote, send)
-            async with receive:
-                try:
-                    await _copy(conn, chunks(receive))
-                except Exception as exc:
-                    failure = exc
-                    tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        keys = list(batch.stats)
-        await conn.execute(
-            "UPDATE ops.lake_parts p SET size = t.size, rows = t.n, bad_lines = t.bad,"
-            "   bad_line_numbers = t.nums::int[],"
-            "   status = CASE WHEN t.why = '' THEN 'loaded' ELSE 'quarantined' END,"
-            "   reason = t.why"
-            " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::text[],"
-            "   $6::text[]) AS t(k, size, n, bad, nums, why)"
-            " WHERE p.lake_key = t.k",
-            keys,
-            [batch.stats[k].size for k in keys],
-            [batch.stats[k].rows for k in keys],
-            [batch.stats[k].bad for k in keys],
-            [
-                "{" + ",".join(map(str, batch.stats[k].bad_numbers[:BAD_LINE_SAMPLE])) + "}"
-                for k in keys
-            ],
-            [batch.stats[k].quarantined for k in keys],
-        )
-        await mark_dirty_hours(conn, batch.dirty, reason)
-        # a part is proof the pair was captured in its hour: its coverage starts there at
-        # the latest (klined.warehouse.coverage)
-        await extend_coverage(conn, batch.pairs, hour)
+        if claimed:
+            await _copy_claimed(conn, claimed, hour_of, source, careful, reason, batch)
+        if finish is not None:
+            await finish(conn)
     return batch
+
+
+async def _copy_claimed(
+    conn: asyncpg.Connection,
+    claimed: Sequence[Any],
+    hour_of: dict[str, int],
+    source: PartSource,
+    careful: bool,
+    reason: str,
+    batch: _Batch,
+) -> None:
+    """COPY the claimed parts' rows, record their counts, mark their hours, extend coverage."""
+    paths = [_local_path(source, r) for r in claimed]
+    local = [(r, p) for r, p in zip(claimed, paths, strict=True) if p is not None]
+    remote = [r for r, p in zip(claimed, paths, strict=True) if p is None]
+
+    async def parts_data(
+        fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
+    ) -> AsyncIterator[tuple[Any, bytes | Exception]]:
+        for n, (ref, path) in enumerate(local, 1):
+            data = _read_local(path)
+            yield ref, (data if data is not None else await _read_one(source, ref))
+            if n % YIELD_PARTS == 0:
+                # a run of parts with no rows for the COPY never reaches its checkpoint
+                await anyio.lowlevel.checkpoint()
+        async for item in fetched:
+            yield item
+
+    async def chunks(
+        parts: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
+    ) -> AsyncIterator[bytes]:
+        pending: list[bytes] = []
+        pending_size = 0
+        async for ref, data in parts_data(parts):
+            st = batch.stats[ref.key] = _PartStats()
+            if isinstance(data, Exception):
+                st.quarantined = _why(data)
+                continue
+            st.size = len(data)
+            hour = hour_of[ref.key]
+            folder = _folder_of(ref, hour)
+            try:
+                inside, records = _decode(data, folder, careful, hour, hour + HOUR_MS, st)
+            except Exception as exc:  # content no decoder makes sense of (e.g. bad gzip)
+                st.quarantined = _why(exc)
+                continue
+            st.rows = len(inside)
+            if not inside:
+                continue
+            batch.dirty.update((e, hour) for e in set(map(_EXCHANGE, records)))
+            for pair in set(map(_PAIR, records)):
+                batch.pairs[pair] = min(hour, batch.pairs.get(pair, hour))
+            encoded = encode_csv(inside, ref.key)
+            pending.append(encoded)
+            pending_size += len(encoded)
+            if pending_size >= COPY_CHUNK:
+                yield b"".join(pending)
+                pending.clear()
+                pending_size = 0
+                # let the loop flush the socket (and other tasks run)
+                await anyio.lowlevel.checkpoint()
+        if pending:
+            yield b"".join(pending)
+
+    # Readers run ahead in the background; the COPY's own exception is kept out of the
+    # task group so callers see it as itself, not wrapped in an ExceptionGroup.
+    failure: Exception | None = None
+    send, receive = anyio.create_memory_object_stream[tuple[Any, bytes | Exception]](READ_AHEAD)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_read_parts, source, remote, send)
+        async with receive:
+            try:
+                await copy_csv(conn, chunks(receive))
+            except Exception as exc:
+                failure = exc
+                tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    keys = list(batch.stats)
+    await conn.execute(
+        "UPDATE ops.lake_parts p SET size = t.size, rows = t.n, bad_lines = t.bad,"
+        "   bad_line_numbers = t.nums::int[],"
+        "   status = CASE WHEN t.why = '' THEN 'loaded' ELSE 'quarantined' END,"
+        "   reason = t.why"
+        " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::text[],"
+        "   $6::text[]) AS t(k, size, n, bad, nums, why)"
+        " WHERE p.lake_key = t.k",
+        keys,
+        [batch.stats[k].size for k in keys],
+        [batch.stats[k].rows for k in keys],
+        [batch.stats[k].bad for k in keys],
+        [
+            "{" + ",".join(map(str, batch.stats[k].bad_numbers[:BAD_LINE_SAMPLE])) + "}"
+            for k in keys
+        ],
+        [batch.stats[k].quarantined for k in keys],
+    )
+    await mark_dirty_hours(conn, batch.dirty, reason)
+    # a part is proof the pair was captured in its hour: its coverage starts there at
+    # the latest (klined.warehouse.coverage)
+    by_hour: dict[int, list[tuple[str, str]]] = {}
+    for pair, first in batch.pairs.items():
+        by_hour.setdefault(first, []).append(pair)
+    for first, pairs in sorted(by_hour.items()):
+        await extend_coverage(conn, pairs, first)
 
 
 def _missing_partition(exc: BaseException) -> bool:
@@ -646,7 +680,7 @@ async def load_hour(
     size = max(1, batch_parts)
     for start in range(0, len(todo), size):
         group = todo[start : start + size]
-        batch = await _load_group(db, hour, group, parts, details, "lake_parts")
+        batch = await _load_group(db, [hour] * len(group), group, parts, details, "lake_parts")
         stats = batch.stats
         quarantined = {k: st for k, st in stats.items() if st.quarantined}
         for key, st in quarantined.items():
@@ -695,46 +729,71 @@ async def quarantined_parts(
 
 async def _load_group(
     db: Database,
-    hour: int,
+    hours: Sequence[int],
     group: Sequence[Any],
     parts: PartSource,
     details: dict[str, int],
     reason: str,
+    finish: Finish | None = None,
 ) -> _Batch:
     """One batch transaction; a value the server refuses makes it redo the batch carefully."""
     try:
-        return await _load_batch(db, hour, group, parts, careful=False, reason=reason)
+        return await _load_batch(db, hours, group, parts, False, reason, finish)
     except _SERVER_REFUSED as exc:
         if _missing_partition(exc):
             db.forget_partitions()
-            await db.ensure_partitions([hour])
+            await db.ensure_partitions(hours)
         else:
             logger.warning(
                 "bronze {}: the server refused a value ({}); loading {} parts carefully",
-                iso(hour),
+                iso(min(hours, default=0)),
                 exc,
                 len(group),
             )
             details["careful_batches"] = details.get("careful_batches", 0) + 1
-        return await _load_batch(db, hour, group, parts, careful=True, reason=reason)
+        return await _load_batch(db, hours, group, parts, True, reason, finish)
 
 
 async def load_parts(
-    db: Database, refs: Sequence[Any], parts: PartSource, *, reason: str = "lake_parts"
+    db: Database,
+    refs: Sequence[Any],
+    parts: PartSource,
+    *,
+    reason: str = "lake_parts",
+    hours_per_batch: int = 1,
+    finish: Finish | None = None,
 ) -> int:
     """Load these parts (refs with ``key``, ``hour_ms``, ideally ``exchange`` and
     ``local_path``) through the ledger, each exactly once; mark their hours dirty with
-    ``reason``. Returns the rows loaded (0 for parts a loader took before)."""
+    ``reason``. Returns the rows loaded (0 for parts a loader took before).
+
+    One transaction per ``hours_per_batch`` hours of parts, oldest first (every partition a
+    transaction writes stays locked until it commits: a month of hours is fine, a year
+    overflows the server's lock table). ``finish(conn)`` runs last inside the last batch's
+    transaction (even when another loader had claimed every part of it), so what it writes
+    commits with the last rows; with no parts at all it runs in a transaction of its own.
+    """
     by_hour: dict[int, list[Any]] = {}
     for ref in refs:
         by_hour.setdefault(floor_hour(ref.hour_ms), []).append(ref)
     if not by_hour:
+        if finish is not None:
+            async with db.transaction() as conn:
+                await finish(conn)
         return 0
     await db.ensure_partitions(by_hour)
+    ordered = sorted(by_hour.items())
+    size = max(1, hours_per_batch)
     rows = 0
     details: dict[str, int] = {}
-    for hour, group in sorted(by_hour.items()):
-        batch = await _load_group(db, hour, group, parts, details, reason)
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start : start + size]
+        group = [ref for _, refs_of_hour in chunk for ref in refs_of_hour]
+        hours = [hour for hour, refs_of_hour in chunk for _ in refs_of_hour]
+        last = start + size >= len(ordered)
+        batch = await _load_group(
+            db, hours, group, parts, details, reason, finish if last else None
+        )
         rows += sum(s.rows for s in batch.stats.values())
     return rows
 
@@ -772,6 +831,6 @@ async def insert_candles(
     await db.ensure_partitions(h for _, h in hours)
     payload = encode_csv(rows, lake_key)
     async with db.transaction() as conn:
-        await _copy(conn, _one_chunk(payload))
+        await copy_csv(conn, _one_chunk(payload))
         await mark_dirty_hours(conn, hours, reason)
     return len(rows)

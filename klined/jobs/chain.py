@@ -506,7 +506,9 @@ async def run_chain(
                 status.last_result = report.summary()
     # a scheduler that does not publish its status logs its own progress
     if (report.hours or report.publish is not None) and publish_status:
-        logger.info("chain ({}): {}", trigger, report.summary())
+        # a backfill's or an import's merges come by the hundred and have their own progress
+        quiet = trigger in ("backfill", "import") and report.ok
+        logger.log("DEBUG" if quiet else "INFO", "chain ({}): {}", trigger, report.summary())
     return report
 
 

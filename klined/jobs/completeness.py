@@ -11,7 +11,7 @@ Two writers, one table:
   processed is never absent from the denominator (the daemon calls it as hours close, the
   chain and backfill commands when they start);
 * :func:`refresh_hour`, the chain's last step, counts silver by source for a processed hour
-  and clears ``pending``. ``missing`` is what is left, so ws_final + rest + trades +
+  and clears ``pending``. ``missing`` is what is left, so ws_final + rest + archive + trades +
   no_trades + ws_partial + missing = 60 always; the completion rate counts every source but
   ws_partial. Rows are written only when they change (``refreshed_at`` is when they last did),
   so a re-run writes nothing.
@@ -31,7 +31,8 @@ STEP = "completeness"
 EXPECTED_PER_HOUR = 60
 
 _COUNTS = (
-    "expected, ws_final, rest, trades, no_trades, ws_partial, missing, completion_rate, pending"
+    "expected, ws_final, rest, archive, trades, no_trades, ws_partial, missing, completion_rate,"
+    " pending"
 )
 _F_COUNTS = ", ".join(f"f.{c.strip()}" for c in _COUNTS.split(","))
 
@@ -46,6 +47,7 @@ c AS (
     SELECT s.exchange, s.symbol,
            count(*) FILTER (WHERE s.source = 'ws_final')::int AS ws_final,
            count(*) FILTER (WHERE s.source = 'rest')::int AS rest,
+           count(*) FILTER (WHERE s.source = 'archive')::int AS archive,
            count(*) FILTER (WHERE s.source = 'trades')::int AS trades,
            count(*) FILTER (WHERE s.source = 'no_trades')::int AS no_trades,
            count(*) FILTER (WHERE s.source = 'ws_partial')::int AS ws_partial
@@ -57,14 +59,15 @@ c AS (
 n AS (
     SELECT p.exchange, p.symbol, $1::timestamptz AS hour_start, $4::int AS expected,
            coalesce(c.ws_final, 0) AS ws_final, coalesce(c.rest, 0) AS rest,
+           coalesce(c.archive, 0) AS archive,
            coalesce(c.trades, 0) AS trades, coalesce(c.no_trades, 0) AS no_trades,
            coalesce(c.ws_partial, 0) AS ws_partial
     FROM p LEFT JOIN c ON c.exchange = p.exchange AND c.symbol = p.symbol
 ),
 f AS (
     SELECT n.*,
-           expected - (ws_final + rest + trades + no_trades + ws_partial) AS missing,
-           round((ws_final + rest + trades + no_trades)::numeric / expected, 4)
+           expected - (ws_final + rest + archive + trades + no_trades + ws_partial) AS missing,
+           round((ws_final + rest + archive + trades + no_trades)::numeric / expected, 4)
                AS completion_rate,
            false AS pending
     FROM n
@@ -74,14 +77,14 @@ chg AS (
     LEFT JOIN monitoring.hourly_completeness h
            ON h.exchange = f.exchange AND h.symbol = f.symbol AND h.hour_start = f.hour_start
     WHERE h.exchange IS NULL OR ({_F_COUNTS}) IS DISTINCT FROM
-          (h.expected, h.ws_final, h.rest, h.trades, h.no_trades, h.ws_partial, h.missing,
-           h.completion_rate, h.pending)
+          (h.expected, h.ws_final, h.rest, h.archive, h.trades, h.no_trades, h.ws_partial,
+           h.missing, h.completion_rate, h.pending)
 )
 INSERT INTO monitoring.hourly_completeness AS h (exchange, symbol, hour_start, {_COUNTS})
 SELECT exchange, symbol, hour_start, {_COUNTS} FROM chg
 ON CONFLICT (exchange, symbol, hour_start) DO UPDATE
    SET expected = EXCLUDED.expected, ws_final = EXCLUDED.ws_final, rest = EXCLUDED.rest,
-       trades = EXCLUDED.trades, no_trades = EXCLUDED.no_trades,
+       archive = EXCLUDED.archive, trades = EXCLUDED.trades, no_trades = EXCLUDED.no_trades,
        ws_partial = EXCLUDED.ws_partial, missing = EXCLUDED.missing,
        completion_rate = EXCLUDED.completion_rate, pending = false, refreshed_at = now()
 RETURNING 1
@@ -125,7 +128,7 @@ async def refresh_hour(db: Database, hour_ms: int, exchange: str | None = None) 
         written = await conn.fetch(REFRESH_SQL, start, end, exchange, EXPECTED_PER_HOUR)
         totals = await conn.fetchrow(
             "SELECT count(*) AS pairs,"
-            " coalesce(sum(ws_final + rest + trades + no_trades), 0) AS complete,"
+            " coalesce(sum(ws_final + rest + archive + trades + no_trades), 0) AS complete,"
             " coalesce(sum(ws_partial), 0) AS ws_partial, coalesce(sum(missing), 0) AS missing"
             " FROM monitoring.hourly_completeness h"
             " WHERE hour_start = $1 AND ($2::text IS NULL OR exchange = $2)"

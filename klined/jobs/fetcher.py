@@ -88,6 +88,8 @@ class PairReport:
     hours: set[int] = field(default_factory=set)  # hours that received rows
     through: int = 0  # every wanted minute before this is in bronze (or given up on)
     error: str = ""  # the run for this pair failed outright (not an exchange refusal)
+    archive: int = 0  # rows loaded from the exchange's archive files (backfill)
+    archive_files: int = 0
 
     @property
     def still_missing(self) -> int:

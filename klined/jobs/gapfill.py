@@ -28,7 +28,16 @@ from klined.jobs.fetcher import PairFetcher, PairReport
 from klined.jobs.gapplan import SETTLED, SETTLED_REFETCH, closed_range
 from klined.jobs.ingest import LakeIngest, ingest_for
 from klined.jobs.ops import StepResult
-from klined.model import HOUR_MS, MINUTE_MS, Candle, Pair, floor_hour, plain_decimal, to_datetime
+from klined.model import (
+    HOUR_MS,
+    MINUTE_MS,
+    SETTLED_RANK,
+    Candle,
+    Pair,
+    floor_hour,
+    plain_decimal,
+    to_datetime,
+)
 from klined.rest.client import RestClient
 from klined.warehouse.database import Database
 
@@ -171,21 +180,23 @@ async def settled_close_before(db: Database, exchange: str, pair: Pair, minute: 
     async with db.acquire() as conn:
         value = await conn.fetchval(
             "SELECT close::text FROM silver.fact_ohlcv"
-            " WHERE exchange = $1 AND symbol = $2 AND interval_start = $3 AND rank <= 4",
+            " WHERE exchange = $1 AND symbol = $2 AND interval_start = $3 AND rank <= $4",
             exchange,
             str(pair),
             prev,
+            SETTLED_RANK,
         )
         if value is None:
             value = await conn.fetchval(
                 "SELECT close::text FROM bronze.bronze_ohlcv_native"
                 " WHERE exchange = $1 AND symbol = $2 AND interval_start = $3"
-                "   AND ops.source_rank(source, is_final) <= 4"
+                "   AND ops.source_rank(source, is_final) <= $4"
                 " ORDER BY ops.source_rank(source, is_final), event_ts DESC, ingestion_ts DESC"
                 " LIMIT 1",
                 exchange,
                 str(pair),
                 prev,
+                SETTLED_RANK,
             )
     return plain_decimal(value) if value is not None else None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from klined.model import MINUTE_MS, Source, floor_minute
 
 #: Sources that settle a minute for the gap-filler: nothing to fetch.
-SETTLED = frozenset({Source.WS_FINAL, Source.REST, Source.TRADES, Source.NO_TRADES})
+SETTLED = frozenset({Source.WS_FINAL, Source.REST, Source.ARCHIVE, Source.TRADES, Source.NO_TRADES})
 #: With ``refetch``, only a final WS candle settles a minute (REST rows are re-verified).
 SETTLED_REFETCH = frozenset({Source.WS_FINAL})
 
@@ -70,14 +70,14 @@ def wanted_minutes(
     return [m for m in closed_range(start_ms, end_ms, now_ms) if sources.get(m) not in settled]
 
 
-def runs(minutes: Iterable[int]) -> list[tuple[int, int]]:
-    """Contiguous runs ``[start, end)`` of sorted minute starts."""
+def runs(minutes: Iterable[int], step: int = MINUTE_MS) -> list[tuple[int, int]]:
+    """Contiguous runs ``[start, end)`` of sorted minute (or ``step``-long) starts."""
     out: list[tuple[int, int]] = []
     for m in minutes:
         if out and out[-1][1] == m:
-            out[-1] = (out[-1][0], m + MINUTE_MS)
+            out[-1] = (out[-1][0], m + step)
         else:
-            out.append((m, m + MINUTE_MS))
+            out.append((m, m + step))
     return out
 
 

@@ -308,18 +308,38 @@ async def has_lake_drops(db: Database, hour_ms: int) -> bool:
 
 async def settle_lake_drops(db: Database, hour_ms: int) -> int:
     """Mark dropped ranges touching the hour repaired once every minute of them has a silver
-    candle better than a partial one; return how many were settled."""
-    status = await db.execute(
-        "UPDATE monitoring.stream_incidents i SET repaired_at = now()"
+    candle better than a partial one; return how many were settled.
+
+    Each range is checked by a statement of its own with its bounds as values, so the planner
+    opens only the silver partitions of its hours: one statement reading the bounds from the
+    incidents would open (and lock) every partition of silver, and a year of hourly partitions
+    overflows the server's lock table ("out of shared memory")."""
+    found = await db.fetch(
+        "SELECT incident_id, exchange, symbol, started_at, ended_at"
+        " FROM monitoring.stream_incidents"
         " WHERE kind = 'lake_dropped' AND repaired_at IS NULL"
-        "   AND started_at < $2 AND ended_at > $1"
-        "   AND NOT EXISTS ("
-        "     SELECT 1 FROM generate_series(i.started_at, i.ended_at - interval '1 minute',"
-        "                                   interval '1 minute') m"
-        "     WHERE NOT EXISTS (SELECT 1 FROM silver.fact_ohlcv s"
-        "       WHERE s.exchange = i.exchange AND s.symbol = i.symbol AND s.interval_start = m"
-        "         AND s.source <> 'ws_partial'))",
+        "   AND started_at < $2 AND ended_at > $1",
         to_datetime(hour_ms),
         to_datetime(hour_ms + 3_600_000),
     )
-    return int(status.split()[-1])
+    settled = 0
+    for r in found:
+        status = await db.execute(
+            "UPDATE monitoring.stream_incidents SET repaired_at = now()"
+            " WHERE incident_id = $1 AND repaired_at IS NULL"
+            "   AND NOT EXISTS ("
+            "     SELECT 1 FROM generate_series($4::timestamptz,"
+            "                                   $5::timestamptz - interval '1 minute',"
+            "                                   interval '1 minute') m"
+            "     WHERE NOT EXISTS (SELECT 1 FROM silver.fact_ohlcv s"
+            "       WHERE s.exchange = $2 AND s.symbol = $3 AND s.interval_start = m"
+            "         AND s.interval_start >= $4 AND s.interval_start < $5"
+            "         AND s.source <> 'ws_partial'))",
+            r["incident_id"],
+            r["exchange"],
+            r["symbol"],
+            r["started_at"],
+            r["ended_at"],
+        )
+        settled += int(status.split()[-1])
+    return settled

@@ -1,11 +1,12 @@
 """``klined rebuild``: bronze, silver, gold and completeness for a range, from the lake alone.
 
-Everything that enters bronze enters the lake first (captured events, and the gap-fill's REST,
-trades and no-trade rows as ``fill_`` parts), so the lake is enough to rebuild the warehouse:
-after losing the database, on a new warehouse, or to repair a range. No exchange is asked for
-anything. The steps are the chain's own (:func:`klined.jobs.chain.run_chain` with ``bronze``,
-``silver``, ``gold``, ``completeness``; no flush, no gap-fill), under the chain's advisory lock,
-a day of hours per lock hold so a running daemon's chain is never starved.
+Everything that enters bronze enters the lake first (captured events, the gap-fill's REST,
+trades and no-trade rows as ``fill_`` parts, the exchanges' archive files as ``archive_``
+parts), so the lake is enough to rebuild the warehouse: after losing the database, on a new
+warehouse, or to repair a range. No exchange is asked for anything. The steps are the chain's
+own (:func:`klined.jobs.chain.run_chain` with ``bronze``, ``silver``, ``gold``,
+``completeness``; no flush, no gap-fill), under the chain's advisory lock, a day of hours per
+lock hold so a running daemon's chain is never starved.
 
 Idempotent: parts already in ``ops.lake_parts`` are not loaded again and the merges never
 rewrite an unchanged row, so a rebuild into an existing warehouse adds only what it lacked, and

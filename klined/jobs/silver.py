@@ -1,9 +1,9 @@
 """Silver: exactly one candle per (exchange, symbol, minute), chosen by precedence.
 
 Rank (``klined.model.SOURCE_RANK``, as ``ops.source_rank()`` computes it in SQL; lower wins):
-ws_final < rest < trades < no_trades < ws_partial. Within a rank the latest exchange event time
-wins, then the latest ingestion; the remaining columns only break exact ties, so the choice is
-a pure function of the events.
+ws_final < rest < archive < trades < no_trades < ws_partial. Within a rank the latest exchange
+event time wins, then the latest ingestion; the remaining columns only break exact ties, so the
+choice is a pure function of the events.
 
 Silver has two writers: the hourly merge (:func:`merge_hour`, the whole hour of bronze) and the
 live writer (:func:`upsert_candles`, a micro-batch of proven-final candles straight from the

@@ -11,8 +11,8 @@ A part is ``<key>.open`` (plain JSONL) while it is written and ``.jsonl.gz`` onc
 
 The hour is the candle's ``interval_start`` hour (UTC), never the arrival time. The writer id
 is 64 random bits per writer instance after a tag naming the writer (``s1of2_`` for a capture
-shard, ``fill_`` for gap-fill rows), so keys never collide across processes, restarts or hosts
-sharing one bucket.
+shard, ``fill_`` for gap-fill rows, ``archive_`` for archive files), so keys never collide
+across processes, restarts or hosts sharing one bucket.
 """
 
 from __future__ import annotations

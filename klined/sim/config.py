@@ -18,6 +18,9 @@ from klined.sim.market import (
 
 SIM_EXCHANGES = ("binance", "kraken")
 
+#: 2025-01-01T00:00:00Z: Binance's spot archives are in microseconds from here on
+ARCHIVE_MICROS_FROM = 1_735_689_600_000
+
 
 @dataclass(kw_only=True)
 class SimConfig:
@@ -79,6 +82,15 @@ class SimConfig:
     binance_pong_timeout_s: float = 600.0
     binance_connection_lifetime_s: float = 86_400.0
 
+    #: Binance US's archive (``sim.archive``): on its own port, like its own host
+    binance_archive_port: int = 0
+    #: a month's file appears this many sim days after the month (days: the next day)
+    binance_archive_monthly_delay_days: int = 0
+    #: files from this sim time on have microsecond timestamps (Binance: 2025-01-01)
+    binance_archive_micros_from: int = ARCHIVE_MICROS_FROM
+    #: which files start with a header row: "never", "always" or "mixed" (a seeded half)
+    binance_archive_header: str = "mixed"
+
     kraken_heartbeat_s: float = 1.0
     #: minutes of candles in the ohlc subscribe snapshot (traded ones; at least the last one)
     kraken_snapshot_minutes: int = 5
@@ -100,6 +112,8 @@ class SimConfig:
             raise ValueError("replay_end must be 'close' or 'idle'")
         if self.binance_unknown_symbol not in ("silent", "error"):
             raise ValueError("binance_unknown_symbol must be 'silent' or 'error'")
+        if self.binance_archive_header not in ("never", "always", "mixed"):
+            raise ValueError("binance_archive_header must be 'never', 'always' or 'mixed'")
         if self.kraken_ohlc_quiet not in ("omit", "flat"):
             raise ValueError("kraken_ohlc_quiet must be 'omit' or 'flat'")
         for p in [*self.pairs, *self.binance_extra_pairs, *(self.listed or {}).get("binance", ())]:

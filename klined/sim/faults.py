@@ -30,6 +30,10 @@ matching request from 1): ``http_429`` (Binance 429 + Retry-After; Kraken
 ``EGeneral:Too many requests``), ``http_418`` (Binance ban + Retry-After), ``http_5xx``
 (``status``, default 503), ``slow`` (answer after ``duration_s``), ``timeout`` (never answer:
 hold for ``duration_s`` then reset the connection).
+
+Archive kinds (``exchange``, ``endpoint`` = part of the file name, e.g. ``BTCUSD-1m-2026-01``;
+decided once per file, see :mod:`klined.sim.archive`): ``archive_missing``,
+``archive_bad_checksum``, ``archive_truncated``, ``archive_bad_row``, ``archive_revised``.
 """
 
 from __future__ import annotations
@@ -40,12 +44,18 @@ from pathlib import Path
 
 import msgspec
 
+from klined.sim.clock import wall_ms
+
 WS_KINDS = frozenset(
     {"close", "disconnect", "stall", "malformed", "out_of_order", "duplicate", "late_final"}
 )
 SUBSCRIBE_KINDS = frozenset({"subscribe_error"})
 REST_KINDS = frozenset({"http_429", "http_418", "http_5xx", "slow", "timeout"})
-FAULT_KINDS = WS_KINDS | SUBSCRIBE_KINDS | REST_KINDS
+ARCHIVE_KINDS = frozenset(
+    {"archive_missing", "archive_bad_checksum", "archive_truncated", "archive_bad_row",
+     "archive_revised"}
+)  # fmt: skip
+FAULT_KINDS = WS_KINDS | SUBSCRIBE_KINDS | REST_KINDS | ARCHIVE_KINDS
 MALFORMED_VARIANTS = frozenset(
     {"truncated", "garbage", "binary", "empty", "wrong_types", "nan", "negative", "high_low"}
 )
@@ -217,6 +227,19 @@ class FaultEngine:
                 continue
             if self._take(i, rule):
                 return i, rule
+        return None
+
+    def on_archive(self, exchange: str, name: str) -> str | None:
+        """The variant of a Binance archive file (``bad_row`` for ``archive_bad_row``...), from
+        the first archive rule that fires for it; None: the file is as it should be."""
+        for i, rule in enumerate(self.plan.rules):
+            if rule.kind not in ARCHIVE_KINDS or rule.exchange not in (None, exchange):
+                continue
+            if rule.endpoint is not None and rule.endpoint not in name:
+                continue
+            if self._take(i, rule):
+                self.record(i, rule, exchange, wall_ms(), detail=name)
+                return rule.kind.removeprefix("archive_")
         return None
 
     def record(

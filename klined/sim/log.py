@@ -211,6 +211,7 @@ class SimStats:
     http_418: int = 0
     http_5xx: int = 0
     kraken_rate_limited: int = 0
+    archive_requests: int = 0  # Binance archive files and checksums asked for
     connections: Counter[str] = field(default_factory=Counter)  # opened, per exchange
     ws_messages: Counter[str] = field(default_factory=Counter)  # candle messages sent
     connection_log: list[ConnectionInfo] = field(default_factory=list)

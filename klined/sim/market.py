@@ -404,6 +404,15 @@ class Market:
             for t in self.minute(exchange, pair, minute_ms).trades
         ]
 
+    def iter_minutes(
+        self, exchange: str, pair: str, start_ms: int, end_ms: int
+    ) -> Iterator[MinuteData]:
+        """Every minute of ``[start_ms, end_ms)`` in order, computed without the cache (long
+        ranges, such as a month of archive files, would only churn it)."""
+        for m in range(floor_minute(start_ms), end_ms, MINUTE_MS):
+            data = self._cache.get((exchange, pair, m))
+            yield data if data is not None else MinuteData(m, self._generate(exchange, pair, m))
+
     def last_traded(self, exchange: str, pair: str, before_ms: int) -> MinuteData | None:
         """The latest minute with trades that starts before ``before_ms`` (bounded search)."""
         m = floor_minute(before_ms - 1)

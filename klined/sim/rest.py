@@ -64,7 +64,7 @@ def rest_middleware(
                 request=stats.requests[exchange], detail=request.path_qs,
             )  # fmt: skip
             logger.debug("sim {} REST {}: fault {}", exchange, request.path, rule.kind)
-            response = await _rest_fault(sim, exchange, rule, request)
+            response = await rest_fault(sim, exchange, rule, request)
             if response is not None:
                 return response
         if sim.config.rate_limits:
@@ -107,7 +107,7 @@ def _binance_refusal(
     return json_response(body, status=status, headers=headers)
 
 
-async def _rest_fault(
+async def rest_fault(
     sim: Simulator, exchange: str, rule: FaultRule, request: web.Request
 ) -> web.Response | None:
     kind = rule.kind

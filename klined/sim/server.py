@@ -14,7 +14,7 @@ import anyio
 from aiohttp import web
 from loguru import logger
 
-from klined.sim import binance, kraken
+from klined.sim import archive, binance, kraken
 from klined.sim.clock import SimClock, wall_ms
 from klined.sim.config import SIM_EXCHANGES, SimConfig
 from klined.sim.conn import WsConnection
@@ -68,6 +68,8 @@ class Simulator:
         self.kraken_limiter = KrakenCounterLimiter(
             KRAKEN_COUNTER_MAX * cfg.rate_limit_scale, KRAKEN_DECAY_PER_S * ts
         )
+        #: Binance US's published kline archive, served from the market
+        self.binance_archive = archive.BinanceArchive(self)
         self.connections: set[WsConnection] = set()
         self.stopping = anyio.Event()
         self._runners: list[web.AppRunner] = []
@@ -82,6 +84,11 @@ class Simulator:
     @property
     def binance_rest_url(self) -> str:
         return f"http://{self.config.host}:{self.ports['binance']}"
+
+    @property
+    def binance_archive_url(self) -> str:
+        """The archive's base URL, as ``exchanges.binance.archive_url`` wants it."""
+        return f"http://{self.config.host}:{self.ports['binance_archive']}{archive.PREFIX}"
 
     @property
     def kraken_ws_url(self) -> str:
@@ -102,7 +109,10 @@ class Simulator:
         lines = []
         for ex in SIM_EXCHANGES:
             ws, rest = self.urls(ex)
-            lines += [f"[exchanges.{ex}]", f'ws_url = "{ws}"', f'rest_url = "{rest}"', ""]
+            lines += [f"[exchanges.{ex}]", f'ws_url = "{ws}"', f'rest_url = "{rest}"']
+            if ex == "binance":
+                lines.append(f'archive_url = "{self.binance_archive_url}"')
+            lines.append("")
         return "\n".join(lines)
 
     # -- connections (called by the servers) -----------------------------------------------------
@@ -137,8 +147,16 @@ class Simulator:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        apps = {"binance": binance.build_app(self), "kraken": kraken.build_app(self)}
-        ports = {"binance": self.config.binance_port, "kraken": self.config.kraken_port}
+        apps = {
+            "binance": binance.build_app(self),
+            "kraken": kraken.build_app(self),
+            "binance_archive": archive.build_app(self, self.binance_archive),
+        }
+        ports = {
+            "binance": self.config.binance_port,
+            "kraken": self.config.kraken_port,
+            "binance_archive": self.config.binance_archive_port,
+        }
         for name, app in apps.items():
             # long combined-stream URLs (``/stream?streams=`` with hundreds of streams)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, max_line_size=65536)
@@ -150,8 +168,9 @@ class Simulator:
             sockets = getattr(server, "sockets", None) or []
             self.ports[name] = sockets[0].getsockname()[1] if sockets else ports[name]
         logger.info(
-            "simulator up: binance {} kraken {} (seed {}, speed {})",
-            self.binance_rest_url, self.kraken_rest_url, self.config.seed, self.clock.speed,
+            "simulator up: binance {} (archive {}) kraken {} (seed {}, speed {})",
+            self.binance_rest_url, self.binance_archive_url, self.kraken_rest_url,
+            self.config.seed, self.clock.speed,
         )  # fmt: skip
 
     async def stop(self) -> None:

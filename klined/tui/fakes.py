@@ -251,6 +251,7 @@ def hour_row(exchange: str, symbol: str, hour_ms: int, **counts: int) -> HourCom
         60,
         ws_final=60 - rest,
         rest=counts.get("rest", 0),
+        archive=counts.get("archive", 0),
         trades=counts.get("trades", 0),
         no_trades=counts.get("no_trades", 0),
         ws_partial=counts.get("ws_partial", 0),
@@ -266,7 +267,8 @@ def pending_row(exchange: str, symbol: str, hour_ms: int) -> HourCompleteness:
 def demo_completeness(
     now_ms: int = DEMO_NOW_MS, hours: int = 72, pairs: Iterable[tuple[str, str]] | None = None
 ) -> list[HourCompleteness]:
-    """Mostly complete hours, with REST repairs, quiet minutes, partials and real gaps."""
+    """Mostly complete hours, with REST repairs, quiet minutes, partials and real gaps; the
+    oldest Binance hours came from its archive."""
     if pairs is None:
         pairs = [("binance", p) for p in DEFAULT_PAIRS if p not in ("PUMP/USD", "REKT/USD")]
         pairs += [("kraken", p) for p in _KRAKEN_PAIRS]
@@ -291,6 +293,9 @@ def demo_completeness(
                 counts = {"rest": 10, "missing": 30 - 10 * (i - 2)}
             if (exchange, symbol) == ("binance", "KSM/USD") and i == 0:
                 counts = {"ws_partial": 12, "missing": 9}
+            if exchange == "binance" and i >= hours - 6:  # seeded from the archive
+                quiet = counts.get("no_trades", 0)
+                counts = {"archive": 60 - quiet, "no_trades": quiet} if quiet else {"archive": 60}
             rows.append(hour_row(exchange, symbol, hour, **counts))
     return rows
 

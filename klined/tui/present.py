@@ -27,7 +27,10 @@ STATE_SEVERITY: dict[str, int] = {
 
 STREAM_SORTS: tuple[str, ...] = ("problems", "pair", "age", "rate", "reconnects")
 
-CATEGORIES: tuple[str, ...] = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")
+#: the completeness counts in klined.model.COMPLETENESS_ORDER, then what is missing
+CATEGORIES: tuple[str, ...] = (
+    "ws_final", "rest", "archive", "trades", "no_trades", "ws_partial", "missing",
+)  # fmt: skip
 
 STEPS: tuple[str, ...] = ("flush", "bronze", "gapfill", "silver", "gold", "completeness")
 
@@ -230,13 +233,13 @@ class PairHours:
         return f"{self.exchange}:{self.symbol}"
 
     def totals(self) -> HourCompleteness:
-        sums = [0] * 7
+        sums = [0] * (len(CATEGORIES) + 1)
         for h in self.hours.values():
             for i, v in enumerate((h.expected, *h.counts())):
                 sums[i] += v
-        expected, ws_final, rest, trades, no_trades, ws_partial, missing = sums
+        expected, ws_final, rest, archive, trades, no_trades, ws_partial, missing = sums
         return HourCompleteness(
-            self.exchange, self.symbol, 0, expected, ws_final, rest, trades, no_trades,
+            self.exchange, self.symbol, 0, expected, ws_final, rest, archive, trades, no_trades,
             ws_partial, missing,
         )  # fmt: skip
 

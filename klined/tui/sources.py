@@ -43,6 +43,7 @@ class HourCompleteness:
     expected: int = 60
     ws_final: int = 0
     rest: int = 0
+    archive: int = 0
     trades: int = 0
     no_trades: int = 0
     ws_partial: int = 0
@@ -52,16 +53,18 @@ class HourCompleteness:
     @property
     def complete(self) -> int:
         """Minutes with a final answer; a partial WS candle is not one (gapfill still tries)."""
-        return self.ws_final + self.rest + self.trades + self.no_trades
+        return self.ws_final + self.rest + self.archive + self.trades + self.no_trades
 
     @property
     def rate(self) -> float:
         return self.complete / self.expected if self.expected else 0.0
 
-    def counts(self) -> tuple[int, int, int, int, int, int]:
+    def counts(self) -> tuple[int, int, int, int, int, int, int]:
+        """In :data:`klined.tui.present.CATEGORIES` order."""
         return (
             self.ws_final,
             self.rest,
+            self.archive,
             self.trades,
             self.no_trades,
             self.ws_partial,
@@ -213,7 +216,7 @@ def _ms(value: datetime | None) -> int | None:
 
 
 _COMPLETENESS_SQL = """
-SELECT exchange, symbol, hour_start, expected, ws_final, rest, trades, no_trades,
+SELECT exchange, symbol, hour_start, expected, ws_final, rest, archive, trades, no_trades,
        ws_partial, missing, pending
 FROM monitoring.hourly_completeness
 WHERE hour_start >= $1 AND hour_start < $2
@@ -325,6 +328,7 @@ class PgWarehouseSource:
                 expected=int(r["expected"] or 0),
                 ws_final=int(r["ws_final"] or 0),
                 rest=int(r["rest"] or 0),
+                archive=int(r["archive"] or 0),
                 trades=int(r["trades"] or 0),
                 no_trades=int(r["no_trades"] or 0),
                 ws_partial=int(r["ws_partial"] or 0),

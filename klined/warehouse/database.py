@@ -36,12 +36,15 @@ from klined.warehouse.coverage import set_pair_listing as set_pair_listing
 from klined.warehouse.coverage import sync_pairs as sync_pairs
 
 #: The schema version this code writes and understands (schema.sql records it).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Tables partitioned by hour on interval_start.
 BRONZE_TABLE = "bronze.bronze_ohlcv_native"
 SILVER_TABLE = "silver.fact_ohlcv"
 PARTITIONED_TABLES = (BRONZE_TABLE, SILVER_TABLE)
+
+#: Partitions created per statement (and so per transaction) at most.
+PARTITIONS_PER_STATEMENT = 500
 
 #: Database created on the embedded server (the wheel's default database stays untouched).
 EMBEDDED_DATABASE = "klined"
@@ -202,16 +205,19 @@ class Database:
                 self._known = await self._load_known(conn)
             for table in PARTITIONED_TABLES:
                 missing = sorted(wanted - self._known[table])
-                if not missing:
-                    continue
-                rows = await conn.fetch(  # autocommit: the parent's lock ends with it
-                    "SELECT ops.ensure_hour_partition($1, t.h) AS created"
-                    " FROM unnest($2::timestamptz[]) WITH ORDINALITY AS t(h, n) ORDER BY t.n",
-                    table,
-                    [to_datetime(h) for h in missing],
-                )
-                created += sum(1 for r in rows if r["created"])
-                self._known[table].update(missing)
+                # a few hundred per statement: each new partition holds locks until commit,
+                # and a year of hours at once overflows the server's lock table
+                for i in range(0, len(missing), PARTITIONS_PER_STATEMENT):
+                    chunk = missing[i : i + PARTITIONS_PER_STATEMENT]
+                    rows = await conn.fetch(  # autocommit: the parent's lock ends with it
+                        "SELECT ops.ensure_hour_partition($1, t.h) AS created"
+                        " FROM unnest($2::timestamptz[]) WITH ORDINALITY AS t(h, n)"
+                        " ORDER BY t.n",
+                        table,
+                        [to_datetime(h) for h in chunk],
+                    )
+                    created += sum(1 for r in rows if r["created"])
+                    self._known[table].update(chunk)
         if created:
             logger.debug("created {} hourly partitions", created)
         return created
@@ -294,6 +300,12 @@ def _server_settings(config: DatabaseConfig, extra: Mapping[str, str] | None) ->
         "application_name": "klined",
         "statement_timeout": str(max(0, round(config.statement_timeout_s * 1000))),
         "jit": "off",
+        # Statements are prepared (asyncpg) and repeated per hour; after five runs PostgreSQL may
+        # switch to a generic plan, which cannot prune partitions when it is planned and locks
+        # every partition of bronze and silver (and their indexes) at each run. A year of
+        # hourly partitions then overflows the lock table ("out of shared memory"). A custom
+        # plan per run prunes to the hour's partitions; planning costs far less than that.
+        "plan_cache_mode": "force_custom_plan",
     }
     settings.update(extra or {})
     return settings

@@ -21,6 +21,31 @@ CREATE SCHEMA IF NOT EXISTS gold;
 CREATE SCHEMA IF NOT EXISTS ops;
 CREATE SCHEMA IF NOT EXISTS monitoring;
 
+-- Make the CHECK constraint p_name of p_table p_check unless its definition already mentions
+-- p_needle. A no-op once done, so it is safe at every start; otherwise the old constraint is
+-- dropped and the new one added, which validates every row once (on a partitioned table, every
+-- partition).
+CREATE OR REPLACE FUNCTION ops.replace_check(
+    p_table text, p_name text, p_needle text, p_check text)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_now text;
+BEGIN
+    SELECT pg_get_constraintdef(oid) INTO v_now FROM pg_constraint
+    WHERE conrelid = p_table::regclass AND conname = p_name;
+    IF v_now IS NOT NULL AND strpos(v_now, p_needle) > 0 THEN
+        RETURN false;
+    END IF;
+    IF v_now IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', p_table, p_name);
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I %s', p_table, p_name, p_check);
+    RETURN true;
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- ops: schema version, configured pairs, ledgers
 
@@ -169,7 +194,7 @@ CREATE TABLE IF NOT EXISTS ops.backfill_progress (
 );
 
 -- ---------------------------------------------------------------------------------------------
--- bronze: every captured event and every REST/trades/no_trades row, as is
+-- bronze: every captured event and every REST/archive/trades/no_trades row, as is
 
 CREATE TABLE IF NOT EXISTS bronze.bronze_ohlcv_native (
     exchange         text NOT NULL,
@@ -187,18 +212,23 @@ CREATE TABLE IF NOT EXISTS bronze.bronze_ohlcv_native (
     vwap             numeric,
     trade_count      bigint,
     is_final         boolean NOT NULL,
-    source           text NOT NULL CHECK (source IN ('ws', 'rest', 'trades', 'no_trades')),
+    source           text NOT NULL
+                     CHECK (source IN ('ws', 'rest', 'archive', 'trades', 'no_trades')),
     session_id       text,
     event_ts         timestamptz NOT NULL,
     ingestion_ts     timestamptz NOT NULL,
     lake_key         text,                     -- the lake part it came from (every producer,
-                                               -- gap-fill too, writes the lake first; NULL
-                                               -- only for rows a test or tool inserted)
+                                               -- gap-fill and archive imports too, writes the
+                                               -- lake first; NULL only for rows a test or
+                                               -- tool inserted)
     -- no NaN or infinities (PostgreSQL sorts NaN above Infinity)
     CONSTRAINT bronze_finite CHECK (
         greatest(open, high, low, close, volume, quote_volume, vwap) < 'Infinity'
         AND least(open, high, low, close, volume, quote_volume, vwap) > '-Infinity')
 ) PARTITION BY RANGE (interval_start);
+-- Tables created before the archive source (issue 18) allow it too.
+SELECT ops.replace_check('bronze.bronze_ohlcv_native', 'bronze_ohlcv_native_source_check',
+    '''archive''', 'CHECK (source IN (''ws'', ''rest'', ''archive'', ''trades'', ''no_trades''))');
 
 -- ---------------------------------------------------------------------------------------------
 -- silver: exactly one candle per exchange / symbol / minute
@@ -219,13 +249,17 @@ CREATE TABLE IF NOT EXISTS silver.fact_ohlcv (
     trade_count      bigint,
     vwap             numeric,
     source           text NOT NULL
-                     CHECK (source IN ('ws_final', 'rest', 'trades', 'no_trades', 'ws_partial')),
+                     CHECK (source IN ('ws_final', 'rest', 'archive', 'trades', 'no_trades',
+                                       'ws_partial')),
     rank             smallint NOT NULL,        -- klined.model.SOURCE_RANK: lower wins
     event_ts         timestamptz NOT NULL,     -- tie-break within a rank: latest wins
     ingestion_ts     timestamptz NOT NULL,     -- then latest ingestion
     updated_at       timestamptz NOT NULL DEFAULT now(),  -- when this row last changed
     PRIMARY KEY (exchange, symbol, interval_start)
 ) PARTITION BY RANGE (interval_start);
+SELECT ops.replace_check('silver.fact_ohlcv', 'fact_ohlcv_source_check', '''archive''',
+    'CHECK (source IN (''ws_final'', ''rest'', ''archive'', ''trades'', ''no_trades'','
+    ' ''ws_partial''))');
 
 -- ---------------------------------------------------------------------------------------------
 -- gold: buckets derived strictly from silver. traded_minutes counts the minutes with trades
@@ -279,17 +313,28 @@ CREATE TABLE IF NOT EXISTS monitoring.hourly_completeness (
     no_trades       integer NOT NULL,
     ws_partial      integer NOT NULL,
     missing         integer NOT NULL,
-    completion_rate numeric NOT NULL,          -- (ws_final+rest+trades+no_trades)/expected
+    completion_rate numeric NOT NULL,  -- (ws_final+rest+archive+trades+no_trades)/expected
     refreshed_at    timestamptz NOT NULL DEFAULT now(),  -- when the counts last changed
     -- true: a closed hour of the pair's coverage the chain has not processed yet; its minutes
     -- count as missing until it does
     pending         boolean NOT NULL DEFAULT false,
+    -- after pending, as on a table created before either (ADD COLUMN, below)
+    archive         integer NOT NULL DEFAULT 0,
     PRIMARY KEY (exchange, symbol, hour_start),
-    CHECK (ws_final + rest + trades + no_trades + ws_partial + missing = expected),
+    CONSTRAINT hourly_completeness_check
+        CHECK (ws_final + rest + archive + trades + no_trades + ws_partial + missing = expected),
     CHECK (completion_rate >= 0 AND completion_rate <= 1)
 );
 CREATE INDEX IF NOT EXISTS hourly_completeness_hour_idx
     ON monitoring.hourly_completeness (hour_start);
+-- Tables created before pending hours (issue 14) and the archive source (issue 18): the
+-- columns in the order a new table has them (the views below read both), and the sum check.
+ALTER TABLE monitoring.hourly_completeness
+    ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT false;
+ALTER TABLE monitoring.hourly_completeness ADD COLUMN IF NOT EXISTS archive integer NOT NULL DEFAULT 0;
+SELECT ops.replace_check(
+    'monitoring.hourly_completeness', 'hourly_completeness_check', 'archive',
+    'CHECK (ws_final + rest + archive + trades + no_trades + ws_partial + missing = expected)');
 
 -- Stream outages recorded by the daemon (symbol NULL = the whole connection).
 CREATE TABLE IF NOT EXISTS monitoring.stream_incidents (
@@ -318,10 +363,11 @@ SELECT exchange,
        sum(no_trades)::integer  AS no_trades,
        sum(ws_partial)::integer AS ws_partial,
        sum(missing)::integer    AS missing,
-       round(sum(ws_final + rest + trades + no_trades)::numeric
+       round(sum(ws_final + rest + archive + trades + no_trades)::numeric
              / nullif(sum(expected), 0), 4) AS completion_rate,
        count(*)::integer        AS hours,
-       (count(*) FILTER (WHERE pending))::integer AS pending_hours
+       (count(*) FILTER (WHERE pending))::integer AS pending_hours,
+       sum(archive)::integer    AS archive  -- last: CREATE OR REPLACE VIEW only appends
 FROM monitoring.hourly_completeness
 GROUP BY exchange, symbol, (hour_start AT TIME ZONE 'UTC')::date;
 
@@ -336,9 +382,10 @@ SELECT exchange,
        sum(no_trades)::integer  AS no_trades,
        sum(ws_partial)::integer AS ws_partial,
        sum(missing)::integer    AS missing,
-       round(sum(ws_final + rest + trades + no_trades)::numeric
+       round(sum(ws_final + rest + archive + trades + no_trades)::numeric
              / nullif(sum(expected), 0), 4) AS completion_rate,
-       (count(*) FILTER (WHERE pending))::integer AS pending_pairs
+       (count(*) FILTER (WHERE pending))::integer AS pending_pairs,
+       sum(archive)::integer    AS archive  -- last: CREATE OR REPLACE VIEW only appends
 FROM monitoring.hourly_completeness
 GROUP BY exchange, hour_start;
 
@@ -351,10 +398,11 @@ RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT (CASE p_source
-                WHEN 'ws' THEN CASE WHEN p_is_final THEN 1 ELSE 5 END
+                WHEN 'ws' THEN CASE WHEN p_is_final THEN 1 ELSE 6 END
                 WHEN 'rest' THEN 2
-                WHEN 'trades' THEN 3
-                WHEN 'no_trades' THEN 4
+                WHEN 'archive' THEN 3
+                WHEN 'trades' THEN 4
+                WHEN 'no_trades' THEN 5
             END)::smallint
 $$;
 
@@ -461,8 +509,6 @@ $$;
 ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS coverage_end timestamptz;
 ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_from timestamptz;
 ALTER TABLE ops.pairs ADD COLUMN IF NOT EXISTS completeness_to timestamptz;
-ALTER TABLE monitoring.hourly_completeness
-    ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS hourly_completeness_pending_idx
     ON monitoring.hourly_completeness (hour_start) WHERE pending;
 
@@ -688,6 +734,61 @@ BEGIN
         SELECT exchange, symbol, interval_start FROM gold.ohlcv_5m
         ON CONFLICT DO NOTHING;
         INSERT INTO ops.data_migrations (name) VALUES ('gold_vwap_4h_1d');
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- archive imports (issue 18): the exchanges' published history files
+
+-- One row per archive file loaded (klined.jobs.archive): a Binance US daily or monthly zip,
+-- or one CSV of a Kraken OHLCVT zip or folder. name is the file's own name (a Kraken CSV is
+-- named with its container, 'Kraken_OHLCVT_Q1_2026.zip/XBTUSD_1.csv'); sha256 is the checksum
+-- of the bytes read (Binance: verified against its .CHECKSUM file first). [range_start,
+-- range_end) is the span the load covered (a backfill may load part of a Kraken file);
+-- first_minute/last_minute are the first and last minute it wrote (rows, and minutes the file
+-- omits between rows, as no_trades). The rows enter the lake first, as sealed 'archive_'
+-- parts, and bronze from there through ops.lake_parts (744 hours of parts per transaction);
+-- this row is inserted in the transaction that loads the file's last parts, so a file is in
+-- the ledger only once all of its parts are loaded. An interruption before that leaves no row:
+-- the next import writes the file again as new parts, and the hours loaded before the
+-- interruption are then in bronze twice (identical rows but for their later event time; silver
+-- keeps one). A file whose checksum changed is loaded again and its older row becomes
+-- 'superseded'.
+CREATE TABLE IF NOT EXISTS ops.archive_files (
+    file_id      bigserial PRIMARY KEY,
+    exchange     text NOT NULL,
+    symbol       text NOT NULL,
+    name         text NOT NULL,
+    sha256       text NOT NULL,
+    range_start  timestamptz NOT NULL,
+    range_end    timestamptz NOT NULL,
+    first_minute timestamptz,                  -- NULL: the file wrote nothing
+    last_minute  timestamptz,
+    rows         bigint NOT NULL,              -- bronze rows written (file rows + no_trades)
+    no_trades    bigint NOT NULL DEFAULT 0,    -- of them: minutes the file omits (Kraken)
+    status       text NOT NULL DEFAULT 'loaded' CHECK (status IN ('loaded', 'superseded')),
+    loaded_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS archive_files_name_idx ON ops.archive_files (exchange, name);
+CREATE INDEX IF NOT EXISTS archive_files_sha_idx ON ops.archive_files (exchange, sha256);
+
+-- Schema version 2: silver ranks renumbered once for the archive source (ws_final 1, rest 2,
+-- archive 3, trades 4, no_trades 5, ws_partial 6; trades, no_trades and ws_partial were 3, 4
+-- and 5). The rank follows from the stored source, so the update is idempotent; the version row
+-- keeps later starts from scanning silver again.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ops.schema_version WHERE version = 2) THEN
+        UPDATE silver.fact_ohlcv
+        SET rank = CASE source WHEN 'ws_final' THEN 1 WHEN 'rest' THEN 2 WHEN 'archive' THEN 3
+                               WHEN 'trades' THEN 4 WHEN 'no_trades' THEN 5 ELSE 6 END
+        WHERE rank IS DISTINCT FROM
+              CASE source WHEN 'ws_final' THEN 1 WHEN 'rest' THEN 2 WHEN 'archive' THEN 3
+                          WHEN 'trades' THEN 4 WHEN 'no_trades' THEN 5 ELSE 6 END;
+        INSERT INTO ops.schema_version (version, description)
+        VALUES (2, 'archive source: ops.archive_files, completeness archive, silver ranks')
+        ON CONFLICT (version) DO NOTHING;
     END IF;
 END
 $$;

@@ -69,6 +69,8 @@ def write_config(
             lines.append("enabled = false")
             continue
         lines += [f'rest_url = "{sim.urls(ex)[1]}"', f"pairs = {json.dumps(pairs[ex])}"]
+        if ex == "binance":
+            lines.append(f'archive_url = "{sim.binance_archive_url}"')
     path = tmp / "klined.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -125,7 +127,7 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     for line in output.splitlines():
         m = re.match(
             r"^  (config|postgresql|schema|read-only role|reader role|lake parts|s3|exchange \w+"
-            r"|status socket|lake in s3|lake)"
+            r"|archive \w+|status socket|lake in s3|lake)"
             r"\s+(OK|WARN|FAIL|SKIP)\s+(.*)$",
             line,
         )
@@ -148,6 +150,8 @@ ALL_OK = {
     "s3": "OK",
     "exchange binance": "OK",
     "exchange kraken": "OK",
+    "archive binance": "OK",
+    "archive kraken": "SKIP",
     "status socket": "OK",
     "lake": "OK",
 }
@@ -170,7 +174,7 @@ async def test_working_setup_passes(
     table = rows(out)
     assert f"config: {config}" in out
     assert table["config"][1].startswith(f"{config} (2 exchange(s), 8 pair(s), database.dsn")
-    assert "version 1 (matches this klined)" in table["schema"][1]
+    assert "version 2 (matches this klined)" in table["schema"][1]
     assert table["read-only role"][1] == "klined_looker can read the monitoring views"
     assert table["reader role"][1] == "klined_reader can read silver, gold and monitoring"
     assert table["s3"][1].startswith(f"s3://{s3_bucket}/raw/: write, list, read, delete OK")
@@ -257,7 +261,7 @@ async def test_schema_not_applied_is_a_warning(
         code, out = await klined("check", "-c", str(config))
     assert code == 0, out
     table = rows(out)
-    assert table["schema"] == ("WARN", "not applied yet; `klined run` applies version 1")
+    assert table["schema"] == ("WARN", "not applied yet; `klined run` applies version 2")
     # the read-only role is cluster-wide: another test's schema may have created it already
     assert table["read-only role"][0] in ("OK", "WARN")
     assert table["reader role"][0] in ("OK", "WARN")
@@ -441,7 +445,7 @@ async def test_embedded_running_is_used(
     assert table["postgresql"][0] == "OK"
     assert table["postgresql"][1].startswith("postgresql://postgres@/klined?host=")
     assert f"(embedded, {pgdata}; PostgreSQL " in table["postgresql"][1]
-    assert table["schema"] == ("OK", "version 1 (matches this klined)")
+    assert table["schema"] == ("OK", "version 2 (matches this klined)")
 
 
 # -- the lake and the config ------------------------------------------------------------------
@@ -592,3 +596,39 @@ async def test_a_capture_host_needs_no_database(tmp_path: Path) -> None:
     assert code == 0, out
     outcome, reason = rows(out)["postgresql"]
     assert outcome == "SKIP" and "role is capture" in reason
+
+
+async def test_archives_reachable_missing_or_unset(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """Binance's archive location is probed (unreachable is a WARN: backfill falls back to
+    REST); Kraken's folder of OHLCVT files is looked into when it is set."""
+    from klined.sim import Market
+    from klined.sim.archive import write_kraken_zip
+
+    folder = tmp_path / "kraken"
+    write_kraken_zip(Market(1), folder / "Kraken_OHLCVT.zip", ["BTC/USD"],
+                     1_767_139_200_000, 1_767_225_600_000, intervals=(1,))  # fmt: skip
+    async with running(tmp_path, sim_factory, daemon=False) as sim:
+        pairs = {"binance": ["BTC/USD"], "kraken": ["BTC/USD", "ETH/USD"]}
+        config = write_config(tmp_path, sim, pairs=pairs)
+        text = config.read_text() + f'archive_dir = "{folder}"\n'  # the kraken section is last
+        config.write_text(text)
+        code, out = await klined("check", "-c", str(config))
+        table = rows(out)
+        assert table["archive binance"][0] == "OK", out
+        assert table["archive binance"][1].startswith(f"{sim.binance_archive_url} reachable")
+        assert table["archive kraken"] == (
+            "OK", f"{folder}: 1-minute files for 1 of 2 pair(s)"
+        )  # fmt: skip
+        assert "- no 1-minute file for ETH/USD" in out
+
+        dead = f"http://127.0.0.1:{free_port()}/public_data"
+        config.write_text(
+            text.replace(sim.binance_archive_url, dead).replace(str(folder), str(tmp_path / "no"))
+        )
+        code, out = await klined("check", "-c", str(config))
+    table = rows(out)
+    assert table["archive binance"][0] == "WARN"
+    assert "cannot be reached" in table["archive binance"][1]
+    assert "uses REST instead" in table["archive binance"][1]
+    assert table["archive kraken"][0] == "FAIL"
+    assert code == 1

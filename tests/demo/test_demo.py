@@ -105,10 +105,10 @@ def test_headless_demo_streams_uploads_and_computes_completeness(
     assert f"({HOURS} h)" in comp
     for ex in ("binance", "kraken"):
         cells = row(comp, ex)
-        expected, *counts = (number(c) for c in cells[1:8])
+        expected, *counts = (number(c) for c in cells[1:9])
         assert expected == HOURS * PAIRS * 60
         assert sum(counts) == expected, comp
-        assert cells[8] == "100.00%", comp  # seeded by REST from the simulator's truth
+        assert cells[9] == "100.00%", comp  # seeded by REST from the simulator's truth
     gold = section(out, "gold rows")
     for ex in ("binance", "kraken"):
         counts = [number(c) for c in row(gold, ex)[1:]]

@@ -9,7 +9,8 @@ from typing import Any
 import anyio
 import pytest
 
-from klined.jobs.backfill import dry_run, resolve_request, run_backfill
+from klined.jobs.backfill import resolve_request, run_backfill
+from klined.jobs.backfill_plan import dry_run
 from klined.jobs.completeness import mark_pending
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.progress import Progress, summary_table
@@ -71,7 +72,7 @@ async def test_multi_day_backfill_equals_truth_and_rerun_changes_nothing(
     async with sim_factory(**sim_options(faults=FAULTS)) as sim:
         cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path), rest_timeout_s=1.0)
         now = sim.clock.now_ms()
-        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + 2 * DAY_MS), now_ms=now)
+        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + 2 * DAY_MS), now_ms=now, source="rest")
         limiters = sim_limiters(sim)
         async with (
             open_database(cfg, apply_schema=True) as db,
@@ -126,7 +127,7 @@ async def test_interrupted_backfill_resumes_without_duplicating(
     async with sim_factory(**sim_options()) as sim:
         cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
         now = sim.clock.now_ms()
-        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + DAY_MS), now_ms=now)
+        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + DAY_MS), now_ms=now, source="rest")
         async with open_database(cfg, apply_schema=True) as db:
             await sync_configured_pairs(db, cfg)
             limiters = sim_limiters(sim)
@@ -184,7 +185,7 @@ async def test_refetch_reverifies_rest_rows_and_writes_only_differences(
     async with sim_factory(**sim_options()) as sim:
         cfg = make_config(sim, pg_dsn, PAIRS, data_dir=str(tmp_path))
         now = sim.clock.now_ms()
-        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + 3 * HOUR_MS), now_ms=now)
+        req = resolve_request(cfg, iso(DAY0), iso(DAY0 + 3 * HOUR_MS), now_ms=now, source="rest")
         async with (
             open_database(cfg, apply_schema=True) as db,
             open_clients(

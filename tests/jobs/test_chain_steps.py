@@ -6,13 +6,20 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from klined.config import Config
 from klined.jobs import bronze, completeness, gold, silver
-from klined.jobs.ops import record_step, run_step
+from klined.jobs.ops import (
+    DroppedRange,
+    record_lake_drops,
+    record_step,
+    run_step,
+    settle_lake_drops,
+)
 from klined.lake import LakeStore
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, to_datetime
 from klined.warehouse.coverage import extend_coverage
@@ -227,3 +234,32 @@ async def test_a_chain_marks_runs_of_gone_processes_abandoned(wdb: Database) -> 
     assert by_step["silver"]["status"] == "abandoned"
     assert f"process {dead_pid} on {HOST} is gone" in by_step["silver"]["error"]
     assert by_step["gold"]["status"] == "ok"
+
+
+async def test_settling_dropped_minutes_opens_only_their_hours_of_silver(wdb: Database) -> None:
+    """Minutes the lake dropped are settled once silver has them, and checking that opens the
+    silver partitions of their hours only (a year of hourly partitions, all opened, overflows
+    the server's lock table: "out of shared memory")."""
+    await wdb.ensure_partitions(range(H0 - 200 * HOUR_MS, H0 + 200 * HOUR_MS, HOUR_MS))
+    start, end = H0 + 10 * MINUTE_MS, H0 + 12 * MINUTE_MS
+    await record_lake_drops(wdb, [DroppedRange("binance", "BTC/USD", start, end, 5)])
+
+    class OneConnection:  # settle_lake_drops on a connection whose locks can be counted
+        def __init__(self, conn: Any) -> None:
+            self.fetch, self.execute = conn.fetch, conn.execute
+
+    async def settle() -> tuple[int, int]:
+        async with wdb.transaction() as conn:
+            settled = await settle_lake_drops(OneConnection(conn), H0)  # type: ignore[arg-type]
+            locked = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE l.pid = pg_backend_pid() AND n.nspname = 'silver'"
+            )
+        return settled, locked
+
+    settled, locked = await settle()
+    assert settled == 0 and 0 < locked <= 4  # the hour's partition and its key, maybe the parent
+    await bronze.insert_candles(wdb, [candle(start), candle(start + MINUTE_MS)])
+    await silver.merge_hour(wdb, H0)
+    assert (await settle())[0] == 1

@@ -4,6 +4,7 @@ through the ledger, each exactly once; a failure in between loses nothing."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from klined.errors import LakeError
 from klined.jobs import bronze
 from klined.jobs.ingest import LakeIngest
 from klined.lake import LakeStore, LakeUploader, iter_local_parts
-from klined.model import MINUTE_MS, Candle
+from klined.model import HOUR_MS, MINUTE_MS, Candle
 from klined.warehouse.database import Database
 from tests.fixtures.s3 import free_port
 from tests.lake.test_s3 import FAST, objects
@@ -74,3 +75,45 @@ async def test_s3_down_leaves_the_parts_sealed_for_the_next_flush_and_bronze(
     assert report.uploaded == 1 and list(objects(s3_endpoint, s3_bucket)) == [part.key]
     result = await bronze.load_hour(wdb, H0, up)  # and its bronze step
     assert result.rows == 2 and await ledger(wdb) == {part.key: 2}
+
+
+async def test_staged_parts_load_in_batches_with_the_finish_in_the_last(
+    wdb: Database, tmp_path: Path
+) -> None:
+    ingest = LakeIngest(wdb, LakeStore(tmp_path), tag="archive_")
+    rows = [rest(H0 + h * HOUR_MS + i * MINUTE_MS) for h in range(3) for i in range(2)]
+    staged = ingest.staging()
+    staged.stage(rows[:2])
+    staged.stage(rows[2:])
+    staged.publish()
+    seen: list[int] = []
+
+    async def finish(conn: Any) -> None:  # inside the last transaction, after its rows
+        seen.append(await conn.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native"))
+
+    assert await ingest.load(staged.parts, reason="archive", hours_per_batch=2, finish=finish) == 6
+    assert seen == [6]
+    batches = await wdb.fetch(
+        "SELECT xmin::text AS x, count(*) AS n FROM ops.lake_parts GROUP BY 1 ORDER BY 2"
+    )
+    assert [r["n"] for r in batches] == [1, 2]  # two hours, then the third with the finish
+    # every hour marked for the chain, with the reason given
+    start = await wdb.fetchval("SELECT min(hour_start) FROM ops.lake_parts")
+    dirty = await wdb.fetch("SELECT DISTINCT hour_start, reason FROM ops.dirty_hours")
+    assert len(dirty) == 3 and {r["reason"] for r in dirty} == {"archive"}
+    assert min(r["hour_start"] for r in dirty) == start
+
+    # a finish that fails takes its batch's rows with it; the batches before stay
+    again = ingest.staging()
+    again.stage([rest(H0 + h * HOUR_MS + 30 * MINUTE_MS) for h in range(3)])
+    again.publish()
+
+    async def fail(conn: Any) -> None:
+        raise RuntimeError("the ledger refused")
+
+    with pytest.raises(RuntimeError):
+        await ingest.load(again.parts, reason="archive", hours_per_batch=2, finish=fail)
+    assert await wdb.fetchval("SELECT count(*) FROM bronze.bronze_ohlcv_native") == 8
+    # nothing staged at all: the finish still runs, in a transaction of its own
+    assert await ingest.load([], reason="archive", finish=finish) == 0
+    assert seen == [6, 8]

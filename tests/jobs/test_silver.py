@@ -44,7 +44,7 @@ async def test_rest_never_replaces_a_final_ws_candle(wdb: Database) -> None:
 
 async def test_rest_replaces_a_partial_ws_candle(wdb: Database) -> None:
     await _merge(wdb, candle(M, final=False, price="10", event_ts=M + 30_000))
-    assert await _row(wdb) == ("ws_partial", "10", 5)
+    assert await _row(wdb) == ("ws_partial", "10", SOURCE_RANK[Source.WS_PARTIAL])
     assert await _merge(wdb, candle(M, origin="rest", price="11", event_ts=M + 90_000)) == 1
     assert await _row(wdb) == ("rest", "11", 2)
     # a later partial update (e.g. a reconnect snapshot re-sending the minute) does not win back
@@ -54,7 +54,14 @@ async def test_rest_replaces_a_partial_ws_candle(wdb: Database) -> None:
 
 @pytest.mark.parametrize(
     ("better", "worse"),
-    [("rest", "trades"), ("trades", "no_trades"), ("rest", "no_trades")],
+    [
+        ("rest", "trades"),
+        ("trades", "no_trades"),
+        ("rest", "no_trades"),
+        ("rest", "archive"),
+        ("archive", "trades"),
+        ("archive", "no_trades"),
+    ],
 )
 async def test_rank_order_whatever_the_arrival_order(
     wdb: Database, better: str, worse: str
@@ -63,6 +70,18 @@ async def test_rank_order_whatever_the_arrival_order(
     await _merge(wdb, candle(M, origin=better, price="10", event_ts=M + 60_000))
     await _merge(wdb, candle(M, origin=worse, price="11", event_ts=M + 600_000))
     assert await _row(wdb) == (better, "10", SOURCE_RANK[Source(better)])
+
+
+async def test_an_archive_row_replaces_a_partial_and_a_later_archive_row_replaces_it(
+    wdb: Database,
+) -> None:
+    await _merge(wdb, candle(M, final=False, price="10", event_ts=M + 30_000))
+    assert await _merge(wdb, candle(M, origin="archive", price="11", event_ts=M + HOUR_MS)) == 1
+    assert await _row(wdb) == ("archive", "11", SOURCE_RANK[Source.ARCHIVE])
+    # a revised file, imported later: same rank, later event time
+    revised = candle(M, origin="archive", price="12", event_ts=M + 2 * HOUR_MS)
+    assert await _merge(wdb, revised) == 1
+    assert await _row(wdb) == ("archive", "12", SOURCE_RANK[Source.ARCHIVE])
 
 
 async def test_late_final_replaces_rest(wdb: Database) -> None:

@@ -10,7 +10,7 @@ import pytest
 from klined.config import S3Config
 from klined.errors import LakeError
 from klined.lake import LakeStore, LakeUploader, iter_local_parts, parse_key, read_part_file
-from klined.lake.sealed import SealedPartWriter
+from klined.lake.sealed import SealedPartWriter, StagedParts
 from klined.model import HOUR_MS, MINUTE_MS, Candle, Origin
 from tests.lake.test_s3 import FAST, objects
 from tests.lake.test_writer import HOUR, candle, config
@@ -77,3 +77,23 @@ async def test_list_range_unites_local_and_s3(
     only_first = await lake.list_range(HOUR, HOUR + HOUR_MS, exchange="binance")
     assert {parse_key(r.key).hour_ms for r in only_first} == {HOUR}
     assert await LakeStore(here).list_range(HOUR + HOUR_MS, HOUR + HOUR_MS) == []
+
+
+def test_staged_parts_appear_together_or_not_at_all(tmp_path: Path) -> None:
+    writer = SealedPartWriter(tmp_path, tag="archive_")
+    staged = StagedParts(writer)
+    staged.stage(rest_rows(HOUR) + rest_rows(HOUR + HOUR_MS))
+    staged.stage(rest_rows(HOUR + 2 * HOUR_MS, "ETH/USD"))
+    assert len(staged.parts) == 3 and list(iter_local_parts(tmp_path)) == []
+    assert len(list(tmp_path.rglob("*.writing"))) == 3
+    assert staged.publish() == staged.parts
+    assert {p.key for p in iter_local_parts(tmp_path)} == {p.key for p in staged.parts}
+    assert not list(tmp_path.rglob("*.writing"))
+    assert all("-archive_" in p.key for p in staged.parts)
+    with pytest.raises(LakeError):
+        staged.stage(rest_rows(HOUR))  # a published group is closed
+
+    dropped = StagedParts(SealedPartWriter(tmp_path / "other"))
+    dropped.stage(rest_rows(HOUR) + rest_rows(HOUR + HOUR_MS))
+    dropped.discard()
+    assert dropped.parts == [] and list((tmp_path / "other").rglob("*")) == []  # folders too

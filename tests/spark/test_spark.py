@@ -27,12 +27,15 @@ if shutil.which("java") is None:
     pytest.skip("no Java: the Spark tests need a JVM", allow_module_level=True)
 
 from klined.jobs import bronze, completeness, gold, silver
-from klined.lake import LakeStore, iter_local_parts
-from klined.model import HOUR_MS, MINUTE_MS, Origin, from_datetime, to_datetime
-from klined.sim import SimClock
+from klined.jobs.archive_import import import_binance, import_kraken
+from klined.jobs.gapfill import sync_configured_pairs
+from klined.lake import LakeStore, iter_local_parts, read_part_file
+from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Origin, Pair, from_datetime, to_datetime
+from klined.sim import Market, SimClock
+from klined.sim.archive import write_kraken_zip
 from klined.spark import job, rules
 from klined.warehouse.database import Database, open_database
-from tests.fixtures.sim import SIM_PAIRS, SimFactory
+from tests.fixtures.sim import SIM_PAIRS, SIM_START, SimFactory
 from tests.support.scenario import (
     FAULTS,
     H1,
@@ -42,6 +45,7 @@ from tests.support.scenario import (
     hosts,
     until_settled,
 )
+from tests.support.truth import make_config
 from tests.support.warehouse import (
     H0,
     candle,
@@ -312,3 +316,32 @@ async def test_spark_builds_the_warehouses_silver_and_gold_from_a_faulty_days_la
         figures = await assert_spark_is_the_warehouse(spark, db, lake, tmp_path / "out", start, end)
     assert figures["silver_1m"] == len(HOURS) * 60 * 2 * len(SIM_PAIRS)
     assert figures["gold_1h"] == len(HOURS) * 2 * len(SIM_PAIRS)
+
+
+@pytest.mark.anyio
+async def test_spark_reads_the_archive_parts_as_the_warehouse_does(
+    spark: Any, sim_factory: SimFactory, tmp_path: Path, pg_dsn: str
+) -> None:
+    """Binance US's archive from the simulator and a Kraken OHLCVT zip, imported: their
+    ``archive_`` parts (origins ``archive`` and ``no_trades``) give Spark the warehouse's silver
+    and gold."""
+    pairs = ["BTC/USD", "REKT/USD"]
+    start = SIM_START - SIM_START % DAY_MS - 3 * DAY_MS
+    end = start + DAY_MS
+    kraken_zip = write_kraken_zip(Market(7), tmp_path / "k.zip", pairs, start, end, intervals=(1,))
+    async with sim_factory(pairs=pairs) as sim:
+        cfg = make_config(sim, pg_dsn, pairs, data_dir=str(tmp_path / "data"))
+        wanted = [Pair.parse(p) for p in pairs]
+        async with open_database(cfg, apply_schema=True) as db:
+            await sync_configured_pairs(db, cfg)
+            binance = await import_binance(db, cfg, wanted, start, end, now_ms=sim.clock.now_ms())
+            kraken = await import_kraken(db, cfg, [kraken_zip], wanted)
+            assert binance.ok and kraken.ok
+            parts = list(iter_local_parts(cfg.lake_root))
+            assert parts and all("-archive_" in p.key for p in parts)
+            origins = {r.origin for p in parts for r in read_part_file(p.path).records}
+            assert origins == {"archive", "no_trades"}
+            figures = await assert_spark_is_the_warehouse(
+                spark, db, cfg.lake_root, tmp_path / "out", start, end
+            )
+    assert figures["silver_1m"] == binance.rows + kraken.rows

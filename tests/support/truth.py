@@ -7,7 +7,15 @@ import tempfile
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from klined.config import Config, DaemonConfig, DatabaseConfig, ExchangeConfig, ExchangesConfig
+from klined.config import (
+    BinanceConfig,
+    Config,
+    DaemonConfig,
+    DatabaseConfig,
+    ExchangeConfig,
+    ExchangesConfig,
+    KrakenConfig,
+)
 from klined.exchanges import get_adapter
 from klined.exchanges.base import RestBudget
 from klined.model import MINUTE_MS, to_datetime
@@ -25,10 +33,18 @@ def make_config(
     exchanges: tuple[str, ...] = ("binance", "kraken"),
     fraction: float = 0.9,
     rest_timeout_s: float = 5.0,
+    kraken_archive_dir: str = "",
 ) -> Config:
     def section(ex: str) -> ExchangeConfig:
         ws, rest = sim.urls(ex)
-        return ExchangeConfig(
+        extra: dict[str, Any] = (
+            {"archive_url": sim.binance_archive_url}
+            if ex == "binance"
+            else {"archive_dir": kraken_archive_dir}
+        )
+        kind = BinanceConfig if ex == "binance" else KrakenConfig
+        return kind(
+            **extra,
             enabled=ex in exchanges,
             ws_url=ws,
             rest_url=rest,
@@ -39,11 +55,13 @@ def make_config(
             backoff_max_s=0.5,
         )
 
+    binance, kraken = section("binance"), section("kraken")
+    assert isinstance(binance, BinanceConfig) and isinstance(kraken, KrakenConfig)
     return Config(
         # a folder of its own: gap-fill rows enter the lake, and no test may read another's
         daemon=DaemonConfig(data_dir=data_dir or tempfile.mkdtemp(prefix="klined-test-")),
         database=DatabaseConfig(dsn=dsn, readonly_role=""),
-        exchanges=ExchangesConfig(binance=section("binance"), kraken=section("kraken")),
+        exchanges=ExchangesConfig(binance=binance, kraken=kraken),
     )
 
 
@@ -123,7 +141,7 @@ async def assert_silver_is_truth(
             counts[src] = counts.get(src, 0) + 1
             if sources is not None:
                 assert src in sources, f"{exchange} {pair} {m}: source {src}"
-            traded = {"rest", "trades", "ws_final"}
+            traded = {"rest", "archive", "trades", "ws_final"}
             expect_src = {"no_trades", "ws_final"} if t.trades == 0 else traded
             if src not in expect_src:
                 problems.append(f"{exchange} {pair} {m}: source {src} for {t.trades} trades")
@@ -137,6 +155,8 @@ async def assert_silver_is_truth(
             if t.vwap is None:
                 if r["vwap"] is not None and t.trades:
                     problems.append(f"{exchange} {pair} {m}: vwap {r['vwap']} (none expected)")
+            elif r["vwap"] is None and src == "archive" and exchange == "kraken":
+                pass  # Kraken's OHLCVT files carry no vwap
             elif _round(_dec(r["vwap"]), spec.price_dp) != Decimal(t.vwap):
                 problems.append(f"{exchange} {pair} {m}: vwap {r['vwap']} != {t.vwap}")
     extra = {k for k in by_key if k[0] not in pairs}
@@ -238,14 +258,15 @@ async def assert_completeness(
     """60 minutes per pair and hour, counts equal to silver's sources, nothing missing."""
     for hour in hours:
         rows = await db.fetch(
-            "SELECT symbol, expected, ws_final, rest, trades, no_trades, ws_partial, missing"
+            "SELECT symbol, expected, ws_final, rest, archive, trades, no_trades, ws_partial,"
+            " missing"
             " FROM monitoring.hourly_completeness WHERE exchange = $1 AND hour_start = $2",
             exchange,
             to_datetime(hour),
         )
         assert sorted(r["symbol"] for r in rows) == sorted(pairs), (exchange, hour)
         for r in rows:
-            parts = ("ws_final", "rest", "trades", "no_trades", "ws_partial", "missing")
+            parts = ("ws_final", "rest", "archive", "trades", "no_trades", "ws_partial", "missing")
             assert r["expected"] == 60 and sum(r[k] for k in parts) == 60
             assert r["missing"] == 0 and r["ws_partial"] == 0, dict(r)
             silver = await db.fetch(
@@ -257,4 +278,4 @@ async def assert_completeness(
                 to_datetime(hour),
                 to_datetime(hour + 60 * MINUTE_MS),
             )
-            assert {s["source"]: s["n"] for s in silver} == {k: r[k] for k in parts[:5] if r[k]}
+            assert {s["source"]: s["n"] for s in silver} == {k: r[k] for k in parts[:6] if r[k]}

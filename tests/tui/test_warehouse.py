@@ -39,7 +39,7 @@ CREATE SCHEMA IF NOT EXISTS monitoring;
 CREATE SCHEMA IF NOT EXISTS ops;
 CREATE TABLE monitoring.hourly_completeness (
     exchange text, symbol text, hour_start timestamptz, expected int, ws_final int, rest int,
-    trades int, no_trades int, ws_partial int, missing int, completion_rate numeric,
+    archive int, trades int, no_trades int, ws_partial int, missing int, completion_rate numeric,
     refreshed_at timestamptz DEFAULT now(), pending boolean DEFAULT false,
     PRIMARY KEY (exchange, symbol, hour_start));
 CREATE TABLE ops.job_runs (
@@ -71,6 +71,7 @@ async def insert(
                 "expected",
                 "ws_final",
                 "rest",
+                "archive",
                 "trades",
                 "no_trades",
                 "ws_partial",
@@ -114,7 +115,7 @@ def known_rows() -> list[HourCompleteness]:
     rows = []
     for i in range(24):
         hour = LAST - i * HOUR_MS
-        btc = {"rest": 5, "missing": 5} if i == 2 else {}
+        btc = {"rest": 5, "missing": 5} if i == 2 else {"archive": 60} if i == 3 else {}
         eth = {"ws_partial": 3} if i == 0 else {"no_trades": 4} if i == 1 else {}
         rows.append(hour_row("binance", "BTC/USD", hour, **btc))
         rows.append(hour_row("kraken", "ETH/USD", hour, **eth))
@@ -183,7 +184,8 @@ async def test_source_reads_the_window_and_the_ledger(warehouse: str) -> None:
         rows = await source.completeness(LAST - 23 * HOUR_MS, LAST + HOUR_MS)
         assert len(rows) == 24 + 24 + 20
         btc = {r.hour_ms: r for r in rows if r.symbol == "BTC/USD"}
-        assert btc[LAST - 2 * HOUR_MS].counts() == (50, 5, 0, 0, 0, 5)
+        assert btc[LAST - 2 * HOUR_MS].counts() == (50, 5, 0, 0, 0, 0, 5)
+        assert btc[LAST - 3 * HOUR_MS].archive == 60 and btc[LAST - 3 * HOUR_MS].rate == 1.0
         runs = await source.job_runs(limit=5)
         assert [r.run_id for r in runs] == sorted((r.run_id for r in runs), reverse=True)
         assert runs[0].trigger == "manual" and runs[0].rows == 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -14,6 +15,7 @@ from klined.jobs import bronze, gold, partitions, silver
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, Pair, from_datetime, to_datetime
 from klined.warehouse.database import (
     BRONZE_TABLE,
+    SCHEMA_VERSION,
     SILVER_TABLE,
     Database,
     open_database,
@@ -75,9 +77,9 @@ async def db(pg_dsn: str) -> Database:
 
 
 async def test_schema_applies_twice_without_change(db: Database) -> None:
-    assert await db.apply_schema() == 1
+    assert await db.apply_schema() == SCHEMA_VERSION == 2
     first = await db.fetchval(FINGERPRINT)
-    assert await db.apply_schema() == 1
+    assert await db.apply_schema() == 2
     assert await db.fetchval(FINGERPRINT) == first
     tables = {
         r["t"]
@@ -106,6 +108,7 @@ async def test_schema_applies_twice_without_change(db: Database) -> None:
         "ops.publish_dirty",
         "ops.published",
         "ops.data_migrations",
+        "ops.archive_files",
         "monitoring.hourly_completeness",
         "monitoring.daily_completeness",
         "monitoring.exchange_hourly_completeness",
@@ -124,7 +127,7 @@ async def test_concurrent_schema_application(pg_dsn: str) -> None:
         for _ in range(3):
             tg.start_soon(apply)
     async with open_database(cfg) as database:
-        assert await database.fetchval("SELECT count(*) FROM ops.schema_version") == 1
+        assert await database.fetchval("SELECT count(*) FROM ops.schema_version") == 2
 
 
 async def test_newer_schema_is_refused(db: Database) -> None:
@@ -245,6 +248,37 @@ async def test_partitions_on_demand_and_cached(db: Database) -> None:
     far = H0 + 500 * HOUR_MS
     assert await bronze.insert_candles(db, [candle(far + 59 * MINUTE_MS, origin="rest")]) == 1
     assert far in await _partition_hours(db, BRONZE_TABLE)
+
+
+async def test_prepared_statements_are_planned_for_their_hour(db: Database) -> None:
+    """A generic plan locks every partition at each run: with a year of hourly partitions the
+    lock table overflows (bench/import.py found it). Sessions plan per run instead."""
+    assert await db.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    await db.apply_schema()
+    await db.ensure_partitions(range(H0 - 48 * HOUR_MS, H0 + HOUR_MS, HOUR_MS))
+
+    async def locks_per_run(conn: Any) -> list[int]:
+        stmt = await conn.prepare(
+            "SELECT count(*) FROM silver.fact_ohlcv WHERE interval_start >= $1"
+            " AND interval_start < $2"
+        )
+        counts = []
+        for _ in range(8):  # past the five runs after which a generic plan may be chosen
+            async with conn.transaction():
+                await stmt.fetchval(to_datetime(H0), to_datetime(H0 + HOUR_MS))
+                counts.append(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
+                        " AND relation::regclass::text LIKE 'silver.fact_ohlcv_p%'"
+                    )
+                )
+        return counts
+
+    async with db.acquire() as conn:
+        assert max(await locks_per_run(conn)) <= 3  # the hour's partition, its index, toast
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        assert max(await locks_per_run(conn)) >= 49 * 2  # every partition and its index
+        await conn.execute("RESET plan_cache_mode")
 
 
 async def test_concurrent_partition_creation(db: Database) -> None:
@@ -393,7 +427,7 @@ async def test_embedded_server_starts_and_stops(
         assert database.embedded
         assert await database.fetchval("SELECT current_database()") == "klined"
         assert await database.fetchval("SHOW TimeZone") == "UTC"
-        assert await database.fetchval("SELECT count(*) FROM ops.schema_version") == 1
+        assert await database.fetchval("SELECT count(*) FROM ops.schema_version") == 2
         pid_file = data_dir / "pgdata" / "postmaster.pid"
         assert pid_file.exists()
     assert not pid_file.exists()
@@ -421,3 +455,47 @@ async def test_sync_pairs_follows_the_config(db: Database) -> None:
         ("binance", "SOL/USD", "USD", "SOLUSD", True, None, ""),
         ("kraken", "BTC/USD", "USD", "BTCUSD", False, False, "not listed"),
     ]
+
+
+async def test_a_version_1_warehouse_is_migrated_once(db: Database) -> None:
+    """The schema of before the archive source, with rows: applying today's schema renumbers
+    silver's ranks, widens the source checks and adds completeness' archive column, once."""
+    old = (Path(__file__).parent / "schema_v1.sql").read_text()
+    async with db.acquire() as conn:
+        await conn.execute(old)
+    await db.ensure_partitions([H0])
+    sources = ["ws_final", "rest", "trades", "no_trades", "ws_partial"]
+    for i, source in enumerate(sources):
+        await db.execute(
+            "INSERT INTO silver.fact_ohlcv (exchange, symbol, quote_asset, interval_start,"
+            " interval_end, open, high, low, close, volume, source, rank, event_ts, ingestion_ts)"
+            " VALUES ('binance', 'BTC/USD', 'USD', $1, $2, 1, 1, 1, 1, 0, $3, $4, $1, $1)",
+            to_datetime(H0 + i * MINUTE_MS),
+            to_datetime(H0 + (i + 1) * MINUTE_MS),
+            source,
+            i + 1,  # the old numbering: 1..5
+        )
+    await db.execute(
+        "INSERT INTO monitoring.hourly_completeness (exchange, symbol, hour_start, expected,"
+        " ws_final, rest, trades, no_trades, ws_partial, missing, completion_rate)"
+        " VALUES ('binance', 'BTC/USD', $1, 60, 1, 1, 1, 1, 1, 55, 0.0667)",
+        to_datetime(H0),
+    )
+    assert await db.apply_schema() == 2
+    ranks = {
+        r["source"]: r["rank"] for r in await db.fetch("SELECT source, rank FROM silver.fact_ohlcv")
+    }
+    assert ranks == {"ws_final": 1, "rest": 2, "trades": 4, "no_trades": 5, "ws_partial": 6}
+    row = await db.fetchrow("SELECT archive, missing FROM monitoring.hourly_completeness")
+    assert row is not None and (row["archive"], row["missing"]) == (0, 55)
+    # the widened checks take archive rows, and still refuse nonsense
+    await db.execute("UPDATE monitoring.hourly_completeness SET archive = 5, missing = 50")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("UPDATE monitoring.hourly_completeness SET archive = 6")
+    await bronze.insert_candles(db, [candle(H0 + 9 * MINUTE_MS, origin="archive")])
+    # a later start changes nothing (the version row stops a second scan)
+    await db.execute("UPDATE silver.fact_ohlcv SET rank = 9 WHERE source = 'rest'")
+    first = await db.fetchval(FINGERPRINT)
+    assert await db.apply_schema() == 2
+    assert await db.fetchval(FINGERPRINT) == first
+    assert await db.fetchval("SELECT rank FROM silver.fact_ohlcv WHERE source = 'rest'") == 9

@@ -2,13 +2,13 @@
 
 One table, one row per exchange/pair, one two-character column per hour. With few pairs each
 cell is a three-line stacked bar of where the hour's 60 minutes came from (ws_final, rest,
-trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with many pairs
-(or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs. An hour
-the chain has not processed yet is hatched (pending: its minutes count as missing), apart from
-red (processed, missing) and from ``·`` (no row: the pair was not covered then). The table
-opens on the newest hours (a 72 h window is wider than 80 columns); the cell cursor picks an
-hour and the line below the table spells out its counts. ``o`` switches the order of the pairs
-(worst first, or by name) and the header says which one is shown.
+archive, trades, no_trades, ws_partial, missing - the Looker chart, sideways in time); with
+many pairs (or on ``v``) it is a one-line heat map that stays readable with hundreds of pairs.
+An hour the chain has not processed yet is hatched (pending: its minutes count as missing),
+apart from red (processed, missing) and from ``·`` (no row: the pair was not covered then).
+The table opens on the newest hours (a 72 h window is wider than 80 columns); the cell cursor
+picks an hour and the line below the table spells out its counts. ``o`` switches the order of
+the pairs (worst first, or by name) and the header says which one is shown.
 """
 
 from __future__ import annotations

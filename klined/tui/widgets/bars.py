@@ -17,6 +17,7 @@ from klined.tui.sources import HourCompleteness
 CATEGORY_COLOR: dict[str, str] = {
     "ws_final": "#3fb950",
     "rest": "#58a6ff",
+    "archive": "#a371f7",
     "trades": "#39c5cf",
     "no_trades": "#8b949e",
     "ws_partial": "#d29922",
@@ -110,16 +111,18 @@ def legend(heat: bool) -> Text:
         for level, label in items:
             text.append("█", Style(color=HEAT_COLOR[level]))
             text.append(f" {label}  ")
-        gap = "  "
+        gap, space = "  ", " "
     else:
-        gap = " "  # seven categories must fit 80 columns: the colours keep them apart
+        # seven categories, pending and n/a must fit 80 columns: each name right after its
+        # colour, the colours keep them apart
+        gap, space = " ", ""
         for name in CATEGORIES:
             text.append("█", Style(color=CATEGORY_COLOR[name]))
-            text.append(f" {name}{gap}")
+            text.append(f"{name}{gap}")
     text.append(PENDING_GLYPH, _PENDING)
-    text.append(f" pending{gap}")
+    text.append(f"{space}pending{gap}")
     text.append("·", _EMPTY)
-    text.append(" n/a")
+    text.append(f"{space}n/a")
     return text
 
 
