@@ -83,7 +83,7 @@ def render_baseline(
     from klined.archives import binance as bn
     from klined.archives.candles import ArchiveCandles, FileSpec
     from klined.archives.files import CsvReader, single_csv
-    from klined.jobs import bronze
+    from klined.jobs import bronze_rows
     from klined.jobs.archive import TAG
     from klined.lake import read_part_file
     from klined.lake.sealed import SealedPartWriter, StagedParts
@@ -110,7 +110,7 @@ def render_baseline(
                 t2 = time.perf_counter()
                 for part in staged.parts:
                     records = read_part_file(part.path).records
-                    bronze.format_rows(records, part.hour_ms, part.hour_ms + HOUR_MS)
+                    bronze_rows.format_rows(records, part.hour_ms, part.hour_ms + HOUR_MS)
                 t3 = time.perf_counter()
                 figures["parse_s"] += t1 - t0
                 figures["lake_write_s"] += t2 - t1
@@ -123,8 +123,8 @@ def render_baseline(
                     start_ms = candle.interval_start
                     by_hour.setdefault(start_ms - start_ms % HOUR_MS, []).append(candle)
                 for hour, rows in by_hour.items():
-                    formatted, _, _ = bronze.format_rows(rows, 0, end)
-                    fh.write(bronze.encode_csv(formatted, keys[hour]))
+                    formatted, _, _ = bronze_rows.format_rows(rows, 0, end)
+                    fh.write(bronze_rows.encode_csv(formatted, keys[hour]))
                 figures["rows"] += len(batch)
                 shutil.rmtree(scratch, ignore_errors=True)
                 # durable before the next file: its fsyncs are timed, and must not wait for these

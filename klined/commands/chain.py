@@ -11,7 +11,8 @@ import click
 from klined.commands.options import config_option
 from klined.config import Config, load_config
 from klined.errors import UsageError
-from klined.jobs.chain import RUN_STEPS, STEPS, ChainReport, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import RUN_STEPS, STEPS, ChainReport
 from klined.jobs.completeness import mark_pending
 from klined.jobs.gapfill import sync_configured_pairs
 from klined.jobs.interrupt import run_interruptible

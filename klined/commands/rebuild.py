@@ -10,7 +10,7 @@ import click
 
 from klined.commands.options import config_option
 from klined.config import Config, load_config
-from klined.jobs.chain import HourOutcome
+from klined.jobs.chain_report import HourOutcome
 from klined.jobs.interrupt import run_interruptible
 from klined.jobs.progress import fmt_duration
 from klined.jobs.rebuild import (

@@ -27,7 +27,7 @@ from klined.streams.connection import now_ms
 
 if TYPE_CHECKING:
     from klined.daemon.process import Daemon
-    from klined.jobs.chain import ChainReport
+    from klined.jobs.chain_report import ChainReport
     from klined.jobs.scheduler import ChainScheduler
     from klined.status import ChainStatus
     from klined.streams import ExchangeStreams

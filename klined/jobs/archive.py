@@ -55,7 +55,7 @@ import anyio.to_thread
 from klined.archives.candles import ArchiveCandles, FileSpec, FileStats, Row
 from klined.archives.files import CsvReader, CsvRef
 from klined.errors import ArchiveError, LakeError
-from klined.jobs import bronze
+from klined.jobs.bronze_rows import validate_record
 from klined.jobs.ingest import LakeIngest
 from klined.lake.sealed import StagedParts
 from klined.model import HOUR_MS, MINUTE_MS, CandleRecord, iso, to_datetime
@@ -204,7 +204,7 @@ def _refusal(c: CandleRecord) -> str | None:
     size += len(c.quote_volume or "") + len(c.vwap or "")
     if size < _SHORT_NUMBERS and c.interval_start < _LAST_MINUTE:
         return None
-    return bronze.validate_record(c)
+    return validate_record(c)
 
 
 class _Stager:

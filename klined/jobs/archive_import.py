@@ -37,7 +37,7 @@ from klined.archives.files import scan_kraken, single_csv
 from klined.config import Config
 from klined.errors import ArchiveError, ArchiveNotPublished, ArchiveUnreachable
 from klined.jobs.archive import TAG, ArchiveFile, LoadResult, covered, describe, load_file
-from klined.jobs.chain import ChainReport
+from klined.jobs.chain_report import ChainReport
 from klined.jobs.gapfill import dirty_hours
 from klined.jobs.ingest import LakeIngest, ingest_for
 from klined.jobs.merge import Merger, load_and_merge

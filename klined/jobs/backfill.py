@@ -44,7 +44,8 @@ from klined.jobs.backfill_archive import (
     BackfillArchives,
     check_source,
 )
-from klined.jobs.chain import RUN_STEPS, ChainReport, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import RUN_STEPS, ChainReport
 from klined.jobs.completeness import mark_pending
 from klined.jobs.fetcher import REQUEST_FAILED, PairReport
 from klined.jobs.gapfill import (

@@ -5,17 +5,11 @@ Exactly once: a batch of parts is loaded in ONE transaction that first claims th
 their counts. A concurrent loader blocks on the claim and then skips what was loaded; a crash
 or cancellation rolls the whole batch back, claims included, so a re-run loads it again.
 
-Speed: asyncpg's binary COPY encodes ``numeric`` from Python at ~60k rows/s on this class of
-machine, far below what the server ingests, so rows go in as CSV. Lines are decoded with
-msgspec (:func:`klined.lake.read_part`, which unzips sealed gzip parts first), timestamps
-rendered from a per-second cache, and each part re-encoded as JSON arrays in C; when that is
-byte-for-byte valid CSV (no backslash escape, the row separator unambiguous) it is streamed as
-is, otherwise rows are quoted by hand. Encoding
+Speed: rows go in as CSV (:mod:`klined.jobs.bronze_rows`), and lines are decoded with
+msgspec (:func:`klined.lake.read_part`, which unzips sealed gzip parts first). Encoding
 the next part overlaps with the server parsing the previous one (on the other core), so COPY
-messages stay well under the socket buffer. Parts on the local disk (a :class:`LakeStore`
-ref's ``local_path``) are read in place: a few tens of KB from the page cache take microseconds,
-while a worker-thread hop per part, fighting the busy loop for the GIL, cost more than decoding
-the part. Other parts are fetched a few at a time concurrently, ahead of the COPY.
+messages stay well under the socket buffer. Parts are read ahead of the COPY
+(:mod:`klined.jobs.bronze_parts`).
 
 A loaded part is proof its pair was captured in its hour, so the same transaction starts the
 pair's coverage there if it started later (:mod:`klined.warehouse.coverage`).
@@ -45,32 +39,40 @@ One bad part never stops an hour:
 
 from __future__ import annotations
 
-import inspect
 import operator
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import asyncpg
-import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from loguru import logger
 
-from klined.jobs.ops import StepResult, mark_dirty_hours
-from klined.lake import LakeStore, parse_key, plain_bytes, read_part
-from klined.model import (
-    HOUR_MS,
-    Candle,
-    CandleRecord,
-    Origin,
-    floor_hour,
-    from_datetime,
-    iso,
-    to_datetime,
+from klined.jobs.bronze_parts import (
+    PartSource,
+    local_path,
+    maybe_await,
+    read_local,
+    read_one,
+    read_parts,
+    ref_exchange,
 )
+from klined.jobs.bronze_rows import (
+    BAD_LINE_SAMPLE,
+    MAX_MS,
+    Folder,
+    careful_decode,
+    copy_csv,
+    encode_csv,
+    folder_of,
+    format_rows,
+    one_chunk,
+    validate_record,
+)
+from klined.jobs.ops import StepResult, mark_dirty_hours
+from klined.lake import read_part
+from klined.model import HOUR_MS, Candle, CandleRecord, floor_hour, from_datetime, iso, to_datetime
 from klined.warehouse.coverage import extend_coverage
 from klined.warehouse.database import Database
 
@@ -80,310 +82,23 @@ STEP = "bronze"
 #: each transaction costs a claim, a ledger update and a commit while the COPY pipeline is
 #: drained, some 30-70 ms on this class of machine, so batches are large
 BATCH_PARTS = 2048
-#: parts fetched ahead of the COPY, and concurrent fetchers (parts not on the local disk)
+#: parts fetched ahead of the COPY (parts not on the local disk)
 READ_AHEAD = 16
-READERS = 4
 #: bytes per COPY data message: well under the socket's send buffer (~200 KiB for a local
 #: socket), so the server always has the previous message to parse while the next is encoded;
 #: a message larger than the buffer stalls the loader until the server has drained it
 COPY_CHUNK = 64 * 1024
 #: parts read in place between two passes of the event loop, at most
 YIELD_PARTS = 8
-#: bad line numbers kept per part in the ledger
-BAD_LINE_SAMPLE = 100
 
-COPY_COLUMNS = [
-    "exchange", "symbol", "native_symbol", "interval_seconds", "open", "high", "low", "close",
-    "volume", "quote_volume", "vwap", "trade_count", "is_final", "source", "session_id",
-    "interval_start", "interval_end", "event_ts", "ingestion_ts", "lake_key",
-]  # fmt: skip
-_PLAIN = operator.attrgetter(
-    "exchange", "symbol", "native_symbol", "interval_seconds", "open", "high", "low", "close",
-    "volume", "quote_volume", "vwap", "trade_count", "is_final", "origin", "session_id",
-)  # fmt: skip
 _EXCHANGE = operator.attrgetter("exchange")
 _PAIR = operator.attrgetter("exchange", "symbol")
-_SYMBOL = operator.attrgetter("symbol")
-_SECONDS_OF = operator.attrgetter("interval_seconds")
-
-_ENCODER = msgspec.json.Encoder()
-_LINE_DECODER = msgspec.json.Decoder(CandleRecord)
-_ORIGINS = frozenset(o.value for o in Origin)
-_MAX_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 _SERVER_REFUSED = (
     asyncpg.DataError,
     asyncpg.CheckViolationError,
     asyncpg.NotNullViolationError,
     asyncpg.CharacterNotInRepertoireError,
 )
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------
-# the part source
-
-
-class PartSource(Protocol):
-    """Where parts come from: :class:`klined.lake.LakeStore`, or a test's folder.
-
-    ``list_parts(hour_ms)`` returns refs with a ``key`` (and ideally ``exchange``);
-    ``read_part_bytes(ref)`` their bytes. Either may be a coroutine function or a plain one.
-    """
-
-    def list_parts(self, hour_ms: int) -> Any: ...
-
-    def read_part_bytes(self, ref: Any) -> Any: ...
-
-
-async def _maybe_await(value: T | Awaitable[T]) -> T:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-def _ref_exchange(ref: Any) -> str:
-    exchange = getattr(ref, "exchange", None)
-    if isinstance(exchange, str) and exchange:
-        return exchange
-    key: str = ref.key
-    head = key.split("/", 1)[0]
-    return head.removeprefix("exchange=") if head.startswith("exchange=") else ""
-
-
-# ---------------------------------------------------------------------------------------------
-# validation and CSV encoding
-
-
-#: PostgreSQL ``numeric``: at most 131072 digits before the decimal point, 16383 after
-NUMERIC_INT_DIGITS = 131_072
-NUMERIC_FRAC_DIGITS = 16_383
-
-
-def _bad_number(text: str | None, optional: bool) -> bool:
-    """Whether ``text`` is not a number PostgreSQL's ``numeric`` can hold exactly."""
-    if text is None:
-        return not optional
-    try:
-        value = Decimal(text)
-    except (InvalidOperation, ValueError, TypeError):
-        return True
-    if not value.is_finite():
-        return True
-    if value.is_zero():
-        return False
-    exponent = value.as_tuple().exponent
-    assert isinstance(exponent, int)
-    return value.adjusted() >= NUMERIC_INT_DIGITS or -exponent > NUMERIC_FRAC_DIGITS
-
-
-def validate_record(rec: CandleRecord | Candle) -> str | None:
-    """Why a record cannot go into bronze, or ``None``. (Careful mode and gap-fill rows.)"""
-    if rec.origin not in _ORIGINS:
-        return f"unknown origin {rec.origin!r}"
-    for name in ("exchange", "symbol", "native_symbol"):
-        value = getattr(rec, name)
-        if not value or "\x00" in value:
-            return f"bad {name} {value!r}"
-    if rec.session_id is not None and "\x00" in rec.session_id:
-        return "bad session_id"
-    if not 0 < rec.interval_seconds <= 86_400:
-        return f"bad interval_seconds {rec.interval_seconds}"
-    for name in ("interval_start", "event_ts", "ingestion_ts"):
-        if not 0 <= getattr(rec, name) < _MAX_MS - 86_400_000:
-            return f"{name} out of range"
-    if rec.interval_start % (rec.interval_seconds * 1000):
-        return f"interval_start {rec.interval_start} is not on the {rec.interval_seconds} s grid"
-    for name in ("open", "high", "low", "close", "volume"):
-        if _bad_number(getattr(rec, name), optional=False):
-            return f"{name} is not a finite number PostgreSQL can hold: {getattr(rec, name)!r:.60}"
-    for name in ("quote_volume", "vwap"):
-        if _bad_number(getattr(rec, name), optional=True):
-            return f"{name} is not a finite number PostgreSQL can hold: {getattr(rec, name)!r:.60}"
-    if rec.trade_count is not None and not 0 <= rec.trade_count < 2**63:
-        return f"bad trade_count {rec.trade_count}"
-    return None
-
-
-class _Folder(msgspec.Struct, frozen=True):
-    """What a part's folder says every line of it must be: exchange, symbol, hour."""
-
-    exchange: str
-    symbol: str
-    hour_ms: int
-
-    def mismatch(self, rec: CandleRecord) -> str | None:
-        if rec.exchange != self.exchange or rec.symbol != self.symbol:
-            return f"{rec.exchange!r} {rec.symbol!r} in the folder of {self.exchange} {self.symbol}"
-        if not self.hour_ms <= rec.interval_start < self.hour_ms + HOUR_MS:
-            return f"minute {rec.interval_start} outside the part's hour"
-        if rec.interval_seconds != 60:
-            return f"interval of {rec.interval_seconds} s in a 1-minute part"
-        return None
-
-    def fits(self, records: list[CandleRecord], outside: bool) -> bool:
-        """The cheap check of a whole part (C-level set building); ``outside``: whether
-        ``format_rows`` put a row outside the hour or off the minute grid."""
-        return (
-            not outside
-            and set(map(_EXCHANGE, records)) == {self.exchange}
-            and set(map(_SYMBOL, records)) == {self.symbol}
-            and set(map(_SECONDS_OF, records)) == {60}
-        )
-
-
-def _folder_of(ref: Any, hour: int) -> _Folder | None:
-    """The folder a part was filed under (None for a source whose keys are not lake keys)."""
-    try:
-        pk = parse_key(ref.key)
-    except (ValueError, AttributeError):
-        return None
-    return _Folder(pk.exchange, pk.symbol, hour if pk.hour_ms == hour else pk.hour_ms)
-
-
-def _careful_decode(
-    data: bytes, folder: _Folder | None = None
-) -> tuple[list[CandleRecord], int, list[int]]:
-    """Every line validated (and checked against its folder): the good records, the count of
-    bad lines and a sample of their numbers."""
-    records: list[CandleRecord] = []
-    data, complete = plain_bytes(data)
-    if not complete:
-        data = data[: data.rfind(b"\n") + 1]  # a line cut by the damage is part of it
-    bad = 0 if complete else 1  # the damaged rest of a gzip part
-    numbers: list[int] = [] if complete else [data.count(b"\n") + 1]
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec: CandleRecord | None = _LINE_DECODER.decode(line)
-        except msgspec.DecodeError:
-            rec = None
-        if (
-            rec is None
-            or validate_record(rec) is not None
-            or (folder is not None and folder.mismatch(rec) is not None)
-        ):
-            bad += 1
-            if len(numbers) < BAD_LINE_SAMPLE:
-                numbers.append(number)
-            continue
-        records.append(rec)
-    return records, bad, numbers
-
-
-_SECONDS: dict[int, str] = {}  # epoch second -> "YYYY-MM-DD HH:MM:SS"
-_SPANS: dict[int, tuple[str, str]] = {}  # 1-minute interval_start ms -> (start, end) text
-_MILLIS = [f".{i:03d}+00" for i in range(1000)]
-_CACHE_MAX = 200_000
-
-
-def _second(sec: int) -> str:
-    if len(_SECONDS) > _CACHE_MAX:
-        _SECONDS.clear()
-    text = _SECONDS[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
-    return text
-
-
-def _span(start_ms: int, seconds: int) -> tuple[str, str]:
-    q, m = divmod(start_ms, 1000)
-    span = (
-        (_SECONDS.get(q) or _second(q)) + _MILLIS[m],
-        (_SECONDS.get(q + seconds) or _second(q + seconds)) + _MILLIS[m],
-    )
-    if seconds == 60 and not start_ms % 60_000:
-        if len(_SPANS) > _CACHE_MAX:
-            _SPANS.clear()
-        _SPANS[start_ms] = span
-    return span
-
-
-def format_rows(
-    records: Iterable[CandleRecord | Candle], lo: int, hi: int
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], set[int]]:
-    """COPY rows (``COPY_COLUMNS`` order, without lake_key) split by ``lo <= start < hi``
-    (a start off its interval's grid counts as outside too).
-
-    Timestamps become UTC text with an explicit ``+00`` (from caches: this loop is the
-    loader's hot path); returns (inside, outside, the hours of the outside rows).
-    """
-    inside: list[tuple[Any, ...]] = []
-    outside: list[tuple[Any, ...]] = []
-    hours: set[int] = set()
-    sec = _SECONDS
-    ms = _MILLIS
-    spans = _SPANS
-    plain = _PLAIN
-    keep = inside.append
-    for r in records:
-        s = r.interval_start
-        grid = True
-        if r.interval_seconds == 60:
-            span = spans.get(s)  # only minutes on the grid are cached
-            if span is None:
-                span = _span(s, 60)
-                grid = not s % 60_000
-        else:
-            span = _span(s, r.interval_seconds)
-            grid = not s % (r.interval_seconds * 1000)
-        e = r.event_ts
-        i = r.ingestion_ts
-        row = (
-            plain(r)
-            + span
-            + (
-                (sec.get(e // 1000) or _second(e // 1000)) + ms[e % 1000],
-                (sec.get(i // 1000) or _second(i // 1000)) + ms[i % 1000],
-            )
-        )
-        if grid and lo <= s < hi:
-            keep(row)
-        else:
-            outside.append(row)
-            hours.add(floor_hour(s))
-    return inside, outside, hours
-
-
-def _csv_value(value: object) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    return '"' + str(value).replace('"', '""') + '"'
-
-
-def encode_csv(rows: Sequence[tuple[Any, ...]], lake_key: str | None) -> bytes:
-    """CSV for COPY (``NULL 'null'``): JSON arrays when that is exact, else quoted by hand."""
-    if not rows:
-        return b""
-    key_ok = lake_key is None or not any(c in lake_key for c in '"\\\r\n')
-    if key_ok:
-        data = _ENCODER.encode(rows)
-        if b"\\" not in data and data.count(b"],[") == len(rows) - 1:
-            tail = (b',"' + lake_key.encode() + b'"\n') if lake_key is not None else b",null\n"
-            return data[2:-2].replace(b"],[", tail) + tail
-    key_text = _csv_value(lake_key)
-    return "".join(",".join(map(_csv_value, row)) + "," + key_text + "\n" for row in rows).encode()
-
-
-async def copy_csv(conn: asyncpg.Connection, chunks: AsyncIterator[bytes]) -> None:
-    """COPY CSV chunks (``encode_csv``) into bronze on the caller's connection."""
-    await conn.copy_to_table(
-        "bronze_ohlcv_native",
-        schema_name="bronze",
-        source=chunks,
-        columns=COPY_COLUMNS,
-        format="csv",
-        null="null",
-    )
-
-
-async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,60 +131,8 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
-async def _read_parts(
-    source: PartSource,
-    refs: Sequence[Any],
-    send: MemoryObjectSendStream[tuple[Any, bytes | Exception]],
-) -> None:
-    """Read parts with a few concurrent readers, in any order; a failure is sent as an item."""
-    pending = iter(refs)
-
-    async def reader(out: MemoryObjectSendStream[tuple[Any, bytes | Exception]]) -> None:
-        async with out:
-            for ref in pending:
-                try:
-                    data: bytes = await _maybe_await(source.read_part_bytes(ref))
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except Exception as exc:
-                    await out.send((ref, exc))
-                    continue
-                await out.send((ref, data))
-
-    async with send, anyio.create_task_group() as tg:
-        for _ in range(min(READERS, len(refs))):
-            tg.start_soon(reader, send.clone())
-
-
-def _local_path(source: PartSource, ref: Any) -> str | None:
-    """A local copy of the part that can be read in place, skipping a worker-thread hop."""
-    path = getattr(ref, "local_path", None)
-    if isinstance(source, LakeStore) and isinstance(path, str) and path:
-        return path
-    return None
-
-
-async def _read_one(source: PartSource, ref: Any) -> bytes | Exception:
-    try:
-        data: bytes = await _maybe_await(source.read_part_bytes(ref))
-    except anyio.get_cancelled_exc_class():
-        raise
-    except Exception as exc:
-        return exc
-    return data
-
-
-def _read_local(path: str) -> bytes | None:
-    """The file's bytes, or ``None`` to let the source read it (gone, unreadable...)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _decode(
-    data: bytes, folder: _Folder | None, careful: bool, lo: int, hi: int, st: _PartStats
+    data: bytes, folder: Folder | None, careful: bool, lo: int, hi: int, st: _PartStats
 ) -> tuple[list[tuple[Any, ...]], list[CandleRecord]]:
     """The part's COPY rows; bad lines counted in ``st``. Fast unless something is off."""
     if not careful:
@@ -479,7 +142,7 @@ def _decode(
         if folder is None or not records or folder.fits(records, bool(outside)):
             st.bad, st.bad_numbers = contents.bad_lines, list(contents.bad_line_numbers)
             return inside, records
-    records, st.bad, st.bad_numbers = _careful_decode(data, folder)
+    records, st.bad, st.bad_numbers = careful_decode(data, folder)
     inside, _outside, _hours = format_rows(records, lo, hi)
     return inside, records
 
@@ -515,7 +178,7 @@ async def _load_batch(
                 " RETURNING lake_key",
                 [r.key for r in refs],
                 [to_datetime(h) for h in hours],
-                [_ref_exchange(r) for r in refs],
+                [ref_exchange(r) for r in refs],
             )
         }
         claimed = [r for r in refs if r.key in claimed_keys]
@@ -536,7 +199,7 @@ async def _copy_claimed(
     batch: _Batch,
 ) -> None:
     """COPY the claimed parts' rows, record their counts, mark their hours, extend coverage."""
-    paths = [_local_path(source, r) for r in claimed]
+    paths = [local_path(source, r) for r in claimed]
     local = [(r, p) for r, p in zip(claimed, paths, strict=True) if p is not None]
     remote = [r for r, p in zip(claimed, paths, strict=True) if p is None]
 
@@ -544,8 +207,8 @@ async def _copy_claimed(
         fetched: MemoryObjectReceiveStream[tuple[Any, bytes | Exception]],
     ) -> AsyncIterator[tuple[Any, bytes | Exception]]:
         for n, (ref, path) in enumerate(local, 1):
-            data = _read_local(path)
-            yield ref, (data if data is not None else await _read_one(source, ref))
+            data = read_local(path)
+            yield ref, (data if data is not None else await read_one(source, ref))
             if n % YIELD_PARTS == 0:
                 # a run of parts with no rows for the COPY never reaches its checkpoint
                 await anyio.lowlevel.checkpoint()
@@ -564,7 +227,7 @@ async def _copy_claimed(
                 continue
             st.size = len(data)
             hour = hour_of[ref.key]
-            folder = _folder_of(ref, hour)
+            folder = folder_of(ref, hour)
             try:
                 inside, records = _decode(data, folder, careful, hour, hour + HOUR_MS, st)
             except Exception as exc:  # content no decoder makes sense of (e.g. bad gzip)
@@ -593,7 +256,7 @@ async def _copy_claimed(
     failure: Exception | None = None
     send, receive = anyio.create_memory_object_stream[tuple[Any, bytes | Exception]](READ_AHEAD)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_read_parts, source, remote, send)
+        tg.start_soon(read_parts, source, remote, send)
         async with receive:
             try:
                 await copy_csv(conn, chunks(receive))
@@ -652,9 +315,9 @@ async def load_hour(
     ``dirty_hours`` and ``careful_batches``.
     """
     hour = floor_hour(hour_ms)
-    refs = list(await _maybe_await(parts.list_parts(hour)))
+    refs = list(await maybe_await(parts.list_parts(hour)))
     if exchange is not None:
-        refs = [r for r in refs if _ref_exchange(r) == exchange]
+        refs = [r for r in refs if ref_exchange(r) == exchange]
     refs.sort(key=lambda r: r.key)
     done = await db.fetch(
         "SELECT lake_key FROM ops.lake_parts WHERE lake_key = ANY($1::text[])"
@@ -826,11 +489,11 @@ async def insert_candles(
             )
     if not items:
         return 0
-    rows, _, _ = format_rows(items, 0, _MAX_MS)
+    rows, _, _ = format_rows(items, 0, MAX_MS)
     hours = {(c.exchange, floor_hour(c.interval_start)) for c in items}
     await db.ensure_partitions(h for _, h in hours)
     payload = encode_csv(rows, lake_key)
     async with db.transaction() as conn:
-        await copy_csv(conn, _one_chunk(payload))
+        await copy_csv(conn, one_chunk(payload))
         await mark_dirty_hours(conn, hours, reason)
     return len(rows)

@@ -23,6 +23,7 @@ import anyio
 
 from klined.config import Config
 from klined.jobs import bronze
+from klined.jobs.bronze_rows import validate_record
 from klined.lake import LakeStore, LakeUploader, PartRef
 from klined.lake.sealed import SealedPartWriter, StagedParts, WrittenPart
 from klined.model import Candle, CandleRecord, iso
@@ -55,7 +56,7 @@ class LakeIngest:
         """
         items = list(candles)
         for candle in items:
-            why = bronze.validate_record(candle)
+            why = validate_record(candle)
             if why is not None:
                 raise ValueError(
                     f"refusing candle {candle.exchange} {candle.symbol}"

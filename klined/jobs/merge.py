@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import anyio
 
 from klined.config import Config
-from klined.jobs.chain import MERGE_STEPS, ChainReport, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import MERGE_STEPS, ChainReport
 from klined.jobs.progress import Display
 from klined.warehouse.database import Database
 

@@ -32,7 +32,8 @@ import msgspec
 
 from klined.config import Config, S3Config
 from klined.errors import UsageError
-from klined.jobs.chain import ChainReport, HourOutcome, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import ChainReport, HourOutcome
 from klined.lake import LakeStore, PartRef
 from klined.model import HOUR_MS, floor_hour, iso, parse_time
 from klined.warehouse.database import Database

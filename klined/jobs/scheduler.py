@@ -29,7 +29,8 @@ from loguru import logger
 from klined.config import Config
 from klined.errors import ConfigError, describe_error
 from klined.jobs import ops
-from klined.jobs.chain import RUN_STEPS, STEPS, ChainReport, lost_database, run_chain
+from klined.jobs.chain import lost_database, run_chain
+from klined.jobs.chain_report import RUN_STEPS, STEPS, ChainReport
 from klined.jobs.completeness import mark_pending, pending_hours
 from klined.jobs.lock import hour_label
 from klined.model import HOUR_MS, floor_hour, format_duration, from_datetime, to_datetime

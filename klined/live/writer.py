@@ -38,7 +38,7 @@ from loguru import logger
 
 from klined.config import LiveConfig
 from klined.jobs import gold, silver
-from klined.jobs.bronze import validate_record
+from klined.jobs.bronze_rows import validate_record
 from klined.live.batches import Batch, BatchQueue, Dropped, compact
 from klined.live.lag import LagWindow
 from klined.model import HOUR_MS, Candle, CandleRecord

@@ -1,4 +1,4 @@
-from klined.jobs.chain import ChainReport, HourOutcome, StepOutcome
+from klined.jobs.chain_report import ChainReport, HourOutcome, StepOutcome
 from klined.model import parse_time
 
 

@@ -18,7 +18,8 @@ from klined.config import Config, DaemonConfig, DatabaseConfig, S3Config
 from klined.datasets.publish import dataset_path, datasets_root, mark_days, publish
 from klined.errors import DatasetError
 from klined.jobs import bronze, gold, silver
-from klined.jobs.chain import RUN_STEPS, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import RUN_STEPS
 from klined.model import DAY_MS, MINUTE_MS, parse_time
 from klined.warehouse.database import Database
 from tests.support.datasets import assert_same_rows, keyed, seed_edge_cases, warehouse_rows

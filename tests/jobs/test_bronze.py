@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from klined.config import Config
-from klined.jobs import bronze
+from klined.jobs import bronze, bronze_rows
 from klined.jobs.ops import clear_dirty_hour, list_dirty_hours
 from klined.lake import LakeStore
 from klined.model import HOUR_MS, MINUTE_MS
@@ -370,11 +370,11 @@ async def test_insert_candles_validates_everything_first(wdb: Database) -> None:
 
 def test_csv_encoding_round_trips_awkward_text() -> None:
     rows = [("a", None, True, 5, 'he said "hi"'), ("b\\c", "x,y", False, 0, "line\nbreak")]
-    text = bronze.encode_csv(rows, 'k"ey').decode()
+    text = bronze_rows.encode_csv(rows, 'k"ey').decode()
     assert text == (
         '"a",null,true,5,"he said ""hi""","k""ey"\n"b\\c","x,y",false,0,"line\nbreak","k""ey"\n'
     )
-    fast = bronze.encode_csv([("a", None, True, 5, "plain")], "key/1").decode()
+    fast = bronze_rows.encode_csv([("a", None, True, 5, "plain")], "key/1").decode()
     assert fast == '"a",null,true,5,"plain","key/1"\n'
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from klined.config import Config, DatabaseConfig
 from klined.jobs import bronze, completeness
-from klined.jobs.chain import MERGE_STEPS, run_chain
+from klined.jobs.chain import run_chain
+from klined.jobs.chain_report import MERGE_STEPS
 from klined.jobs.scheduler import closed_end_ms, select_hours
 from klined.lake import LakeStore
 from klined.model import DAY_MS, HOUR_MS, MINUTE_MS, to_datetime
