@@ -20,6 +20,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -124,3 +125,14 @@ def strip_prefix(prefix: str, object_key: str) -> str | None:
         return object_key
     head = prefix + "/"
     return object_key[len(head) :] if object_key.startswith(head) else None
+
+
+def remove_empty_folders(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``root`` while they are empty:
+    deleting parts must not leave a tree of empty hour folders behind."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone, or not ours): stop climbing
+            break
+        folder = folder.parent

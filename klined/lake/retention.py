@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from klined.lake.layout import UPLOADED_SUFFIX
+from klined.lake.layout import UPLOADED_SUFFIX, remove_empty_folders
 
 
 def delete_local(root: Path, keys: list[str]) -> list[str]:
@@ -26,11 +26,5 @@ def delete_local(root: Path, keys: list[str]) -> list[str]:
             logger.warning("lake: cannot delete {}: {}", key, exc)
             continue
         deleted.append(key)
-        folder = path.parent
-        while folder != root and root in folder.parents:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-            folder = folder.parent
+        remove_empty_folders(path.parent, root)
     return deleted

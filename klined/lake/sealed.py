@@ -33,7 +33,7 @@ from pathlib import Path
 import msgspec
 
 from klined.errors import LakeError
-from klined.lake.layout import GZ_SUFFIX, check_names, part_key
+from klined.lake.layout import GZ_SUFFIX, check_names, part_key, remove_empty_folders
 from klined.model import HOUR_MS, Candle, CandleRecord
 
 TMP_SUFFIX = ".writing"
@@ -197,11 +197,5 @@ class StagedParts:
             path.unlink(missing_ok=True)
             folders.add(path.parent)
         self.parts.clear()
-        root = self.writer.root
         for folder in sorted(folders, reverse=True):
-            while folder != root and root in folder.parents:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                folder = folder.parent
+            remove_empty_folders(folder, self.writer.root)
