@@ -32,32 +32,12 @@ LISTING_ATTEMPTS = 3
 
 
 async def listing_clients(cfg: Config, stack: AsyncExitStack) -> dict[str, Any]:
-    """One REST client per enabled exchange, sharing the adapter its streams use."""
-    import httpx
+    """One REST client per enabled exchange (its adapter is the one its streams use), open
+    until ``stack`` closes; a listing check at start retries briefly."""
+    from klined.rest.client import RetryPolicy, open_clients
 
-    from klined.exchanges import adapter_for
-    from klined.rest.client import RestClient, RetryPolicy
-    from klined.rest.ratelimit import shared_limiter
-
-    clients: dict[str, Any] = {}
-    for name, section in cfg.exchanges.enabled().items():
-        adapter = adapter_for(name, section)
-        url = cfg.rest_url(name)
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(section.rest_timeout_s), headers={"User-Agent": "klined"}
-            )
-        )
-        limiter = shared_limiter(name, url, adapter.limits.rest_budget, section.rate_limit_fraction)
-        clients[name] = RestClient(
-            adapter,
-            url,
-            limiter,
-            http,
-            timeout_s=section.rest_timeout_s,
-            retry=RetryPolicy(attempts=LISTING_ATTEMPTS, initial_s=0.5, max_s=4.0),
-        )
-    return clients
+    retry = RetryPolicy(attempts=LISTING_ATTEMPTS, initial_s=0.5, max_s=4.0)
+    return await stack.enter_async_context(open_clients(cfg, retry=retry))
 
 
 def build_streams(daemon: Daemon, clients: dict[str, Any]) -> None:

@@ -205,11 +205,9 @@ class RestClient:
 
 def build_adapter(cfg: Config, exchange: str) -> Any:
     """The exchange's adapter with the config's per-pair symbol overrides."""
-    from klined.exchanges import get_adapter
+    from klined.exchanges import adapter_for
 
-    section = getattr(cfg.exchanges, exchange)
-    overrides = {Pair.parse(k): v for k, v in section.symbols.items()}
-    return get_adapter(exchange, overrides)
+    return adapter_for(exchange, getattr(cfg.exchanges, exchange))
 
 
 @asynccontextmanager
