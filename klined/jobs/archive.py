@@ -55,7 +55,7 @@ import anyio.to_thread
 from klined.archives.candles import ArchiveCandles, FileSpec, FileStats, Row
 from klined.archives.files import CsvReader, CsvRef
 from klined.errors import ArchiveError, LakeError
-from klined.jobs.bronze_rows import validate_record
+from klined.jobs.bronze_rows import MAX_MS, validate_record
 from klined.jobs.ingest import LakeIngest
 from klined.lake.sealed import StagedParts
 from klined.model import HOUR_MS, MINUTE_MS, CandleRecord, iso, to_datetime
@@ -195,7 +195,7 @@ def _check(file: ArchiveFile) -> tuple[str, FileStats]:
 #: keeps 131,072 digits before the point and 16,383 after)
 _SHORT_NUMBERS = 16_000
 #: the last minute bronze takes (a day before 9999-12-31T23:59:59Z, as its checks say)
-_LAST_MINUTE = 253_402_300_799_000 - 2 * 86_400_000
+_LAST_MINUTE = MAX_MS - 2 * 86_400_000
 
 
 def _refusal(c: CandleRecord) -> str | None:
